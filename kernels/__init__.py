@@ -1,0 +1,79 @@
+"""The model's hot ops, each a PyTorch reference plus a Triton kernel, behind one dispatch.
+
+KERNELS=torch|triton picks the implementation (default: triton with CUDA, torch without). On a
+machine without CUDA, KERNELS=triton runs the kernels through the Triton interpreter, which must be
+switched on with TRITON_INTERPRET=1 before this package is imported. An op whose kernel has not been
+written yet falls back to its reference and says so once.
+
+Import kernel internals with `from kernels.mlp import ...`: the names `kernels.mlp` and
+`kernels.attention` are the dispatching functions, not the modules.
+"""
+import logging
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:  # before any kernel runs: bf16 and autotune fixes for the CPU interpreter
+    from ._interpreter import apply as _apply_bf16_fix, apply_autotune as _apply_autotune_fix
+
+    _apply_bf16_fix()
+    _apply_autotune_fix()
+
+from . import attention as _attention  # noqa: E402
+from . import mlp as _mlp  # noqa: E402
+
+BACKENDS = ("torch", "triton")
+_log = logging.getLogger(__name__)
+_backend = None
+_fallback_noted = set()
+
+
+def _resolve(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"KERNELS={name!r} is not one of {BACKENDS}")
+    if name == "triton" and not torch.cuda.is_available() and not INTERPRET:
+        raise RuntimeError("KERNELS=triton needs CUDA, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
+                           "in the environment before starting (it is read when kernels are defined), or use KERNELS=torch")
+    return name
+
+
+def backend() -> str:
+    """The active backend: set_backend(), else $KERNELS, else triton with CUDA and torch without."""
+    global _backend
+    if _backend is None:
+        _backend = _resolve(os.environ.get("KERNELS") or ("triton" if torch.cuda.is_available() else "torch"))
+    return _backend
+
+
+def set_backend(name: str | None) -> None:
+    """Override $KERNELS for this process (None: read the environment again on next use)."""
+    global _backend
+    _backend = None if name is None else _resolve(name)
+
+
+def _triton_impl(module, op: str):
+    """The op's Triton entry point when the triton backend is active and the kernel exists, else None."""
+    if backend() != "triton":
+        return None
+    impl = getattr(module, f"{op}_triton", None)
+    if impl is None and op not in _fallback_noted:
+        _fallback_noted.add(op)
+        _log.warning("kernels: no Triton kernel for %r yet, using its PyTorch reference", op)
+    return impl
+
+
+def mlp(x, w_up, w_down, slope: float):
+    """y = W_down · leaky_relu(W_up · x, slope)^2; x [..., d], w_up [hidden, d], w_down [d, hidden]."""
+    impl = _triton_impl(_mlp, "mlp")
+    if impl is not None:
+        return impl(x, w_up, w_down, slope)
+    return _mlp.mlp_reference(x, w_up, w_down, slope)
+
+
+def attention(q, k, v, q_gain, xsa: bool):
+    """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    impl = _triton_impl(_attention, "attention")
+    if impl is not None:
+        return impl(q, k, v, q_gain, xsa)
+    return _attention.attention_sdpa(q, k, v, q_gain, xsa)

@@ -1,0 +1,27 @@
+"""Ouroboros: Triton kernels, model, training loop and int6 quantizer for the parameter-golf challenge."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ouroboros",
+    version="0.1.0",
+    description="Triton-kernel performance stack for the parameter-golf challenge (16 MB, 10 min, 8xH100)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "model", "model.*", "train", "train.*",
+                                    "quant", "quant.*", "bench", "bench.*"]),
+    install_requires=[
+        # The CUDA build of torch 2.13 pairs with triton 3.7.1: pin both so the interpreter on CPU runs
+        # the same Triton front end the H100 runs. Unpinned torch resolves to a multi-GB CUDA build.
+        "torch==2.13.0",
+        "triton==3.7.1",
+        "numpy",
+        "sentencepiece",
+        "brotli",
+        "filelock",
+        "tqdm",
+        "matplotlib",
+        "pytest",
+        "pytest-benchmark",
+        "pytest-xdist",
+    ],
+    extras_require={"download": ["huggingface_hub"]},
+)
