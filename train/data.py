@@ -1,0 +1,195 @@
+"""Token shards on disk and the streams that feed training and evaluation (SPEC 1).
+
+A shard is a 1024-byte header of 256 little-endian int32 ([0] magic, [1] version, [2] token count N,
+the rest zero) followed by N little-endian uint16 tokens; byte-compatible with the challenge's FineWeb
+shards. Documents are packed as [BOS] + ids with no EOS and run across shard boundaries.
+
+This module is a leaf: it imports nothing from the model, the training loop or quant/.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+SPLITS = ("train", "val")
+
+
+class ShardError(ValueError):
+    """A shard file that is not in the format above; the message names the file and what is wrong."""
+
+
+def _read_header(path: Path) -> int:
+    """Validate the header and the file size; return the token count."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file does not exist") from None
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: wrong magic {int(header[0])} in the header (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {int(header[1])} (expected {VERSION})")
+    count = int(header[2])
+    if count < 0 or size != HEADER_BYTES + 2 * count:
+        raise ShardError(f"{path}: file size {size} bytes does not match the header's token count {count} "
+                         f"(expected {HEADER_BYTES} + 2*{count} = {HEADER_BYTES + 2 * count}); truncated or corrupt")
+    return count
+
+
+def load_shard(path) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 memmap (a 100M-token shard is never read whole)."""
+    path = Path(path)
+    count = _read_header(path)
+    if count == 0:  # numpy cannot memory-map zero bytes
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens (1-D ints in [0, 65535]) as a shard, atomically: temp file in the same folder, then rename."""
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"write_shard({path}): tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"write_shard({path}): tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+        raise ValueError(f"write_shard({path}): token ids must lie in [0, 65535] (uint16), "
+                         f"got min {int(arr.min())} max {int(arr.max())}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, arr.size
+    write_atomic(path, [header.tobytes(), arr.astype(TOKEN_DTYPE, copy=False).tobytes()])
+
+
+def write_atomic(path, chunks) -> None:
+    """Write byte chunks to path via a temp file in the same folder and os.replace: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shard_paths(data_path, split: str) -> list[Path]:
+    """Sorted `*_{split}_*.bin` shards in the folder data_path."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    folder = Path(data_path)
+    paths = sorted(folder.glob(f"*_{split}_*.bin")) if folder.is_dir() else []
+    if not paths:
+        where = "does not exist" if not folder.is_dir() else f"has no *_{split}_*.bin shards"
+        raise FileNotFoundError(
+            f"data folder {folder} {where}. Build the embedded corpus with `python -m train.prepare` "
+            f"(data/datasets/embedded_sp1024) or download FineWeb with `python -m train.download` "
+            f"(data/datasets/fineweb10B_sp1024), then point DATA_PATH at that folder")
+    return paths
+
+
+class TokenStream:
+    """Tokens of the shards in sorted order, read sequentially and wrapping around forever."""
+
+    def __init__(self, paths):
+        self.paths = sorted(Path(p) for p in paths)
+        if not self.paths:
+            raise ValueError("TokenStream needs at least one shard path")
+        for p in self.paths:  # fail at start-up, not hours into a run
+            _read_header(p)
+        self.reset()
+
+    def reset(self) -> None:
+        self._file = 0
+        self._pos = 0
+        self._tokens = load_shard(self.paths[0])
+
+    def _next_file(self) -> None:
+        self._file = (self._file + 1) % len(self.paths)
+        self._pos = 0
+        self._tokens = load_shard(self.paths[self._file])
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens (a uint16 copy), crossing shard boundaries and wrapping as needed."""
+        out = np.empty(n, dtype=TOKEN_DTYPE)
+        filled, empty_in_a_row = 0, 0
+        while filled < n:
+            available = len(self._tokens) - self._pos
+            if available == 0:
+                empty_in_a_row += 1
+                if empty_in_a_row > len(self.paths):
+                    raise ShardError(f"every shard is empty: {[str(p) for p in self.paths]}")
+                self._next_file()
+                continue
+            empty_in_a_row = 0
+            k = min(available, n - filled)
+            out[filled:filled + k] = self._tokens[self._pos:self._pos + k]
+            filled += k
+            self._pos += k
+        return out
+
+
+class DistributedTokenLoader:
+    """Per step, one contiguous chunk of world_size * (local_tokens + 1) tokens; rank r takes slice r."""
+
+    def __init__(self, paths, rank: int, world_size: int, device):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.stream = TokenStream(paths)
+
+    def reset(self) -> None:
+        """Back to the start of the stream (the trainer calls this after compile warmup)."""
+        self.stream.reset()
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int):
+        """(x, y) int64 [local_tokens // seq_len, seq_len] on the device, y = x shifted by one token."""
+        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
+        if local_tokens < seq_len or local_tokens % seq_len:
+            raise ValueError(f"global_tokens={global_tokens} / (world_size={self.world_size} * grad_accum_steps="
+                             f"{grad_accum_steps}) = {local_tokens} tokens per micro-batch, which must be a "
+                             f"positive multiple of seq_len={seq_len}")
+        span = local_tokens + 1  # one extra token so the last target exists
+        chunk = self.stream.take(self.world_size * span)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        else:
+            local = local.to(self.device)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def load_val_tokens(paths, seq_len: int) -> torch.Tensor:
+    """All val tokens as int64, cut to ((N - 1) // seq_len) * seq_len + 1 so every window is whole."""
+    paths = sorted(Path(p) for p in paths)
+    if not paths:
+        raise ValueError("load_val_tokens needs at least one val shard path")
+    tokens = np.concatenate([load_shard(p) for p in paths])
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"val shards {[str(p) for p in paths]} hold {tokens.size} tokens, "
+                         f"fewer than seq_len + 1 = {seq_len + 1}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
