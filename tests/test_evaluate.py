@@ -1,0 +1,256 @@
+"""val_bpb: byte lookup tables, window layouts, and evaluate_bpb against direct full-sequence sums."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+from train.evaluate import build_byte_luts, evaluate_bpb, sliding_windows, target_bytes, unigram_log_probs
+from train.prepare import train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakePieces:
+    """The part of SentencePieceProcessor that build_byte_luts reads, over hand-made pieces."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces  # (piece, kind) with kind in normal | control | unknown | unused | byte
+
+    def vocab_size(self):
+        return len(self.pieces)
+
+    def id_to_piece(self, i):
+        return self.pieces[i][0]
+
+    def is_control(self, i):
+        return self.pieces[i][1] == "control"
+
+    def is_unknown(self, i):
+        return self.pieces[i][1] == "unknown"
+
+    def is_unused(self, i):
+        return self.pieces[i][1] == "unused"
+
+    def is_byte(self, i):
+        return self.pieces[i][1] == "byte"
+
+
+PIECES = [("<pad>", "control"), ("<s>", "control"), ("</s>", "control"), ("<unk>", "unknown"),
+          ("<0x41>", "byte"), ("<0xE2>", "byte"), ("▁the", "normal"), ("the", "normal"), ("▁", "normal"),
+          ("é", "normal"), ("▁日本", "normal"), ("<reserved>", "unused")]
+BOS, UNK, BYTE_A, SP_THE, THE, SPACE, E_ACUTE, SP_NIHON, UNUSED = 1, 3, 4, 6, 7, 8, 9, 10, 11
+
+
+def test_luts_on_hand_made_pieces():
+    base, lead, boundary = build_byte_luts(FakePieces(PIECES), vocab_size=14)  # 2 ids beyond the tokenizer
+    assert base.dtype == torch.int16 and lead.dtype == boundary.dtype == torch.bool and base.numel() == 14
+    assert base.tolist() == [0, 0, 0, 0, 1, 1, 3, 3, 0, 2, 6, 0, 0, 0]
+    assert lead.tolist() == [False] * 6 + [True, False, True, False, True] + [False] * 3
+    assert boundary.tolist() == [True] * 4 + [False] * 7 + [True] * 3
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        build_byte_luts(FakePieces(PIECES), vocab_size=5)
+
+
+@pytest.mark.parametrize("prev, target, expected", [
+    (BOS, SP_THE, 3),        # leading space after BOS: the document's first word, no space in the text
+    (SP_THE, SP_THE, 4),     # after a normal token the space is text
+    (THE, SPACE, 1),         # a bare "▁" piece is one byte of space
+    (BOS, SPACE, 0),
+    (BYTE_A, SP_NIHON, 7),   # byte pieces are text, not boundaries
+    (UNK, SP_THE, 3),        # unknown is a boundary
+    (UNUSED, SP_THE, 3),
+    (THE, BOS, 0), (THE, UNK, 0), (E_ACUTE, BYTE_A, 1), (SP_THE, E_ACUTE, 2),
+])
+def test_target_bytes(prev, target, expected):
+    luts = build_byte_luts(FakePieces(PIECES), vocab_size=12)
+    assert target_bytes(torch.tensor([prev]), torch.tensor([target]), luts).tolist() == [expected]
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    words = ("the state of the union is strong and the people are free to choose their path while congress "
+             "debates the budget for schools roads and defense in every year").split()
+    rng = np.random.default_rng(0)
+    paragraphs = [" ".join(rng.choice(words, size=30)).capitalize() + "." for _ in range(300)]
+    paragraphs += ["Café au lait costs 3.50 dollars, 日本 is Japan."]  # rare characters: byte fallback
+    return spm.SentencePieceProcessor(model_proto=train_tokenizer(paragraphs, vocab_size=320, seed=0))
+
+
+def test_luts_count_every_byte_of_real_text(small_tokenizer):
+    sp = small_tokenizer
+    luts = build_byte_luts(sp, 320)
+    texts = ["The union is strong.", "Café in 日本: 12 schools, 3 roads!", "  Spaces  inside   text "]
+    assert any(sp.is_byte(i) for i in sp.encode(texts[1])), "the test needs byte-fallback pieces"
+    ids, expected = [], 0
+    for text in texts:
+        doc = sp.encode(text)
+        normalized = sp.decode(doc)
+        expected += len(normalized.encode("utf-8")) - (1 if normalized.startswith(" ") else 0)
+        ids += [BOS] + doc
+    ids = torch.tensor(ids)
+    assert target_bytes(ids[:-1], ids[1:], luts).sum().item() == expected
+
+
+@pytest.mark.parametrize("num_targets, window, stride", [
+    (1, 8, 2), (7, 8, 2), (8, 8, 3), (9, 8, 3), (100, 16, 4), (101, 16, 5), (202, 16, 16), (203, 16, None),
+    (50, 16, 15), (64, 16, 1), (1000, 128, 64),
+])
+def test_sliding_windows_score_every_target_once(num_targets, window, stride):
+    windows = sliding_windows(num_targets, window, stride)
+    hits = np.zeros(num_targets, dtype=np.int64)
+    for k, (start, length, first) in enumerate(windows):
+        assert 0 < length <= window and 0 <= first < length and start + length <= num_targets
+        if stride is None or stride >= window:
+            assert first == 0 and start == k * window
+        else:
+            assert start % stride == 0
+            assert k == 0 or first >= window - stride, "later windows score only targets with full context"
+        hits[start + first:start + length] += 1
+    assert hits.tolist() == [1] * num_targets, "every target, the tail included, is scored exactly once"
+
+
+def test_sliding_windows_context():
+    """Full windows score their last `stride` targets; target t of any later window has >= W - S context."""
+    window, stride = 16, 4
+    for start, length, first in sliding_windows(203, window, stride)[1:]:
+        assert first >= window - stride
+        if length == window:
+            assert first == window - stride
+
+
+# ---- evaluate_bpb on synthetic streams: compared with the direct sum over the whole sequence ----
+
+V = 48
+
+
+def _luts(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 5, (V,), generator=g).to(torch.int16)
+    lead = torch.rand(V, generator=g) < 0.5
+    boundary = torch.zeros(V, dtype=torch.bool)
+    boundary[:4] = True
+    base[:4] = 0
+    return base, lead, boundary
+
+
+def _stream(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, V, (n,), generator=g)
+    tokens[torch.rand(n, generator=g) < 0.05] = 1  # documents start with BOS
+    tokens[0] = 1
+    return tokens
+
+
+TABLES = torch.randn(3, V + 1, V, generator=torch.Generator().manual_seed(3))
+
+
+def unigram_model(ids):
+    return TABLES[0, :V].mean(0).expand(*ids.shape, V)
+
+
+def two_back_model(ids):
+    """Logits from the current and the previous input token (index V: no previous token in the window)."""
+    prev = F.pad(ids, (1, 0), value=V)[:, :-1]
+    return TABLES[1][ids] + TABLES[2][prev]
+
+
+def _direct(model, tokens, luts):
+    """Every target scored once, with the whole stream as context."""
+    x, y = tokens[None, :-1], tokens[None, 1:]
+    nll = F.cross_entropy(model(x)[0].double(), y[0], reduction="sum").item()
+    return nll / y.numel(), nll / (math.log(2) * target_bytes(x[0], y[0], luts).sum().item())
+
+
+@pytest.mark.parametrize("n, seq_len, stride, batch_seqs", [
+    (203, 16, 5, 3), (203, 16, 4, 64), (64, 16, 15, 1), (17, 16, 1, 7), (10, 16, 4, 2),
+])
+def test_sliding_matches_full_context(n, seq_len, stride, batch_seqs):
+    tokens, luts = _stream(n), _luts()
+    for model in (unigram_model, two_back_model):
+        loss, bpb = evaluate_bpb(model, tokens, luts, seq_len, stride, batch_seqs)
+        ref_loss, ref_bpb = _direct(model, tokens, luts)
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and bpb == pytest.approx(ref_bpb, rel=1e-6)
+
+
+def test_context_free_model_same_bpb_sliding_and_non_overlapping():
+    tokens, luts = _stream(331), _luts()
+    non_overlapping = evaluate_bpb(unigram_model, tokens, luts, 32, None, 4)
+    sliding = evaluate_bpb(unigram_model, tokens, luts, 32, 8, 5)
+    assert sliding == pytest.approx(non_overlapping, rel=1e-9)
+    assert evaluate_bpb(unigram_model, tokens, luts, 32, 32, 2) == pytest.approx(non_overlapping, rel=1e-9)
+    # a model that reads context is hurt at non-overlapping window starts: the comparison has teeth
+    ctx_non_overlapping = evaluate_bpb(two_back_model, tokens, luts, 32, None, 4)
+    ctx_sliding = evaluate_bpb(two_back_model, tokens, luts, 32, 8, 5)
+    assert abs(ctx_sliding[0] - ctx_non_overlapping[0]) > 1e-4
+    assert ctx_sliding == pytest.approx(_direct(two_back_model, tokens, luts), rel=1e-6)
+
+
+def test_padding_is_never_scored_and_windows_are_uniform():
+    tokens, luts = _stream(50), _luts()
+    shapes = []
+
+    def spy(ids):
+        shapes.append(tuple(ids.shape))
+        return unigram_model(ids)
+
+    result = evaluate_bpb(spy, tokens, luts, 16, 4, batch_seqs=4)  # 49 targets: 10 windows, the last short
+    assert len(sliding_windows(49, 16, 4)) == 10
+    assert shapes == [(4, 16)] * 3, "every batch has one shape: windows padded to seq_len, the last batch topped up"
+    assert result == pytest.approx(_direct(unigram_model, tokens, luts), rel=1e-6), "nothing padded is scored"
+    with pytest.raises(ValueError, match="logits_fn returned shape"):
+        evaluate_bpb(lambda ids: unigram_model(ids)[:, :-1], tokens, luts, 16)
+
+
+def test_unigram_log_probs():
+    arrays = [np.array([0, 1, 1, 2], dtype=np.uint16), np.array([2, 2], dtype=np.uint16)]
+    counts = np.array([1, 2, 3, 0]) + 1.0  # add-one smoothing
+    got = unigram_log_probs(arrays, 4, chunk_tokens=3)
+    assert got.tolist() == pytest.approx(np.log(counts / counts.sum()).tolist(), rel=1e-6)
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    sys.path[:0] = [sys.argv[2], sys.argv[3]]  # the tests folder and the repo root
+    from test_evaluate import _luts, _stream, two_back_model
+    from train.evaluate import evaluate_bpb
+
+    def run(rank, folder):
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+        seen = set()  # distinct windows: a topped-up last batch repeats one
+
+        def counting_model(ids):
+            seen.update(tuple(row) for row in ids.tolist())
+            return two_back_model(ids)
+
+        result = evaluate_bpb(counting_model, _stream(203), _luts(), 16, 5, 3)
+        open(f"{folder}/rank{rank}.json", "w").write(json.dumps({"result": result, "windows": len(seen)}))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+""")
+
+
+def test_two_ranks_give_the_single_process_result(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path), str(Path(__file__).parent), str(REPO_ROOT)],
+                   cwd=REPO_ROOT,
+                   check=True, timeout=240, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    single = evaluate_bpb(two_back_model, _stream(203), _luts(), 16, 5, 3)
+    for rank in ranks:  # each rank evaluated its share of the windows and both report the all-reduced result
+        assert rank["result"] == pytest.approx(list(single), rel=1e-12)
+        assert 0 < rank["windows"] < len(sliding_windows(202, 16, 5))
+    assert ranks[0]["windows"] + ranks[1]["windows"] == len(sliding_windows(202, 16, 5))

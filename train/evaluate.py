@@ -1,0 +1,201 @@
+"""The challenge metric, val_bpb: nats per token turned into bits per UTF-8 byte of text (SPEC 2).
+
+    val_bpb = sum(nll_nats) / (ln 2 * sum(bytes)),   bytes(y | x) = base_bytes[y] + (leading space of y
+                                                      unless the previous token x is a boundary)
+
+summed in float64 over every scored target and all-reduced across ranks. Two ways to cut the val
+stream into windows: non-overlapping (cheap, used while training) and sliding (the reported score:
+every target sees at least window - stride tokens of context). Both score every target exactly once,
+so a model that ignores context gets the same number from both.
+
+This module is a leaf: it imports nothing from the model, the training loop or quant/. The CLI
+`python -m train.evaluate --unigram` prints a reference val_bpb for a unigram model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+LEADING_SPACE = "\u2581"  # sentencepiece's "▁"
+
+
+def build_byte_luts(sp, vocab_size: int):
+    """(base_bytes int16, has_leading_space bool, is_boundary bool), each of length vocab_size.
+
+    Control, unknown and unused ids count 0 bytes and are boundaries (a space after them is not text);
+    byte-fallback pieces <0xNN> count 1; any other piece counts the UTF-8 length of its text without
+    one leading "▁", which is counted per target only when the previous token is not a boundary.
+    Ids the tokenizer does not have (vocab padded beyond sp.vocab_size()) are boundaries with 0 bytes.
+    """
+    sp_size = sp.vocab_size()
+    if vocab_size < sp_size:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {sp_size} pieces")
+    base_bytes = np.zeros(vocab_size, dtype=np.int16)
+    has_leading_space = np.zeros(vocab_size, dtype=np.bool_)
+    is_boundary = np.ones(vocab_size, dtype=np.bool_)
+    for i in range(sp_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(LEADING_SPACE):
+            has_leading_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary)
+
+
+def target_bytes(prev_ids: torch.Tensor, ids: torch.Tensor, luts) -> torch.Tensor:
+    """Bytes of text each target id stands for, given the token before it (same shapes, int64)."""
+    base_bytes, has_leading_space, is_boundary = luts
+    space = has_leading_space[ids] & ~is_boundary[prev_ids]
+    return base_bytes[ids].long() + space.long()
+
+
+def sliding_windows(num_targets: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, length, first_scored_offset) per window over num_targets targets; every target scored once.
+
+    Target t is token t + 1, predicted from tokens 0..t. A window feeds tokens [start, start + length)
+    and predicts targets [start, start + length), scoring those from start + first_scored_offset. With
+    stride None (or >= window) the windows are consecutive and score everything. Otherwise starts are
+    0, S, 2S, ...; the first window scores all its targets and every later window scores from where the
+    previous one stopped to its end, so a full window scores its last S targets (with >= window - S
+    tokens of context), and windows near the end shorten their scored span instead of re-scoring the
+    tail; windows left with nothing to score are dropped.
+    """
+    if num_targets < 1 or window < 1:
+        raise ValueError(f"need num_targets >= 1 and window >= 1, got {num_targets} and {window}")
+    if stride is None or stride >= window:
+        return [(s, min(window, num_targets - s), 0) for s in range(0, num_targets, window)]
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    windows, scored_to = [], 0
+    for start in range(0, num_targets, stride):
+        end = min(start + window, num_targets)
+        if end > scored_to:
+            windows.append((start, end - start, scored_to - start))
+            scored_to = end
+        if end == num_targets:
+            break
+    return windows
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()  # no_grad rather than inference_mode: tensors a model caches here stay usable in training
+def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride: int | None = None,
+                 batch_seqs: int = 32, device="cpu") -> tuple[float, float]:
+    """(val_loss in nats per scored token, val_bpb) of logits_fn over val_tokens.
+
+    logits_fn(ids int64 [B, seq_len]) -> logits [B, seq_len, V] must be causal: every window is padded
+    to seq_len at its end and the padded positions are never scored; B is the same for every batch.
+    stride None or >= seq_len: non-overlapping windows; otherwise sliding windows with that stride (see
+    sliding_windows). Under torch.distributed the windows are split over ranks and the float64 sums
+    all-reduced.
+    """
+    if val_tokens.ndim != 1 or val_tokens.numel() < 2:
+        raise ValueError(f"val_tokens must be 1-D with at least 2 tokens, got shape {tuple(val_tokens.shape)}")
+    device = torch.device(device)
+    windows = sliding_windows(val_tokens.numel() - 1, seq_len, stride)
+    rank, world = _rank_and_world()
+    mine = windows[rank * len(windows) // world:(rank + 1) * len(windows) // world]
+    luts = tuple(t.to(device) for t in luts)
+    last = val_tokens.numel() - 1
+    offsets = torch.arange(seq_len, device=val_tokens.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll nats, bytes, scored targets
+    rows = min(batch_seqs, len(mine))
+    for b in range(0, len(mine), batch_seqs):
+        # Every batch is [rows, seq_len]: a short last batch is topped up with an unscored copy of its last
+        # window, so a compiled model never sees a new shape (and never recompiles) at the end.
+        chunk = mine[b:b + batch_seqs]
+        chunk = chunk + [(chunk[-1][0], chunk[-1][1], chunk[-1][1])] * (rows - len(chunk))
+        batch = torch.tensor(chunk, dtype=torch.long, device=val_tokens.device)
+        starts, lengths, first_scored = batch[:, :1], batch[:, 1:2], batch[:, 2:3]
+        positions = starts + offsets  # padded positions repeat the last token; they are never scored
+        x = val_tokens[positions.clamp(max=last - 1)].to(device, non_blocking=True)
+        y = val_tokens[(positions + 1).clamp(max=last)].to(device, non_blocking=True)
+        scored = ((offsets >= first_scored) & (offsets < lengths)).to(device)
+        logits = logits_fn(x)
+        if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
+            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for ids of shape {tuple(x.shape)}; "
+                             f"expected [{x.shape[0]}, {x.shape[1]}, vocab]")
+        nll = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+        sums[0] += nll.double().sum()  # per-token nll in fp32, summed in fp64 (sums do not depend on batching)
+        sums[1] += target_bytes(x[scored], y[scored], luts).sum().double()
+        sums[2] += scored.sum()
+    if world > 1:
+        dist.all_reduce(sums)
+    nll_sum, byte_sum, count = sums.tolist()
+    if byte_sum <= 0:
+        raise ValueError("the scored val targets stand for 0 bytes of text; check the byte lookup tables")
+    return nll_sum / count, nll_sum / (math.log(2) * byte_sum)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference number: a unigram model fitted on the train shards.
+
+def unigram_log_probs(token_arrays, vocab_size: int, chunk_tokens: int = 1 << 24) -> torch.Tensor:
+    """Add-one smoothed log-probabilities of each id over the given token arrays (memmaps read in chunks)."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for tokens in token_arrays:
+        for i in range(0, tokens.size, chunk_tokens):
+            chunk = np.asarray(tokens[i:i + chunk_tokens])
+            if chunk.size and int(chunk.max()) >= vocab_size:
+                raise ValueError(f"token id {int(chunk.max())} in the train shards is >= vocab_size {vocab_size}")
+            counts += np.bincount(chunk, minlength=vocab_size)
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+def main(argv=None) -> None:
+    # The CLI is an entry point, so it may use the shard reader; the module itself stays a leaf.
+    from train.data import load_shard, load_val_tokens, shard_paths
+
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--unigram", action="store_true", help="fit a unigram model on the train shards and score it")
+    parser.add_argument("--data-path", default=os.environ.get("DATA_PATH") or "data/datasets/embedded_sp1024")
+    parser.add_argument("--tokenizer-path",
+                        default=os.environ.get("TOKENIZER_PATH") or "data/tokenizers/embedded_1024_bpe.model")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    args = parser.parse_args(argv)
+    if not args.unigram:
+        parser.error("nothing to evaluate: pass --unigram (models are evaluated by the training loop)")
+    import sentencepiece as spm
+
+    if not Path(args.tokenizer_path).is_file():
+        sys.exit(f"tokenizer {args.tokenizer_path} not found: run `python -m train.prepare` "
+                 f"(or `python -m train.download` for FineWeb)")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    try:
+        luts = build_byte_luts(sp, args.vocab_size)
+        log_probs = unigram_log_probs((load_shard(p) for p in shard_paths(args.data_path, "train")), args.vocab_size)
+        val_tokens = load_val_tokens(shard_paths(args.data_path, "val"), args.seq_len)
+    except (FileNotFoundError, ValueError) as e:  # ShardError is a ValueError; the messages name the file
+        sys.exit(f"train.evaluate: {e}")
+
+    def unigram_logits(ids):
+        return log_probs.expand(*ids.shape, -1)
+
+    val_loss, val_bpb = evaluate_bpb(unigram_logits, val_tokens, luts, args.seq_len, args.stride)
+    print(f"unigram model on {args.data_path}: {val_tokens.numel() - 1} val targets, val_loss:{val_loss:.4f}")
+    print(f"val_bpb:{val_bpb:.4f}")
+
+
+if __name__ == "__main__":
+    main()
