@@ -19,6 +19,7 @@ $(VENV)/.installed: setup.py
 
 prepare: venv
 	$(PY) -m train.prepare
+	$(PY) -m train.evaluate --unigram
 
 train: prepare
 	$(PY) -m train
@@ -26,8 +27,18 @@ train: prepare
 test: venv
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
+# `make bench [BENCH="mlp attention"]`: without CUDA an interpreter smoke (written to a temp folder only).
+BENCH ?=
 bench: venv
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH)
+
+# `make gpu-check STAGE=tests|bench|step|all [TESTS=...] [BENCH=...]` on a CUDA machine, one stage per
+# call (each ends inside 8 minutes). It uses that machine's own python3, torch and triton, not .venv.
+GPU_PYTHON ?= python3
+STAGE ?= all
+TESTS ?=
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --stage $(STAGE) $(if $(TESTS),--tests $(TESTS)) $(if $(BENCH),--bench $(BENCH))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
