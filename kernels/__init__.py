@@ -63,11 +63,20 @@ def _triton_impl(module, op: str):
     return impl
 
 
+def _autocast(*tensors):
+    """Custom ops are not autocast by PyTorch: cast to the autocast dtype here, as F.linear would."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def mlp(x, w_up, w_down, slope: float):
     """y = W_down · leaky_relu(W_up · x, slope)^2; x [..., d], w_up [hidden, d], w_down [d, hidden]."""
     impl = _triton_impl(_mlp, "mlp")
     if impl is not None:
-        return impl(x, w_up, w_down, slope)
+        return impl(*_autocast(x, w_up, w_down), slope)
     return _mlp.mlp_reference(x, w_up, w_down, slope)
 
 
@@ -75,5 +84,6 @@ def attention(q, k, v, q_gain, xsa: bool):
     """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     impl = _triton_impl(_attention, "attention")
     if impl is not None:
+        q, k, v = _autocast(q, k, v)
         return impl(q, k, v, q_gain, xsa)
     return _attention.attention_sdpa(q, k, v, q_gain, xsa)
