@@ -1,0 +1,196 @@
+"""GPTQ on the GPU: the in-block column loop in Triton, the lazy block update as a GEMM.
+
+The math is the textbook GPTQ of the project's quantizer (quant/gptq.py holds the PyTorch reference;
+this file must not import it: kernels <- model <- quant). With per-row scales s fixed beforehand and U
+the upper Cholesky factor of the damped, permuted H⁻¹ (or H⁻¹ itself for the original's "plain" variant):
+    for each block of columns [b0, b1):
+        for j in the block:   code_j = clamp(round(w_j / s), ±31)
+                              e_j = (w_j − s·code_j) / U[j, j]
+                              w_k −= e_j · U[j, k]        for the later columns k of the block
+        W[:, b1:] −= E_block · U[b0:b1, b1:]
+Rows are independent, so the Triton kernel runs the in-block loop over all rows in parallel, each
+program holding a [BLOCK_R, block] slice of W in registers. The lazy update is a plain dense GEMM
+(rows x block x rest) and runs as torch.addmm: cuBLAS is the fastest GEMM on the device and a Triton
+GEMM here would only reproduce it. The damping, ordering and factorizations stay torch.linalg.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CODE_LIMIT = 31
+ORDERS = ("descending", "ascending", "none")
+INVERSES = ("cholesky", "plain")
+MAX_BLOCK = 256            # the block's slice of W lives in registers
+_CODE_LIMIT = tl.constexpr(CODE_LIMIT)
+_RINT_MAGIC = tl.constexpr(12582912.0)   # 1.5 · 2^23: adding and subtracting it rounds |v| < 2^22 to nearest even
+
+
+def gptq_block_reference(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor):
+    """The in-block loop in PyTorch: w [rows, B] (the block's columns), u [B, B] (U's diagonal block),
+    scale [rows]. Returns (codes int8 [rows, B], err fp32 [rows, B]); the kernel computes the same."""
+    w = w.float().clone()
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    err = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        q = torch.clamp(torch.round(w[:, j] / scale), -CODE_LIMIT, CODE_LIMIT)
+        e = (w[:, j] - scale * q) / u[j, j]
+        w[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
+        codes[:, j] = q.to(torch.int8)
+        err[:, j] = e
+    return codes, err
+
+
+@triton.jit
+def _gptq_block_kernel(w_ptr, u_ptr, scale_ptr, codes_ptr, err_ptr, rows, width, col0,
+                       stride_w, stride_u, stride_codes, stride_err,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [col0, col0 + width) of W for rows [pid·BLOCK_R, +BLOCK_R): codes and scaled errors."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    r_ok = offs_r < rows
+    c_ok = cols < width
+    row64 = offs_r.to(tl.int64)
+    w = tl.load(w_ptr + row64[:, None] * stride_w + col0 + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                other=0.0)
+    s = tl.load(scale_ptr + offs_r, mask=r_ok, other=1.0)
+    u_rows = u_ptr + col0.to(tl.int64) * stride_u + col0
+    for j in range(0, width):
+        is_j = cols == j
+        w_j = tl.sum(tl.where(is_j[None, :], w, 0.0), axis=1)
+        # IEEE division (the default fp32 '/' on the GPU is approximate) so codes match the reference.
+        # Clamping before rounding gives the same code (the limits are integers) and keeps |v| small
+        # enough for the rounding trick below.
+        v = tl.minimum(tl.maximum(tl.math.div_rn(w_j, s), -_CODE_LIMIT), _CODE_LIMIT)
+        q = (v + _RINT_MAGIC) - _RINT_MAGIC   # round half to even, as torch.round
+        u_jj = tl.load(u_rows + j * stride_u + j)
+        e = tl.math.div_rn(w_j - s * q, u_jj)
+        u_j = tl.load(u_rows + j * stride_u + cols, mask=c_ok & (cols > j), other=0.0)
+        w -= e[:, None] * u_j[None, :]
+        tl.store(codes_ptr + row64 * stride_codes + col0 + j, q.to(tl.int8), mask=r_ok)
+        tl.store(err_ptr + row64 * stride_err + j, e, mask=r_ok)
+
+
+# Rows per program: on the GPU small, so even a 256-row layer spreads over many SMs (each program's
+# loop is latency-bound); under the interpreter large, since every program costs ~3 ms.
+_BLOCK_R = 16
+_NUM_WARPS = 4
+_INTERPRET_BLOCK_R = 128
+
+
+def _interpreting() -> bool:
+    from . import INTERPRET
+    return INTERPRET
+
+
+def gptq_block_triton(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor):
+    """The in-block loop in Triton on one standalone block (same contract as gptq_block_reference)."""
+    rows, width = w.shape
+    w = w.float().contiguous()
+    codes = torch.empty(rows, width, dtype=torch.int8, device=w.device)
+    err = torch.empty(rows, width, dtype=torch.float32, device=w.device)
+    _launch_block(w, u.float().contiguous(), scale.float().contiguous(), codes, err, 0, width, width)
+    return codes, err
+
+
+def _block_columns(block_size: int) -> int:
+    """The kernel's column tile: a power of two >= 16 (every block of a layer, the partial last one too)."""
+    return max(16, triton.next_power_of_2(block_size))
+
+
+def _launch_block(w, u, scale, codes, err, col0: int, width: int, block_size: int) -> None:
+    if width > MAX_BLOCK:
+        raise ValueError(f"gptq block of {width} columns is wider than the kernel's limit {MAX_BLOCK}")
+    rows = w.shape[0]
+    block_r = _INTERPRET_BLOCK_R if _interpreting() else _BLOCK_R
+    block_c = _block_columns(block_size)
+    _gptq_block_kernel[(triton.cdiv(rows, block_r),)](
+        w, u, scale, codes, err, rows, width, col0, w.stride(0), u.stride(0), codes.stride(0), err.stride(0),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+
+
+def _check_inputs(weight, hessian, scale, block_size, damping, order, inverse) -> None:
+    where = "quantize_layer_triton"
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{where}: hessian must be [{cols}, {cols}] for weight {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if tuple(scale.shape) != (rows,):
+        raise ValueError(f"{where}: scale must be [{rows}] (one per row of weight {tuple(weight.shape)}), "
+                         f"got {tuple(scale.shape)}")
+    if not (weight.device == hessian.device == scale.device):
+        raise ValueError(f"{where}: weight, hessian and scale must be on one device, "
+                         f"got {weight.device}, {hessian.device}, {scale.device}")
+    if weight.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"{where}: tensors are on {weight.device}; the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+    if not 1 <= block_size <= MAX_BLOCK:
+        raise ValueError(f"{where}: block_size={block_size} must be in [1, {MAX_BLOCK}]")
+    if not damping >= 0:
+        raise ValueError(f"{where}: damping={damping} must be >= 0")
+    if order not in ORDERS:
+        raise ValueError(f"{where}: order={order!r} must be one of {ORDERS}")
+    if inverse not in INVERSES:
+        raise ValueError(f"{where}: inverse={inverse!r} must be one of {INVERSES}")
+    for name, t in (("weight", weight), ("hessian", hessian), ("scale", scale)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: {name} {tuple(t.shape)} has non-finite values")
+    if not (scale > 0).all():
+        raise ValueError(f"{where}: scale {tuple(scale.shape)} must be > 0 everywhere (min {float(scale.min())})")
+
+
+def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *, block_size: int = 128,
+                          damping: float = 0.01, order: str = "descending", inverse: str = "cholesky") -> torch.Tensor:
+    """GPTQ of one layer with fixed per-row scales -> int8 codes [rows, cols] in [-31, 31].
+
+    weight [rows, cols], hessian [cols, cols] (XᵀX/n), scale [rows]: the contract of
+    quant.gptq.quantize_layer. Runs wherever the tensors are (CUDA, or the interpreter on CPU).
+    """
+    _check_inputs(weight, hessian, scale, block_size, damping, order, inverse)
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    rows, cols = w.shape
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damping * h.diagonal().mean())
+    if order == "none":
+        perm = torch.arange(cols, device=w.device)
+    else:
+        perm = torch.argsort(h.diagonal(), descending=order == "descending", stable=True)
+    w = w[:, perm].contiguous()
+    h = h[perm][:, perm]
+    if inverse == "cholesky":
+        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        u = torch.linalg.cholesky(h_inv, upper=True)
+    else:  # the original's variant: rows of H⁻¹ itself, never downdated
+        u = torch.linalg.inv(h)
+    u = u.contiguous()
+    s = scale.detach().float().contiguous()
+
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=w.device)
+    err = torch.empty(rows, min(block_size, cols), dtype=torch.float32, device=w.device)
+    for col0 in range(0, cols, block_size):
+        col1 = min(col0 + block_size, cols)
+        block_err = err[:, :col1 - col0]
+        _launch_block(w, u, s, codes, block_err, col0, col1 - col0, block_size)
+        if col1 < cols:
+            w[:, col1:].addmm_(block_err, u[col0:col1, col1:], alpha=-1.0)
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out
+
+
+def sm90_configs() -> list[dict]:
+    """The block kernel at every column tile a block_size in [1, 256] maps to (128: textbook, 64: the original)."""
+    return [{
+        "name": f"gptq_block_r{_BLOCK_R}_c{block_c}",
+        "kernel": _gptq_block_kernel,
+        "signature": {"w_ptr": "*fp32", "u_ptr": "*fp32", "scale_ptr": "*fp32", "codes_ptr": "*i8", "err_ptr": "*fp32",
+                      "rows": "i32", "width": "i32", "col0": "i32", "stride_w": "i32", "stride_u": "i32",
+                      "stride_codes": "i32", "stride_err": "i32"},
+        "constexprs": {"BLOCK_R": _BLOCK_R, "BLOCK_C": block_c},
+        "num_warps": _NUM_WARPS, "num_stages": 1, "hgmma": False,
+    } for block_c in (16, 32, 64, 128, 256)]
