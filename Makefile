@@ -24,8 +24,10 @@ prepare: venv
 train: prepare
 	$(PY) -m train
 
+# One BLAS thread per process: the interpreter does many tiny numpy matmuls, and OpenBLAS starting a
+# thread per core for each made interpreted kernels ~4.5x slower on 2 cores (numpy reads this at import).
 test: venv
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 # `make bench [BENCH="mlp attention"]`: without CUDA an interpreter smoke (written to a temp folder only).
 BENCH ?=
@@ -37,8 +39,10 @@ bench: venv
 GPU_PYTHON ?= python3
 STAGE ?= all
 TESTS ?=
+COPY_TO ?=
 gpu-check:
-	$(GPU_PYTHON) -m bench.gpu_check --stage $(STAGE) $(if $(TESTS),--tests $(TESTS)) $(if $(BENCH),--bench $(BENCH))
+	$(GPU_PYTHON) -m bench.gpu_check --stage $(STAGE) $(if $(TESTS),--tests $(TESTS)) $(if $(BENCH),--bench $(BENCH)) \
+		$(if $(COPY_TO),--copy-to $(COPY_TO))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
