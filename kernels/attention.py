@@ -5,10 +5,19 @@ Hkv (query head h reads KV head h // (Hq // Hkv)). The op computes, per query he
     y = softmax((q_gain[h] · q) kᵀ / sqrt(D), causal) v
 and, when xsa is on, removes from y the component along the token's own normalized value:
     y ← y − (y·v̂) v̂,  v̂ = v_t / max(||v_t||, 1e-12).
-This file holds the PyTorch references; the Triton kernels, launchers and autograd op live beside them.
+This file holds the PyTorch references, the Triton kernels (forward, and a three-kernel backward),
+their launchers, the autograd op `ouroboros::attention` and `attention_triton`, which kernels/ dispatches to.
 """
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Read like kernels/__init__ does (it must be set before this module is imported); read here, not
+# imported from the package, so the file also loads on its own (python -m bench.sm90 --module ...).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -19,18 +28,20 @@ def _xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def attention_reference(q, k, v, q_gain, xsa: bool):
-    """Explicit fp32 softmax: the ground truth the kernel is tested against. Returns y [B, T, Hq, D] in q's dtype."""
+    """Explicit fp32 softmax (fp64 for fp64 inputs, for gradcheck): the ground truth the kernel is tested
+    against. Returns y [B, T, Hq, D] in q's dtype."""
     B, T, Hq, D = q.shape
     group = Hq // k.shape[2]
-    qf = q.float() * q_gain.float().view(1, 1, Hq, 1)
-    kf = k.float().repeat_interleave(group, dim=2)
-    vf = v.float().repeat_interleave(group, dim=2)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc) * q_gain.to(acc).view(1, 1, Hq, 1)
+    kf = k.to(acc).repeat_interleave(group, dim=2)
+    vf = v.to(acc).repeat_interleave(group, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", qf, kf) / D ** 0.5
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     y = torch.einsum("bhts,bshd->bthd", probs, vf)
     if xsa:
-        y = _xsa(y, v.float())
+        y = _xsa(y, v.to(acc))
     return y.to(q.dtype)
 
 
@@ -41,3 +52,517 @@ def attention_sdpa(q, k, v, q_gain, xsa: bool):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True).transpose(1, 2)
     return _xsa(y, v) if xsa else y
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Scores live in log2 units inside the kernels: s2 = (q·k) · q_gain[h] / sqrt(D) · log2(e), so the
+# softmax uses exp2 and the saved log-sum-exp (LSE) is in log2 units too. q_gain and 1/sqrt(D) are
+# folded into one scale per head, applied to the fp32 scores rather than to q, so bf16 q is never
+# re-rounded after the gain.
+#
+# Causal block skipping: a query block [m0, m0 + BLOCK_M) only visits key blocks up to its diagonal;
+# key blocks strictly below the diagonal need no mask, so each loop runs in two phases (unmasked,
+# then the diagonal blocks with the causal and T masks).
+#
+# XSA backward without storing the pre-XSA output o: y = P o with P = I - v̂v̂ᵀ symmetric, so
+#   dL/do = P dy,   dL/dv̂ = -(o·v̂) dy - (dy·v̂) o,   rowsum(dL/do · o) = rowsum(dy · y),
+# and o itself is y + c·v̂ with c = o·v̂, one fp32 scalar per row saved by the forward. Softmax's
+# delta is computed as rowsum(dO · o) from the dO as stored (bf16-rounded), which keeps it consistent
+# with the dO the dk/dv and dq kernels read (measured: lower d(q_gain) error than rowsum(dy · y)).
+# --------------------------------------------------------------------------------------------------
+_LOG2E = tl.constexpr(1.4426950408889634)
+_NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in the reference
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, start_n, T, row_stride, scale2,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_offs = offs_n[:, None] * row_stride + offs_d[None, :]
+    if DIAGONAL:
+        col_ok = offs_n < T
+        k = tl.load(k_base + kv_offs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + kv_offs, mask=col_ok[:, None], other=0.0)
+    else:  # strictly below the diagonal: every key is visible and < T
+        k = tl.load(k_base + kv_offs)
+        v = tl.load(v_base + kv_offs)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
+    if DIAGONAL:
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, QGAIN, Y, LSE, XDOT, T, HQ, HKV, GROUP, sm_scale,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, XSA: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head). Writes y, the LSE and (XSA) c = o·v̂."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    q_rows = HQ * D  # element stride between tokens
+    kv_rows = HKV * D
+    q_ptrs = Q + b * T * q_rows + h * D + offs_m[:, None] * q_rows + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    scale2 = tl.load(QGAIN + h).to(tl.float32) * sm_scale * _LOG2E
+    k_base = K + b * T * kv_rows + hk * D
+    v_base = V + b * T * kv_rows + hk * D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    diag_lo = pid_m * BLOCK_M
+    for start_n in range(0, diag_lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, start_n, T, kv_rows, scale2,
+                                   D, BLOCK_N, False)
+    for start_n in range(diag_lo, tl.minimum(diag_lo + BLOCK_M, T), BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, start_n, T, kv_rows, scale2,
+                                   D, BLOCK_N, True)
+    acc = acc / l_i[:, None]
+    stat_start = b * HQ * T + h * T  # LSE and c are [B, HQ, T]
+    tl.store(LSE + stat_start + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    if XSA:  # fused epilogue: remove the component along the token's own normalized value
+        v_own = tl.load(v_base + offs_m[:, None] * kv_rows + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0).to(tl.float32)
+        v_hat = v_own / tl.maximum(tl.sqrt(tl.sum(v_own * v_own, 1)), _NORM_EPS)[:, None]
+        c = tl.sum(acc * v_hat, 1)
+        acc = acc - c[:, None] * v_hat
+        tl.store(XDOT + stat_start + offs_m, c, mask=row_ok)
+    y_ptrs = Y + b * T * q_rows + h * D + offs_m[:, None] * q_rows + offs_d[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(DY, Y, V, XDOT, DO, DELTA, DVX, T, HQ, HKV, GROUP,
+                                D: tl.constexpr, BLOCK_M: tl.constexpr, XSA: tl.constexpr):
+    """One program: BLOCK_M tokens of one (batch, KV head), looping over the query heads that share it.
+
+    delta = rowsum(dy·y) for softmax's backward; with XSA also dO = P dy (the gradient wrt the
+    pre-XSA output) and the v̂ path's gradient into v, summed over the group without atomics.
+    """
+    pid_m = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    q_rows = HQ * D
+    kv_rows = HKV * D
+    # 64-bit scalar starts, 32-bit tile offsets: keeps the per-element address maths small
+    kv_start = b * T * kv_rows + hk * D
+    kv_tile = offs_m[:, None] * kv_rows + offs_d[None, :]
+    q_tile = offs_m[:, None] * q_rows + offs_d[None, :]
+    if XSA:
+        v_own = tl.load(V + kv_start + kv_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        v_norm = tl.sqrt(tl.sum(v_own * v_own, 1))
+        inv_norm = 1.0 / tl.maximum(v_norm, _NORM_EPS)
+        v_hat = v_own * inv_norm[:, None]
+        dv_hat = tl.zeros([BLOCK_M, D], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_start = b * T * q_rows + h * D
+        dy = tl.load(DY + q_start + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        y = tl.load(Y + q_start + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        stat_start = b * HQ * T + h * T
+        if XSA:
+            c = tl.load(XDOT + stat_start + offs_m, mask=row_ok, other=0.0)
+            dy_v = tl.sum(dy * v_hat, 1)
+            d_pre = (dy - dy_v[:, None] * v_hat).to(DO.dtype.element_ty)
+            tl.store(DO + q_start + q_tile, d_pre, mask=row_ok[:, None])
+            o = y + c[:, None] * v_hat  # the pre-XSA output, rebuilt
+            tl.store(DELTA + stat_start + offs_m, tl.sum(d_pre.to(tl.float32) * o, 1), mask=row_ok)
+            dv_hat -= c[:, None] * dy + dy_v[:, None] * o
+        else:
+            tl.store(DELTA + stat_start + offs_m, tl.sum(dy * y, 1), mask=row_ok)
+    if XSA:  # through v̂ = v / max(||v||, eps): project out v̂ unless the clamp is active
+        radial = tl.sum(dv_hat * v_hat, 1)
+        tangential = tl.where((v_norm > _NORM_EPS)[:, None], dv_hat - radial[:, None] * v_hat, dv_hat)
+        tl.store(DVX + kv_start + kv_tile, tangential * inv_norm[:, None], mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, start_m, T, q_rows,
+                    scale2, scale, D: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    q_t = tl.load(q_base + offs_m[None, :] * q_rows + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+    # LSE = +inf past T makes p exactly 0 on rows that do not exist
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    p_t = tl.math.exp2(tl.dot(k, q_t, input_precision="ieee") * scale2 - lse[None, :])
+    if DIAGONAL:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    do = tl.load(do_base + offs_m[:, None] * q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+    ds_t = p_t * (dp_t - delta[None, :]) * scale  # gradient wrt the natural-unit scores
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, QGAIN, DO, LSE, DELTA, DVX, DK, DV, T, HQ, HKV, GROUP, sm_scale,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, XSA: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, KV head); loops over the group's query heads so that
+    dk and dv are summed in registers (no atomics), then adds the XSA v̂ gradient."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < T
+    q_rows = HQ * D
+    kv_rows = HKV * D
+    kv_start = b * T * kv_rows + hk * D
+    kv_tile = offs_n[:, None] * kv_rows + offs_d[None, :]
+    k = tl.load(K + kv_start + kv_tile, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kv_start + kv_tile, mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    diag_lo = pid_n * BLOCK_N
+    diag_hi = tl.minimum(diag_lo + BLOCK_N, T)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        scale = tl.load(QGAIN + h).to(tl.float32) * sm_scale
+        scale2 = scale * _LOG2E
+        q_base = Q + b * T * q_rows + h * D
+        do_base = DO + b * T * q_rows + h * D
+        lse_base = LSE + b * HQ * T + h * T
+        delta_base = DELTA + b * HQ * T + h * T
+        for start_m in range(diag_lo, diag_hi, BLOCK_M):
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, start_m, T,
+                                     q_rows, scale2, scale, D, BLOCK_M, True)
+        for start_m in range(diag_hi, T, BLOCK_M):
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, start_m, T,
+                                     q_rows, scale2, scale, D, BLOCK_M, False)
+    if XSA:
+        dv += tl.load(DVX + kv_start + kv_tile, mask=col_ok[:, None], other=0.0)
+    tl.store(DK + kv_start + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kv_start + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, start_n, T, kv_rows, scale2,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_offs = offs_n[:, None] * kv_rows + offs_d[None, :]
+    if DIAGONAL:
+        col_ok = offs_n < T
+        k = tl.load(k_base + kv_offs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + kv_offs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kv_offs)
+        v = tl.load(v_base + kv_offs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * scale2 - lse[:, None])
+    if DIAGONAL:
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, QGAIN, DO, LSE, DELTA, DQ, GAIN_PARTS, T, HQ, HKV, GROUP, sm_scale,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head). Writes dq and this block's fp32
+    partial of d(q_gain) = rowsum(dq_unscaled · q) / sqrt(D), reduced on the host (no atomics)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    q_rows = HQ * D
+    kv_rows = HKV * D
+    q_start = b * T * q_rows + h * D
+    q_tile = offs_m[:, None] * q_rows + offs_d[None, :]
+    q = tl.load(Q + q_start + q_tile, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_start + q_tile, mask=row_ok[:, None], other=0.0)
+    stat_start = b * HQ * T + h * T
+    lse = tl.load(LSE + stat_start + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat_start + offs_m, mask=row_ok, other=0.0)
+    gain = tl.load(QGAIN + h).to(tl.float32)
+    scale2 = gain * sm_scale * _LOG2E
+    k_base = K + b * T * kv_rows + hk * D
+    v_base = V + b * T * kv_rows + hk * D
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    diag_lo = pid_m * BLOCK_M
+    for start_n in range(0, diag_lo, BLOCK_N):
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, start_n, T, kv_rows, scale2,
+                           D, BLOCK_N, False)
+    for start_n in range(diag_lo, tl.minimum(diag_lo + BLOCK_M, T), BLOCK_N):
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, start_n, T, kv_rows, scale2,
+                           D, BLOCK_N, True)
+    gain_part = tl.sum(tl.sum(q.to(tl.float32) * dq, 1), 0) * sm_scale
+    tl.store(GAIN_PARTS + pid_bh * tl.num_programs(0) + pid_m, gain_part)
+    tl.store(DQ + q_start + q_tile, (dq * (gain * sm_scale)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configurations: one table, used by the launchers and by sm90_configs().
+# Chosen by compiling for sm_90 on a CPU machine (python -m bench.sm90; no H100 was available to
+# time them): every configuration compiles with no spills or local memory, and the bf16 matrix
+# kernels use HGMMA. bf16: 128-row query tiles over 64-key steps forward with 8 warps (two
+# warpgroups of 64 rows); backward with 32 query rows per step in dk/dv and 32 keys per step in dq,
+# so the wide side (k, v, dk, dv or q, do, dq) stays in registers. fp32 ("ieee" dots on CUDA cores,
+# for tests) gets small tiles. The interpreter runs the bf16 tiles for both dtypes: they are what
+# the model runs on the GPU, so the CPU tests exercise the production masking and loop bounds, and
+# bigger tiles are cheaper to interpret. BLOCK_N divides BLOCK_M (fwd, dq) and BLOCK_M divides
+# BLOCK_N (dk/dv): the diagonal phase must start on a tile boundary.
+# --------------------------------------------------------------------------------------------------
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def _launch_table(dtype: torch.dtype, head_dim: int, interpret: bool = INTERPRET) -> dict:
+    """kernel name -> {constexpr tile sizes, num_warps, num_stages} for one dtype and head dim."""
+    d64 = head_dim == 64
+    pre = dict(BLOCK_M=32 if d64 else 16, num_warps=4 if d64 else 8, num_stages=1)
+    if dtype == torch.bfloat16 or interpret:
+        if d64:
+            return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), "preprocess": pre,
+                    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+                    "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
+        # head_dim 128 (not used by the model)
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2), "preprocess": pre,
+                "dkdv": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),
+                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)}
+    warps = 4 if d64 else 8
+    return {"fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=warps, num_stages=2), "preprocess": pre,
+            "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=warps, num_stages=2),
+            "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=warps, num_stages=2)}
+
+
+def _tiles(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _check_inputs(q, k, v, q_gain) -> None:
+    """Every shape, dtype and device rule the kernels rely on (the interpreter would not catch a violation)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_gain", q_gain)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    B, T, Hq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"attention: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D")
+    Hkv = k.shape[2]
+    if B < 1 or T < 1 or Hq < 1 or Hkv < 1:
+        raise ValueError(f"attention: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"attention: query heads Hq={Hq} (q {tuple(q.shape)}) must be a multiple of KV heads "
+                         f"Hkv={Hkv} (k {tuple(k.shape)})")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head_dim D={D} (q {tuple(q.shape)}) is not supported by the Triton kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q_gain.shape != (Hq,):
+        raise ValueError(f"attention: q_gain must have shape ({Hq},) (one gain per query head of q "
+                         f"{tuple(q.shape)}), got {tuple(q_gain.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention: q, k, v must share one dtype out of {SUPPORTED_DTYPES}; got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not q_gain.dtype.is_floating_point:
+        raise ValueError(f"attention: q_gain must be floating point, got {q_gain.dtype}")
+    devices = {t.device for t in (q, k, v, q_gain)}
+    if len(devices) != 1:
+        raise ValueError(f"attention: q, k, v, q_gain must be on one device, got q {q.device}, k {k.device}, "
+                         f"v {v.device}, q_gain {q_gain.device}")
+    # Offsets past the batch are computed in int64; within one sequence they stay int32.
+    if T * Hq * D >= 2 ** 31:
+        raise ValueError(f"attention: one sequence of q {tuple(q.shape)} has {T * Hq * D} elements, more than "
+                         "the kernel's int32 offsets allow")
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
+        return
+    raise ValueError(f"attention: the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, "
+                     f"set before kernels/ is imported); got tensors on {t.device}")
+
+
+def attention_forward(q, k, v, q_gain, xsa: bool):
+    """Launch the forward kernel. Returns (y [B, T, Hq, D] in q's dtype, LSE [B, Hq, T] fp32 in log2 units,
+    c = o·v̂ [B, Hq, T] fp32 when xsa else an empty tensor)."""
+    _check_inputs(q, k, v, q_gain)
+    _check_device(q)
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    gain = q_gain.detach().float().contiguous()
+    y = torch.empty_like(q)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    xdot = torch.empty((B, Hq, T) if xsa else (0,), dtype=torch.float32, device=q.device)
+    cfg = _launch_table(q.dtype, D)["fwd"]
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
+    _attn_fwd_kernel[grid](q, k, v, gain, y, lse, xdot if xsa else lse, T, Hq, Hkv, Hq // Hkv, D ** -0.5,
+                           D=D, XSA=bool(xsa), **_tiles(cfg), **_launch_opts(cfg))
+    return y, lse, xdot
+
+
+def attention_backward(dy, q, k, v, q_gain, y, lse, xdot, xsa: bool):
+    """Launch the three backward kernels. Returns (dq, dk, dv, d(q_gain)) in the inputs' dtypes."""
+    _check_inputs(q, k, v, q_gain)
+    _check_device(q)
+    if dy.shape != q.shape:
+        raise ValueError(f"attention backward: dy {tuple(dy.shape)} must match q {tuple(q.shape)}")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    q, k, v, y = q.contiguous(), k.contiguous(), v.contiguous(), y.contiguous()
+    dy = dy.to(q.dtype).contiguous()
+    gain = q_gain.detach().float().contiguous()
+    table = _launch_table(q.dtype, D)
+
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    # Without XSA the gradient wrt the pre-XSA output is dy itself.
+    d_pre = torch.empty_like(q) if xsa else dy
+    dv_xsa = torch.empty((B, T, Hkv, D), dtype=torch.float32, device=q.device) if xsa else delta
+    cfg = table["preprocess"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * Hkv)](
+        dy, y, v, xdot if xsa else delta, d_pre, delta, dv_xsa, T, Hq, Hkv, group,
+        D=D, XSA=bool(xsa), **_tiles(cfg), **_launch_opts(cfg))
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    cfg = table["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+        q, k, v, gain, d_pre, lse, delta, dv_xsa, dk, dv, T, Hq, Hkv, group, D ** -0.5,
+        D=D, XSA=bool(xsa), **_tiles(cfg), **_launch_opts(cfg))
+
+    dq = torch.empty_like(q)
+    cfg = table["dq"]
+    n_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    gain_parts = torch.empty((B, Hq, n_blocks), dtype=torch.float32, device=q.device)
+    _attn_bwd_dq_kernel[(n_blocks, B * Hq)](
+        q, k, v, gain, d_pre, lse, delta, dq, gain_parts, T, Hq, Hkv, group, D ** -0.5,
+        D=D, **_tiles(cfg), **_launch_opts(cfg))
+    d_gain = gain_parts.sum(dim=(0, 2)).to(q_gain.dtype)
+    return dq, dk, dv, d_gain
+
+
+# --------------------------------------------------------------------------------------------------
+# The autograd op: ouroboros::attention (forward, returns y plus what backward needs) with its
+# backward as a second custom op; both have fakes so torch.compile(fullgraph=True) traces them.
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("ouroboros::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_gain: torch.Tensor,
+                  xsa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, q_gain, xsa)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, q_gain, xsa):
+    _check_inputs(q, k, v, q_gain)
+    B, T, Hq, _ = q.shape
+    stats = (B, Hq, T)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(stats, dtype=torch.float32),
+            q.new_empty(stats if xsa else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("ouroboros::attention_backward", mutates_args=())
+def _attention_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           q_gain: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, xdot: torch.Tensor,
+                           xsa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dy, q, k, v, q_gain, y, lse, xdot, xsa)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(dy, q, k, v, q_gain, y, lse, xdot, xsa):
+    _check_inputs(q, k, v, q_gain)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(q_gain))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_gain, xsa = inputs
+    y, lse, xdot = output
+    ctx.save_for_backward(q, k, v, q_gain, y, lse, xdot)
+    ctx.xsa = xsa
+
+
+def _backward(ctx, dy, _d_lse, _d_xdot):
+    q, k, v, q_gain, y, lse, xdot = ctx.saved_tensors
+    dq, dk, dv, d_gain = torch.ops.ouroboros.attention_backward(dy, q, k, v, q_gain, y, lse, xdot, ctx.xsa)
+    return dq, dk, dv, d_gain, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_triton(q, k, v, q_gain, xsa: bool):
+    """Causal GQA flash attention with q_gain and fused XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> y [B, T, Hq, D].
+
+    Under autocast the inputs are cast to the autocast dtype first, as SDPA does (custom ops are not
+    autocast-aware, and the fp32 path runs without tensor cores)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return torch.ops.ouroboros.attention(q, k, v, q_gain, bool(xsa))[0]
+
+
+def sm90_configs() -> list[dict]:
+    """Every kernel configuration the launchers can launch (dtype x head dim x XSA switch), for the
+    sm_90 compile check. Tensor-core kernels on bf16 must use Hopper's warpgroup MMA."""
+    out = []
+    kernels = {"fwd": _attn_fwd_kernel, "preprocess": _attn_bwd_preprocess_kernel,
+               "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+    scalars = {"T": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "sm_scale": "fp32"}
+    for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            table = _launch_table(dtype, head_dim, interpret=False)
+            f32 = "*fp32"
+            sigs = {
+                "fwd": dict(Q=ty, K=ty, V=ty, QGAIN=f32, Y=ty, LSE=f32, XDOT=f32),
+                "preprocess": dict(DY=ty, Y=ty, V=ty, XDOT=f32, DO=ty, DELTA=f32, DVX=f32),
+                "dkdv": dict(Q=ty, K=ty, V=ty, QGAIN=f32, DO=ty, LSE=f32, DELTA=f32, DVX=f32, DK=ty, DV=ty),
+                "dq": dict(Q=ty, K=ty, V=ty, QGAIN=f32, DO=ty, LSE=f32, DELTA=f32, DQ=ty, GAIN_PARTS=f32),
+            }
+            for name, kernel in kernels.items():
+                cfg = table[name]
+                signature = dict(sigs[name])
+                for arg in kernel.arg_names:
+                    if arg in scalars:
+                        signature[arg] = scalars[arg]
+                for xsa in ((False, True) if name != "dq" else (None,)):
+                    constexprs = {"D": head_dim, **_tiles(cfg)}
+                    if xsa is not None:
+                        constexprs["XSA"] = xsa
+                    tag = "" if xsa is None else ("_xsa" if xsa else "_noxsa")
+                    out.append({
+                        "name": f"attention_{name}_{ty[1:]}_d{head_dim}{tag}",
+                        "kernel": kernel,
+                        "signature": {a: signature[a] for a in kernel.arg_names if a in signature},
+                        "constexprs": constexprs,
+                        "num_warps": cfg["num_warps"],
+                        "num_stages": cfg["num_stages"],
+                        "hgmma": dtype == torch.bfloat16 and name != "preprocess",
+                    })
+    return out
