@@ -1,0 +1,136 @@
+"""The size ledger of an artifact: where the 16,000,000 bytes go.
+
+Each category (int6 codes, int6 row steps, int8 codes, int8 row steps, fp16 small tensors, the header)
+is compressed on its own with brotli-11 to attribute bytes to it; their sum differs a little from the
+file, which compresses everything in one stream, and both are shown. From the measured bits per stored
+value the ledger projects what the full `ouroboros` model's artifact would weigh (same code, its own
+tensor counts), and warns when that projection is over the limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifact import (KIND_FP16, KIND_INT6, KIND_INT8, SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode,
+                       read_artifact, section_bytes, tensor_kind)
+
+# (category key, label, what a "value" is)
+CATEGORIES = (("int6_codes", "int6 matrices: codes", KIND_INT6), ("int6_steps", "int6 matrices: row steps", KIND_INT6),
+              ("int8_codes", "int8 tensors: codes", KIND_INT8), ("int8_steps", "int8 tensors: row steps", KIND_INT8),
+              ("fp16", "fp16 small tensors", KIND_FP16))
+
+
+@dataclass
+class Ledger:
+    path: str
+    encoding: dict
+    values: dict            # category -> number of stored values (codes, steps or fp16 numbers)
+    params: dict            # kind -> model parameters stored that way
+    bytes: dict             # category -> bytes when compressed alone; plus "header"
+    file_bytes: int
+    code_bytes: int
+    code_files: int
+    limit: int = SIZE_LIMIT
+    projection: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.file_bytes + self.code_bytes
+
+    def bits_per_value(self, category: str) -> float:
+        return 8.0 * self.bytes[category] / self.values[category] if self.values[category] else 0.0
+
+
+def build_ledger(path: str | Path, project: bool = True) -> Ledger:
+    art = read_artifact(path)
+    sections = section_bytes(art.tensors, art.encoding)
+    parts = {key: [] for key, _, _ in CATEGORIES}
+    values = {key: 0 for key, _, _ in CATEGORIES}
+    params = {KIND_INT6: 0, KIND_INT8: 0, KIND_FP16: 0}
+    for name, q in art.tensors.items():
+        params[q.kind] += q.numel
+    for category, items in sections.items():
+        for name, part, raw in items:
+            q = art.tensors[name]
+            key = "fp16" if q.kind == KIND_FP16 else f"{q.kind}_{'codes' if part == 'codes' else 'steps'}"
+            parts[key].append(raw)
+            values[key] += q.numel if part in ("codes", "values") else q.scale.numel()
+    sizes = {key: len(compress(b"".join(raw))) if raw else 0 for key, raw in parts.items()}
+    body = encode(art.tensors, art.config, art.encoding)
+    header_len = int.from_bytes(body[:4], "little")
+    sizes["header"] = len(compress(body[:4 + header_len])) + _PREFIX.size
+    ledger = Ledger(str(path), art.encoding, values, params, sizes, art.file_bytes, code_bytes(), len(code_files()))
+    if project:
+        ledger.projection = project_ouroboros(ledger)
+    return ledger
+
+
+def ouroboros_counts(small_numel: int | None = None) -> tuple[dict, dict]:
+    """(values per category, params per kind) of the full `ouroboros` model, from its shapes alone."""
+    from model import build_model
+    from model.config import from_env
+
+    cfg = from_env(environ={}, preset="ouroboros")
+    small = cfg.quant_small_numel if small_numel is None else small_numel
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        state = build_model(cfg).state_dict()
+    values = {key: 0 for key, _, _ in CATEGORIES}
+    params = {KIND_INT6: 0, KIND_INT8: 0, KIND_FP16: 0}
+    for name, t in state.items():
+        kind = tensor_kind(name, t.numel(), small)
+        params[kind] += t.numel()
+        if kind == KIND_FP16:
+            values["fp16"] += t.numel()
+        else:
+            values[f"{kind}_codes"] += t.numel()
+            values[f"{kind}_steps"] += t.shape[0] if t.dim() > 1 else 1
+    return values, params
+
+
+def project_ouroboros(ledger: Ledger) -> dict:
+    """The full model's artifact estimated from this artifact's bits per stored value, category by category.
+    The sum of separately compressed parts is scaled to the file's real size (one stream compresses better)."""
+    values, params = ouroboros_counts()
+    parts = {key: ledger.bits_per_value(key) * values[key] / 8 for key, _, _ in CATEGORIES}
+    alone = sum(ledger.bytes[key] for key, _, _ in CATEGORIES) + ledger.bytes["header"]
+    together = ledger.file_bytes / alone if alone else 1.0
+    model_bytes = (sum(parts.values()) + ledger.bytes["header"]) * together
+    total = model_bytes + ledger.code_bytes
+    return {"values": values, "params": params, "bytes": parts, "model_bytes": model_bytes, "total_bytes": total,
+            "over_by": total - ledger.limit}
+
+
+def format_ledger(ledger: Ledger) -> str:
+    lines = [f"artifact {ledger.path}", f"encoding: codes {ledger.encoding['codes']}, fp16 {ledger.encoding['fp16']}; "
+             f"brotli-11", "",
+             f"{'category':<28}{'values':>12}{'bytes alone':>14}{'bits/value':>12}"]
+    for key, label, _ in CATEGORIES:
+        lines.append(f"{label:<28}{ledger.values[key]:>12,}{ledger.bytes[key]:>14,}{ledger.bits_per_value(key):>12.3f}")
+    lines.append(f"{'header (config, table)':<28}{'':>12}{ledger.bytes['header']:>14,}")
+    alone = sum(ledger.bytes.values())
+    n_params = sum(ledger.params.values())
+    lines += ["",
+              f"{'sum of parts, each alone':<40}{alone:>14,}",
+              f"{'model file (one stream)':<40}{ledger.file_bytes:>14,}   "
+              f"{8 * ledger.file_bytes / n_params:.3f} bits per parameter over {n_params:,}",
+              f"{'code (%d .py files)' % ledger.code_files:<40}{ledger.code_bytes:>14,}",
+              f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
+              + (f"{ledger.limit - ledger.total_bytes:,} under" if ledger.total_bytes <= ledger.limit
+                 else f"OVER by {ledger.total_bytes - ledger.limit:,}")]
+    for kind in (KIND_INT6, KIND_INT8, KIND_FP16):
+        if ledger.params[kind]:
+            kind_bytes = sum(ledger.bytes[k] for k, _, c in CATEGORIES if c == kind)
+            lines.append(f"  {kind} parameters {ledger.params[kind]:>12,}: {8 * kind_bytes / ledger.params[kind]:.3f} "
+                         f"bits each (steps included, compressed alone)")
+    p = ledger.projection
+    if p:
+        lines += ["", f"projected full `ouroboros` model ({sum(p['params'].values()):,} parameters) at these bits per value:"]
+        for key, label, _ in CATEGORIES:
+            lines.append(f"  {label:<26}{p['values'][key]:>12,} values {int(p['bytes'][key]):>12,} B")
+        lines.append(f"  model {int(p['model_bytes']):,} B + code {ledger.code_bytes:,} B = {int(p['total_bytes']):,} B "
+                     f"of {ledger.limit:,}")
+        if p["over_by"] > 0:
+            lines.append(f"WARNING: the projected ouroboros artifact is over the limit by {int(p['over_by']):,} bytes")
+    return "\n".join(lines)
