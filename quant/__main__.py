@@ -1,0 +1,74 @@
+"""`python -m quant --checkpoint runs/<id>/final_model.pt`: the export step of a training run, for a saved run.
+
+Calibrates on the run's training shards, quantizes as the run's config says (or --method), writes
+runs/<id>/final_model.int6.ptz next to the checkpoint, reads it back and prints the round-trip
+sliding-window val_bpb next to the float one (and, with --compare, all three methods' gaps).
+Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, ConfigError, load_checkpoint
+from train.data import ShardError, load_val_tokens, shard_paths
+from train.evaluate import build_byte_luts
+
+from .artifact import ArtifactError, OverBudgetError
+from .calibrate import METHODS
+from .export import export_run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="runs/<id>/final_model.pt (model.save_checkpoint format)")
+    parser.add_argument("--method", choices=METHODS, help="override the run's SKIP_GPTQ / LOOP_AWARE_GPTQ")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                        help="also quantize with the other two methods and print the three gaps "
+                             "(default: only when the val set is small)")
+    parser.add_argument("--data-path", help="shard folder (default: the run's DATA_PATH)")
+    parser.add_argument("--tokenizer-path", help="sentencepiece model (default: the run's TOKENIZER_PATH)")
+    parser.add_argument("--val-tokens", type=int, default=0, help="evaluate on the first N val tokens only (0: all)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        net = load_checkpoint(args.checkpoint, map_location=device)
+        cfg = net.config
+        if args.method:
+            cfg = cfg.replace(skip_gptq=args.method == "rtn", loop_aware_gptq=args.method == "loop_aware")
+        data_path = args.data_path or cfg.data_path
+        tokenizer_path = Path(args.tokenizer_path or cfg.tokenizer_path)
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"tokenizer {tokenizer_path}: no such file (pass --tokenizer-path)")
+        import sentencepiece as spm
+
+        luts = build_byte_luts(spm.SentencePieceProcessor(model_file=str(tokenizer_path)), cfg.vocab_size)
+        val_tokens = load_val_tokens(shard_paths(data_path, "val"), cfg.eval_seq_len)
+        if args.val_tokens > 0:
+            keep = max(1, (min(args.val_tokens, val_tokens.numel()) - 1) // cfg.eval_seq_len) * cfg.eval_seq_len + 1
+            val_tokens = val_tokens[:keep]
+        train_paths = shard_paths(data_path, "train")
+    except (CheckpointError, ConfigError, FileNotFoundError, ShardError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    print(f"quant: {args.checkpoint} on {device}: {val_tokens.numel() - 1:,} val targets, "
+          f"method {'rtn' if cfg.skip_gptq else 'loop_aware' if cfg.loop_aware_gptq else 'gptq'}", flush=True)
+    try:
+        export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
+                   compare=args.compare, log=lambda line: print(line, flush=True))
+    except OverBudgetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except ArtifactError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Hessians from calibration inputs, and the quantization of a whole model: round-to-nearest, GPTQ, or
+loop-aware GPTQ (SPEC 5).
+
+H = XᵀX / n for each int6 matrix, X its inputs over every calibration token, collected by forward
+pre-hooks on the uncompiled model inside `model.calibration_mode` (there each MLP runs fc and proj
+through their own forward instead of the fused kernel, so their hooks fire). The shared crawler block
+runs once per loop, so its hooks fire once per loop: its Hessians accumulate over every loop.
+
+Loop-aware calibration: phase 1 collects every Hessian; the flat blocks are quantized with them and
+their dequantized weights put in temporarily; phase 2 re-collects the crawler block's Hessians, whose
+inputs now come from quantized flat blocks (as they will at evaluation); the float weights come back;
+everything is quantized with its phase-1 Hessian except the crawler, which uses phase 2's.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from model import calibration_mode
+
+from . import gptq
+from .artifact import KIND_INT6, quantize_state_dict, tensor_kind
+
+CRAWLER_PREFIX = "crawler_blocks."
+METHODS = ("rtn", "gptq", "loop_aware")
+
+
+class HessianAccumulator:
+    """Running XᵀX and row count per layer name; `hessians()` gives XᵀX / n."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+            self.counts[name] = 0
+        self.sums[name].addmm_(x.T, x)
+        self.counts[name] += x.shape[0]
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {name: s / self.counts[name] for name, s in self.sums.items()}
+
+
+def int6_layer_names(model: torch.nn.Module, small_numel: int) -> list[str]:
+    """Modules whose weights are stored int6 (names without '.weight'), in state-dict order."""
+    return [name[:-len(".weight")] for name, p in model.state_dict().items()
+            if name.endswith(".weight") and tensor_kind(name, p.numel(), small_numel) == KIND_INT6]
+
+
+def collect_hessians(model: torch.nn.Module, forward: Callable[[torch.Tensor], object],
+                     batches: Iterable[torch.Tensor], layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Run forward(batch) for every calibration batch with pre-hooks on `layers`; returns {layer: H}."""
+    layers = list(layers)
+    modules = dict(model.named_modules())
+    unknown = [n for n in layers if n not in modules]
+    if unknown:
+        raise KeyError(f"calibration: the model has no modules {unknown}")
+    acc = HessianAccumulator()
+    handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: acc.add(n, args[0])) for n in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), calibration_mode(model):
+            for batch in batches:
+                forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    silent = [n for n in layers if n not in acc.sums]
+    if silent:
+        raise RuntimeError(f"calibration saw no inputs for {silent}: their hooks never fired "
+                           f"(a compiled model, or a forward that bypasses these modules?)")
+    return acc.hessians()
+
+
+class Calibrator:
+    """Quantizes one model by any of METHODS, sharing the phase-1 Hessians and GPTQ results between them.
+
+    forward(batch) runs the model on one calibration batch (e.g. under autocast); batches are reused
+    by every phase. Each method's `seconds` counts only the work that method would do on its own.
+    """
+
+    def __init__(self, model: torch.nn.Module, config, forward: Callable[[torch.Tensor], object], batches: list):
+        self.model, self.config, self.forward, self.batches = model, config, forward, list(batches)
+        self.layers = int6_layer_names(model, config.quant_small_numel)
+        self.options = dict(block_size=config.gptq_block_size, damping=config.gptq_damping,
+                            order=config.gptq_order, inverse=config.gptq_inverse)
+        self._phase1: dict | None = None
+        self._phase1_seconds = 0.0
+        self._codes: dict[tuple, tuple] = {}  # (layer, phase) -> (codes, scale, seconds)
+
+    def _state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # phase 2 edits weights in place
+
+    def phase1(self) -> dict:
+        if self._phase1 is None:
+            t0 = time.perf_counter()
+            self._phase1 = collect_hessians(self.model, self.forward, self.batches, self.layers)
+            self._phase1_seconds = time.perf_counter() - t0
+        return self._phase1
+
+    def _gptq(self, layer: str, weight: torch.Tensor, hessian: torch.Tensor, phase: int) -> tuple:
+        key = (layer, phase)
+        if key not in self._codes:
+            t0 = time.perf_counter()
+            scale = gptq.row_scales(weight)
+            codes = gptq.quantize_layer(weight, hessian.to(weight.device), scale, **self.options)
+            self._codes[key] = (codes, scale, time.perf_counter() - t0)
+        return self._codes[key]
+
+    def quantize(self, method: str) -> tuple[dict, dict]:
+        """({name: QuantizedTensor}, stats). stats: method, seconds, and per int6 layer its objective
+        ||(W-Q)X||²/n under GPTQ and under round-to-nearest (same Hessian, same steps)."""
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: must be one of {METHODS}")
+        t0 = time.perf_counter()
+        state = self._state()
+        small = self.config.quant_small_numel
+        if method == "rtn":
+            quantized = quantize_state_dict(state, small)
+            return quantized, {"method": method, "seconds": time.perf_counter() - t0, "objective": {}}
+
+        hessians = dict(self.phase1())
+        seconds = self._phase1_seconds
+        phase_of = {n: 1 for n in self.layers}
+        counted = set()  # (layer, phase) whose GPTQ time is already in `seconds`
+        crawler = [n for n in self.layers if n.startswith(CRAWLER_PREFIX)]
+        if method == "loop_aware" and crawler:
+            flat = [n for n in self.layers if n not in crawler]
+            codes = {n: self._gptq(n, state[f"{n}.weight"].float(), hessians[n], 1) for n in flat}
+            seconds += sum(c[2] for c in codes.values())
+            counted.update((n, 1) for n in flat)
+            t1 = time.perf_counter()
+            with self._dequantized_weights({n: gptq.dequantize(c[0], c[1]) for n, c in codes.items()}):
+                hessians.update(collect_hessians(self.model, self.forward, self.batches, crawler))
+            seconds += time.perf_counter() - t1
+            phase_of.update({n: 2 for n in crawler})
+
+        objective = {}
+
+        def int6(name: str, weight: torch.Tensor):
+            nonlocal seconds
+            layer = name[:-len(".weight")]
+            codes, scale, took = self._gptq(layer, weight, hessians[layer], phase_of[layer])
+            if (layer, phase_of[layer]) not in counted:
+                seconds += took
+                counted.add((layer, phase_of[layer]))
+            h = hessians[layer].to(weight.device)
+            objective[layer] = {
+                "gptq": gptq.layer_objective(weight, gptq.dequantize(codes, scale), h),
+                "rtn": gptq.layer_objective(weight, gptq.dequantize(gptq.quantize_rtn(weight, scale), scale), h),
+                "phase": phase_of[layer],
+            }
+            return codes, scale
+
+        quantized = quantize_state_dict(state, small, int6)
+        return quantized, {"method": method, "seconds": seconds, "objective": objective}
+
+    @contextlib.contextmanager
+    def _dequantized_weights(self, weights: dict):
+        """Temporarily replace layers' weights (phase 2 of loop-aware calibration); always restores them."""
+        modules = dict(self.model.named_modules())
+        originals = {n: modules[n].weight.detach().clone() for n in weights}
+        try:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    modules[n].weight.copy_(w.to(modules[n].weight.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in originals.items():
+                    modules[n].weight.copy_(w)
+
+
+def objective_summary(stats: dict) -> str:
+    """One line: the GPTQ / round-to-nearest layer-objective ratio in total and its range over layers."""
+    obj = stats.get("objective") or {}
+    if not obj:
+        return f"{stats['method']}: no GPTQ layers"
+    ratios = [v["gptq"] / v["rtn"] for v in obj.values() if v["rtn"] > 0]
+    total = sum(v["gptq"] for v in obj.values()) / max(sum(v["rtn"] for v in obj.values()), 1e-30)
+    return (f"{stats['method']}: layer objective ||(W-Q)X||^2 GPTQ/RTN total {total:.3f}, per layer "
+            f"{min(ratios):.3f}..{max(ratios):.3f} over {len(obj)} int6 matrices")

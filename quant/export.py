@@ -1,0 +1,210 @@
+"""The export step a run ends with: calibrate, quantize, write the artifact, read it back, evaluate.
+
+    result = export_run(model, cfg, run_dir, val_tokens=..., luts=..., train_paths=[...], log=print)
+
+The trainer calls it (train/__main__.py finds it) with the final float weights, after training stopped
+GPTQ_RESERVE_SECONDS early; `python -m quant --checkpoint runs/<id>/final_model.pt` calls it for a saved
+run. It returns a dict (below) whose "calibration_seconds" the trainer checks against its reservation.
+
+Under torch.distributed, rank 0 calibrates, quantizes and writes; every rank then reads the artifact back
+from disk and takes part in the sliding-window evaluation (train.evaluate splits windows over ranks).
+An over-budget artifact raises OverBudgetError on every rank, after writing nothing over
+runs/<id>/final_model.int6.ptz (the blob is kept beside it as final_model.int6.ptz.over-budget).
+
+With `compare` (default: when the val set holds at most COMPARE_MAX_VAL_TOKENS tokens, so always on the
+tiny preset), the two other methods are quantized too, written to runs/<id>/quant_compare/<method>.ptz,
+read back and evaluated, and the three quantization gaps (round-trip val_bpb minus float val_bpb) are
+logged with their ratios. GPTQ / round-to-nearest is the number this project tracks and pushes down.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from train.data import TokenStream
+from train.evaluate import evaluate_bpb
+
+from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, load_model, write_artifact
+from .calibrate import METHODS, Calibrator, objective_summary
+
+COMPARE_MAX_VAL_TOKENS = 2_000_000
+CALIBRATION_BATCH_TOKENS = 65_536  # tokens per calibration forward: bounds activation memory
+
+
+def method_for(config) -> str:
+    """SKIP_GPTQ=1: round-to-nearest; else LOOP_AWARE_GPTQ picks loop-aware or plain GPTQ."""
+    if config.skip_gptq:
+        return "rtn"
+    return "loop_aware" if config.loop_aware_gptq else "gptq"
+
+
+def calibration_tokens(train_paths, config) -> torch.Tensor:
+    """GPTQ_CAL_SAMPLES sequences of GPTQ_CAL_SEQ_LEN training tokens, int64 [samples, seq_len]."""
+    n, length = config.gptq_cal_samples, config.gptq_cal_seq_len
+    tokens = TokenStream(train_paths).take(n * length)
+    return torch.from_numpy(tokens.astype(np.int64)).view(n, length)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":  # as in training and evaluation: matrices in bf16
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _from_rank0(obj):
+    """obj as rank 0 has it, on every rank."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate_sliding(net: torch.nn.Module, config, val_tokens, luts, device) -> tuple[float, float]:
+    """(val_loss, val_bpb) with sliding windows (EVAL_SEQ_LEN, EVAL_STRIDE), as the challenge scores."""
+    was_training = net.training
+    net.eval()
+    autocast = _autocast(device)
+
+    def logits_fn(ids):
+        with autocast:
+            return net(ids)
+
+    try:
+        return evaluate_bpb(logits_fn, val_tokens, luts, config.eval_seq_len, stride=config.eval_stride,
+                            batch_seqs=config.eval_batch_seqs, device=device)
+    finally:
+        net.train(was_training)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor, luts, train_paths=None,
+               calib_tokens: torch.Tensor | None = None, log=print, reserve_seconds: float | None = None,
+               float_val: tuple[float, float] | None = None, compare: bool | None = None,
+               limit: int = SIZE_LIMIT, env=None, **_context) -> dict:
+    """Quantize `model` (uncompiled, float) as cfg says, write runs/<id>/final_model.int6.ptz, read it
+    back into a fresh model and evaluate it next to the float model.
+
+    Calibration tokens: `calib_tokens` [samples, seq_len] if given, else the first GPTQ_CAL_SAMPLES x
+    GPTQ_CAL_SEQ_LEN tokens of `train_paths`. float_val: the float model's (val_loss, val_bpb) if already
+    known (else evaluated here). Returns artifact_path, model_bytes, code_bytes, total_bytes, limit,
+    method, calibration_seconds, reserve_seconds, float_val_loss/bpb, roundtrip_val_loss/bpb, quant_gap_bpb,
+    objective_ratio (GPTQ/RTN layer objective, total), and with compare: gaps {method: gap} and
+    gap_ratios. Raises OverBudgetError (every rank) when model + code > limit.
+    """
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    method = method_for(cfg)
+    main = not _distributed() or dist.get_rank() == 0
+    compare = val_tokens.numel() <= COMPARE_MAX_VAL_TOKENS if compare is None else compare
+    path = run_dir / ARTIFACT_NAME
+    calibrator = None
+    report = {}
+    if main:
+        _sync(device)
+        t0 = time.perf_counter()
+        batches = []
+        if method != "rtn" or compare:
+            if calib_tokens is None:
+                if train_paths is None:
+                    raise ValueError("export_run: pass calib_tokens or train_paths for GPTQ calibration")
+                calib_tokens = calibration_tokens(train_paths, cfg)
+            per_batch = max(1, CALIBRATION_BATCH_TOKENS // calib_tokens.shape[1])
+            batches = [b.to(device) for b in calib_tokens.split(per_batch)]
+        autocast = _autocast(device)
+
+        def forward(batch):
+            with autocast:
+                model(batch)
+
+        calibrator = Calibrator(model, cfg, forward, batches)
+        quantized, stats = calibrator.quantize(method)
+        _sync(device)
+        calib_s = time.perf_counter() - t0
+        log(f"quant: {method} calibration + quantization took {calib_s:.1f}s"
+            + (f" ({calib_tokens.shape[0]} x {calib_tokens.shape[1]} calibration tokens)" if batches else "")
+            + (f" of the {reserve_seconds:g}s reserved" if reserve_seconds is not None else ""))
+        if reserve_seconds is not None and cfg.max_wallclock_seconds > 0 and calib_s > reserve_seconds:
+            log(f"quant: WARNING calibration overran GPTQ_RESERVE_SECONDS={reserve_seconds:g} by "
+                f"{calib_s - reserve_seconds:.1f}s")
+        if stats["objective"]:
+            log(f"quant: {objective_summary(stats)}")
+        report.update(calibration_seconds=calib_s, objective_ratio=_objective_ratio(stats))
+        t1 = time.perf_counter()
+        try:
+            info = write_artifact(path, quantized, cfg.to_dict(), limit=limit)
+            report.update(model_bytes=info.model_bytes, code_bytes=info.code_bytes, total_bytes=info.total_bytes)
+            log(f"quant: wrote {path}: {info.model_bytes:,} B model + {info.code_bytes:,} B code = "
+                f"{info.total_bytes:,} B ({limit - info.total_bytes:,} B under the {limit:,} B limit) "
+                f"in {time.perf_counter() - t1:.1f}s")
+        except OverBudgetError as err:
+            report.update(over_budget=str(err), total_bytes=err.total_bytes)
+    report = _from_rank0(report)
+    if "over_budget" in report:
+        log(f"quant: ERROR {report['over_budget']}")
+        raise OverBudgetError(report["over_budget"], report["total_bytes"], limit, str(path))
+    if _distributed():
+        dist.barrier()
+
+    if float_val is None:
+        float_val = evaluate_sliding(model, cfg, val_tokens, luts, device)
+    roundtrip = evaluate_sliding(load_model(path, device)[0], cfg, val_tokens, luts, device)
+    gap = roundtrip[1] - float_val[1]
+    log(f"quant: round trip ({method}) val_loss:{roundtrip[0]:.4f} val_bpb:{roundtrip[1]:.4f}  float "
+        f"val_bpb:{float_val[1]:.4f}  quantization gap:{gap:+.4f} bpb")
+    result = dict(artifact_path=str(path), limit=limit, method=method, reserve_seconds=reserve_seconds,
+                  float_val_loss=float_val[0], float_val_bpb=float_val[1], roundtrip_val_loss=roundtrip[0],
+                  roundtrip_val_bpb=roundtrip[1], quant_gap_bpb=gap, **report)
+
+    if compare:
+        result.update(_compare(calibrator, cfg, run_dir, method, gap, float_val, val_tokens, luts, device, log))
+    return result
+
+
+def _objective_ratio(stats: dict) -> float | None:
+    obj = stats.get("objective") or {}
+    if not obj:
+        return None
+    return _ratio(sum(v["gptq"] for v in obj.values()), sum(v["rtn"] for v in obj.values()))
+
+
+def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val, val_tokens, luts, device, log) -> dict:
+    """Round trips of the other two methods, and the three gaps with their ratios."""
+    folder = run_dir / "quant_compare"
+    others = [m for m in METHODS if m != method]
+    if calibrator is not None:  # rank 0
+        for m in others:
+            quantized, stats = calibrator.quantize(m)
+            # scratch files read back for the comparison only: fast brotli, no budget (same bytes once decoded)
+            write_artifact(folder / f"{m}.ptz", quantized, cfg.to_dict(), limit=math.inf, quality=1)
+            if stats["objective"]:
+                log(f"quant compare: {objective_summary(stats)}")
+    if _distributed():
+        dist.barrier()
+    gaps = {method: gap}
+    for m in others:
+        net, _ = load_model(folder / f"{m}.ptz", device)
+        gaps[m] = evaluate_sliding(net, cfg, val_tokens, luts, device)[1] - float_val[1]
+    ratios = {"gptq/rtn": _ratio(gaps["gptq"], gaps["rtn"]), "loop_aware/rtn": _ratio(gaps["loop_aware"], gaps["rtn"]),
+              "loop_aware/gptq": _ratio(gaps["loop_aware"], gaps["gptq"])}
+    log("quant gaps (round-trip minus float val_bpb): " + "  ".join(f"{m} {gaps[m]:+.4f}" for m in METHODS))
+    log("quant gap ratios: " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    return {"gaps": gaps, "gap_ratios": ratios}
