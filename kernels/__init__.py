@@ -6,7 +6,8 @@ switched on with TRITON_INTERPRET=1 before this package is imported. An op whose
 written yet falls back to its reference and says so once.
 
 Import kernel internals with `from kernels.mlp import ...`: the names `kernels.mlp` and
-`kernels.attention` are the dispatching functions, not the modules.
+`kernels.attention` are the dispatching functions, not the modules (`kernels.norm` is the module of
+`kernels.mix_norm`, `kernels.add_norm` and `kernels.rms_norm`).
 """
 import logging
 import os
@@ -21,7 +22,9 @@ if INTERPRET:  # before any kernel runs: bf16 and autotune fixes for the CPU int
     _apply_autotune_fix()
 
 from . import attention as _attention  # noqa: E402
+from . import head as _head  # noqa: E402
 from . import mlp as _mlp  # noqa: E402
+from . import norm as _norm  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 _log = logging.getLogger(__name__)
@@ -87,3 +90,37 @@ def attention(q, k, v, q_gain, xsa: bool):
         q, k, v = _autocast(q, k, v)
         return impl(q, k, v, q_gain, xsa)
     return _attention.attention_sdpa(q, k, v, q_gain, xsa)
+
+
+def softcap_cross_entropy(h, weight, targets, softcap: float):
+    """Mean fp32 cross-entropy of softcap·tanh(h·weightᵀ / softcap); h [..., d], weight [V, d], targets [...] int64."""
+    impl = _triton_impl(_head, "softcap_cross_entropy")
+    if impl is not None:
+        return impl(*_autocast(h, weight), targets, softcap)
+    return _head.softcap_cross_entropy_reference(h, weight, targets, softcap)
+
+
+def mix_norm(x, x0, mix, scale: float):
+    """(x_in, h): x_in = mix[0]⊙x + mix[1]⊙x0, h = RMSNorm(x_in)·scale; x, x0 [..., d], mix [2, d].
+
+    The Triton path returns h in the autocast dtype when autocast is on (the next matmul's input)."""
+    impl = _triton_impl(_norm, "mix_norm")
+    if impl is not None:
+        return impl(x, x0, mix, scale)
+    return _norm.mix_norm_reference(x, x0, mix, scale)
+
+
+def add_norm(x, branch, gain, scale: float):
+    """(x_new, h): x_new = x + gain⊙branch, h = RMSNorm(x_new)·scale; x, branch [..., d], gain [d]."""
+    impl = _triton_impl(_norm, "add_norm")
+    if impl is not None:
+        return impl(x, branch, gain, scale)
+    return _norm.add_norm_reference(x, branch, gain, scale)
+
+
+def rms_norm(x, scale: float = 1.0):
+    """Weightless RMSNorm over the last dim times scale (eps: F.rms_norm's default)."""
+    impl = _triton_impl(_norm, "rms_norm")
+    if impl is not None:
+        return impl(x, scale)
+    return _norm.rms_norm_reference(x, scale)

@@ -173,9 +173,10 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1)  # deeper blocks see smaller inputs (the original's rule)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x) * self.norm_scale, cos, sin)
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+        # Each residual update and the RMSNorm after it run as one fused pass (kernels/norm.py).
+        x, h = kernels.mix_norm(x, x0, self.resid_mix, self.norm_scale)
+        x, h = kernels.add_norm(x, self.attn(h, cos, sin), self.attn_scale, self.norm_scale)
+        return x + self.mlp_scale * self.mlp(h)
 
 
 def xsa_placement(config: Config) -> list[bool]:
@@ -272,11 +273,11 @@ class CrawlerGPT(nn.Module):
                 x = x + self.skip_weights[i] * skips.pop()
             x = block(x, x0, flat_cos, flat_sin)
 
-        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
-        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        h = kernels.rms_norm(x)
+        if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
+            return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)
+        logits = F.linear(h, self.tok_emb.weight).float()
+        return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
 
 
 # ---------------------------------------------------------------- helpers for the trainer, quant/ and the CLIs
