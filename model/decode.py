@@ -1,0 +1,203 @@
+"""KV-cached incremental forward of CrawlerGPT, for generation.
+
+    cache = KVCache(net, batch_size=1, max_len=prompt_len + new_tokens)
+    logits = decode_step(net, prompt_ids, cache)        # prefill: [B, prompt_len, vocab]
+    logits = decode_step(net, next_ids[:, None], cache) # then one token (or any chunk) at a time
+
+decode_step gives the logits model(ids) gives at the same positions (tests/test_generate.py checks it at
+every position), reusing the model's own modules: the embedding, bigram and smear modules, each block's
+own forward (its residual mixes, norms and MLP, so kernels.mlp / QuantLinear dispatch is unchanged),
+the instruction projections and the tied head. What is new here is only what a cache changes:
+
+- attention over the cached keys and values (an explicit fp32 softmax with q_gain, GQA and XSA in
+  PyTorch: at decode time there is one query row per sequence, so a fused kernel buys little);
+- the first new token's bigram bucket and smear blend, which need the previous token's id and its
+  pre-smear hidden, kept in the cache.
+
+One cache slot per distinct block application: the encoder blocks, each crawler loop (the shared block
+sees different inputs, and different RoPE frequencies, on every loop) and the decoder blocks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .gpt import Attention, CrawlerGPT, _unwrap, apply_rope, rms_norm, rope_tables
+
+
+class KVCache:
+    """Preallocated keys and values of every block application, plus what the next token's embedding needs.
+
+    k[slot], v[slot]: [batch, max_len, kv_heads, head_dim] for slot in 0 .. num_slots-1, in forward order
+    (encoder blocks, crawler loops, decoder blocks). `length` tokens are filled. The RoPE tables for
+    max_len positions are built once here (flat blocks, then one per crawler loop).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, device=None, dtype=None):
+        model = _unwrap(model)
+        cfg = model.config
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be > 0")
+        ref = model.tok_emb.weight
+        device = torch.device(device) if device is not None else ref.device
+        # Keys and values come out of the projections in the activation dtype (bf16 under CUDA autocast).
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.num_slots = cfg.num_encoder_layers + cfg.crawler_loops + cfg.num_decoder_layers
+        shape = (self.num_slots, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.flat_rope = rope_tables(max_len, cfg.flat_rope_base, 1.0, cfg.rope_dims, device)
+        self.crawler_rope = [rope_tables(max_len, cfg.rope_base, cfg.crawler_loop_rope_scales[k], cfg.rope_dims, device)
+                             for k in range(cfg.crawler_loops)]
+        self.length = 0
+        self.last_ids: torch.Tensor | None = None     # [B, 1] the last token fed
+        self.last_hidden: torch.Tensor | None = None  # [B, 1, d] its normalized embedding, before the smear
+
+    def reset(self) -> None:
+        """Forget every token (the buffers are reused; stale entries past `length` are never read)."""
+        self.length = 0
+        self.last_ids = self.last_hidden = None
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor, q_gain: torch.Tensor,
+                     xsa: bool, start: int) -> torch.Tensor:
+    """Attention of n new queries at positions start..start+n-1 over keys/values 0..start+n-1, in fp32.
+
+    q [B, n, Hq, D]; k, v [B, start + n, Hkv, D] (cache contents, new tokens included); v_new [B, n, Hkv, D]
+    the new tokens' own values (for XSA). Same maths as kernels/attention.py's reference.
+    """
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores and softmax, also under CUDA autocast
+        return _cached_attention_fp32(q, k, v, v_new, q_gain, xsa, start)
+
+
+def _cached_attention_fp32(q, k, v, v_new, q_gain, xsa: bool, start: int) -> torch.Tensor:
+    B, n, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    # [B, Hkv, group, n, D]: each KV head serves its group of query heads without copying keys.
+    qf = (q.float() * q_gain.float().view(1, 1, Hq, 1)).view(B, n, Hkv, group, D).permute(0, 2, 3, 1, 4)
+    kf = k.float().permute(0, 2, 1, 3)[:, :, None]   # [B, Hkv, 1, L, D]
+    vf = v.float().permute(0, 2, 1, 3)[:, :, None]
+    scores = qf @ kf.transpose(-1, -2) / D ** 0.5     # [B, Hkv, group, n, L]
+    keys_at = torch.arange(k.shape[1], device=q.device)
+    visible = keys_at[None, :] <= (start + torch.arange(n, device=q.device))[:, None]   # causal, [n, L]
+    y = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf             # [B, Hkv, group, n, D]
+    y = y.permute(0, 3, 1, 2, 4)                                                       # [B, n, Hkv, group, D]
+    if xsa:  # remove the component along the token's own normalized value (its KV head's)
+        v_hat = F.normalize(v_new.float(), dim=-1, eps=1e-12)[:, :, :, None, :]
+        y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    return y.reshape(B, n, Hq, D)
+
+
+class _CachedAttention:
+    """Stands in for a block's Attention during one decode step: same projections, QK-norm and RoPE as
+    Attention.forward, then appends k, v to the cache slot and attends over everything cached."""
+
+    def __init__(self, attn: Attention, cache: KVCache, slot: int):
+        self.attn, self.cache, self.slot = attn, cache, slot
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, cache = self.attn, self.cache
+        B, n, _ = x.shape
+        q = a.c_q(x).view(B, n, a.num_heads, a.head_dim)
+        k = a.c_k(x).view(B, n, a.num_kv_heads, a.head_dim)
+        v = a.c_v(x).view(B, n, a.num_kv_heads, a.head_dim)
+        q = apply_rope(rms_norm(q), cos, sin)
+        k = apply_rope(rms_norm(k), cos, sin)
+        start, end = cache.length, cache.length + n
+        cache.k[self.slot, :, start:end] = k
+        cache.v[self.slot, :, start:end] = v
+        y = cached_attention(q, cache.k[self.slot, :, :end], cache.v[self.slot, :, :end], v, a.q_gain, a.xsa, start)
+        return a.proj(y.to(v.dtype).reshape(B, n, -1))
+
+
+class _BlockWithCache:
+    """The block as its own forward sees it, except that `attn` is the cached attention.
+
+    Block.forward is called with this in place of `self`, so the block's residual maths (mix_norm,
+    add_norm, its scales, its MLP) is the model's own code, not a copy that could drift from it.
+    """
+
+    def __init__(self, block: nn.Module, attn: _CachedAttention):
+        self._block, self.attn = block, attn
+
+    def __getattr__(self, name):
+        return getattr(self._block, name)
+
+
+def _run_block(block: nn.Module, cache: KVCache, slot: int, x, x0, cos, sin) -> torch.Tensor:
+    view = _BlockWithCache(block, _CachedAttention(block.attn, cache, slot))
+    return type(block).forward(view, x, x0, cos, sin)
+
+
+def _check_step(model: CrawlerGPT, ids: torch.Tensor, cache: KVCache) -> None:
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"decode_step: ids_new must be [batch, n_new] with n_new >= 1, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_step: ids_new must be int32/int64 token ids, got {ids.dtype}")
+    if ids.shape[0] != cache.batch_size:
+        raise ValueError(f"decode_step: ids_new has batch {ids.shape[0]}, the cache was built for {cache.batch_size}")
+    if cache.length + ids.shape[1] > cache.max_len:
+        raise ValueError(f"decode_step: {ids.shape[1]} new tokens after {cache.length} cached exceed the cache's "
+                         f"max_len={cache.max_len}; build a KVCache with a larger max_len")
+    vocab = model.config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"decode_step: token ids must lie in [0, {vocab}), got min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, ids_new: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed ids_new [B, n_new] after the cache's tokens; returns fp32 softcapped logits [B, n_new, vocab].
+
+    Equal to model(all ids so far)[:, -n_new:]; appends to the cache (cache.length grows by n_new).
+    """
+    model = _unwrap(model)
+    cfg = model.config
+    _check_step(model, ids_new, cache)
+    n, start = ids_new.shape[1], cache.length
+    end = start + n
+
+    # Embedding. Bigram and smear look one token back: prepend the last cached token (and its hidden) so
+    # the model's own modules compute the first new position exactly, then drop the prepended position.
+    if start == 0:
+        hidden = rms_norm(model.tok_emb(ids_new) + model.bigram(ids_new))
+        x = model.smear(hidden)
+    else:
+        bigram = model.bigram(torch.cat((cache.last_ids, ids_new), dim=1))[:, 1:]
+        hidden = rms_norm(model.tok_emb(ids_new) + bigram)
+        x = model.smear(torch.cat((cache.last_hidden, hidden), dim=1))[:, 1:]
+    x0 = x
+
+    flat_cos, flat_sin = (t[start:end] for t in cache.flat_rope)
+    n_enc = cfg.num_encoder_layers
+    slot = 0
+    skips = []
+    for block in model.flat_blocks[:n_enc]:
+        x = _run_block(block, cache, slot, x, x0, flat_cos, flat_sin)
+        skips.append(x)
+        slot += 1
+
+    crawler = model.crawler_blocks[0]
+    for k in range(cfg.crawler_loops):
+        if cfg.inst_dim > 0:
+            x = x + model.loop_inst_up[k](model.loop_inst_proj(x))
+        cos, sin = (t[start:end] for t in cache.crawler_rope[k])
+        x = _run_block(crawler, cache, slot, x, x0, cos, sin)
+        slot += 1
+
+    for i, block in enumerate(model.flat_blocks[n_enc:]):
+        if skips:
+            x = x + model.skip_weights[i] * skips.pop()
+        x = _run_block(block, cache, slot, x, x0, flat_cos, flat_sin)
+        slot += 1
+
+    cache.length = end
+    cache.last_ids = ids_new[:, -1:]
+    cache.last_hidden = hidden[:, -1:]
+    logits = F.linear(kernels.rms_norm(x), model.tok_emb.weight).float()
+    return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
