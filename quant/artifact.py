@@ -384,11 +384,20 @@ def read_artifact(path: str | Path) -> Artifact:
     return Artifact(config, tensors, encoding, len(data))
 
 
-def load_model(path: str | Path, device="cpu"):
-    """Rebuild a fresh model from an artifact, weights dequantized to fp32. Returns (model, config)."""
+def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None):
+    """Rebuild a fresh model from an artifact. Returns (model, config).
+
+    quant_linear (default: on when `device` is CUDA): every int6 nn.Linear becomes a
+    kernels.int6.QuantLinear holding the stored codes (6 bits per weight in memory, the fused
+    dequant-matmul kernel on the triton backend), and MLPs whose fc/proj were replaced run unfused,
+    through those modules. Off: the weights dequantized to fp32 in plain nn.Linear (the reference path).
+    """
     import model as model_lib
     from model.config import Config
 
+    device = torch.device(device)
+    if quant_linear is None:
+        quant_linear = device.type == "cuda"
     artifact = read_artifact(path)
     config = Config.from_dict(artifact.config)
     net = model_lib.build_model(config)
@@ -398,4 +407,27 @@ def load_model(path: str | Path, device="cpu"):
         raise ArtifactError(f"{path}: tensors do not match the model built from its config: missing "
                             f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
     net.load_state_dict(state, strict=True)
+    if quant_linear:
+        use_quant_linear(net, artifact.tensors)
     return net.to(device), config
+
+
+def use_quant_linear(net: torch.nn.Module, tensors: dict) -> list[str]:
+    """Swap every nn.Linear whose weight is stored int6 in `tensors` for QuantLinear.from_codes(codes, scale)
+    and mark the MLPs that hold one unfused (their fused path would dequantize `.weight` on every call).
+    Returns the swapped layers' names."""
+    from kernels.int6 import QuantLinear
+    from model.gpt import MLP
+
+    swapped = []
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            stored = tensors.get(f"{full}.weight")
+            if isinstance(child, torch.nn.Linear) and stored is not None and stored.kind == KIND_INT6:
+                layer = QuantLinear.from_codes(stored.codes, stored.scale)
+                setattr(module, child_name, layer.to(child.weight.device))
+                swapped.append(full)
+        if isinstance(module, MLP) and (isinstance(module.fc, QuantLinear) or isinstance(module.proj, QuantLinear)):
+            module.unfused = True
+    return swapped
