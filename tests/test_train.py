@@ -1,0 +1,262 @@
+"""The training loop (SPEC 4): schedule, SWA, determinism, DDP equivalence, divergence, DRY_RUN, run folder.
+
+Runs use a small model on a cut of the embedded corpus (the real tokenizer and tokens, fewer of them)
+so each takes seconds on one CPU core.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from model import build_model, count_parameters, from_env, load_checkpoint
+from train import trainer
+from train.data import load_shard, shard_paths, write_shard
+from train.trainer import SnapshotAverage, TrainingDiverged, grad_accum_steps_for, lr_multiplier, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A 2-block model at sequence length 64: the same code paths as the presets, at a fraction of the cost.
+SMALL = dict(model_dim=64, num_heads=1, num_kv_heads=1, num_flat_layers=2, crawler_loops=2,
+             bigram_vocab_size=256, bigram_dim=32, inst_dim=8, train_seq_len=64, train_batch_tokens=4 * 64,
+             grad_accum_steps=1, iterations=3, max_wallclock_seconds=0.0, warmdown_iters=0, warmup_steps=0,
+             val_loss_every=0, train_log_every=1, swa_every=0, eval_seq_len=64, eval_stride=32,
+             eval_batch_seqs=32, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    """The PyTorch path: the interpreted Triton kernels are tested in their own files and far slower here."""
+    kernels.set_backend("torch")
+    yield
+    kernels.set_backend(None)
+
+
+@pytest.fixture(scope="module")
+def small_data(prepared_corpus, tmp_path_factory):
+    """The first 60k train and 2k val tokens of the embedded corpus, as shards of their own."""
+    folder = tmp_path_factory.mktemp("small_corpus")
+    src = prepared_corpus.dataset_dir
+    train_tokens = np.concatenate([load_shard(p) for p in shard_paths(src, "train")])[:60_000]
+    val_tokens = load_shard(shard_paths(src, "val")[0])[:2_049]
+    write_shard(folder / "embedded_train_000000.bin", train_tokens)
+    write_shard(folder / "embedded_val_000000.bin", val_tokens)
+    return dict(data_path=str(folder), tokenizer_path=str(prepared_corpus.tokenizer_path))
+
+
+def small_config(small_data, runs_dir, run_id, **overrides):
+    return from_env(environ={}, preset="tiny", runs_dir=str(runs_dir), run_id=run_id,
+                    **{**SMALL, **small_data, **overrides})
+
+
+def env_vars(cfg) -> dict:
+    """The config as the environment variables `python -m train` reads."""
+    return {k: str(int(v) if isinstance(v, bool) else v) for k, v in cfg.env_dict().items() if k != "PRESET"}
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+def test_step_schedule_warmdown():
+    kw = dict(iterations=100, warmdown_iters=20, max_wallclock_ms=None)
+    assert lr_multiplier(0, 0.0, **kw) == 1.0
+    assert lr_multiplier(79, 0.0, **kw) == 1.0
+    assert lr_multiplier(80, 0.0, **kw) == pytest.approx(1.0)
+    assert lr_multiplier(90, 0.0, **kw) == pytest.approx(0.5)
+    assert lr_multiplier(99, 0.0, **kw) == pytest.approx(0.05)
+    assert lr_multiplier(5, 0.0, iterations=100, warmdown_iters=0, max_wallclock_ms=None) == 1.0
+    # warmdown longer than the run: the ramp starts at step 0 below 1
+    assert lr_multiplier(0, 0.0, iterations=10, warmdown_iters=20, max_wallclock_ms=None) == pytest.approx(0.5)
+
+
+def test_wallclock_warmdown_multiplier():
+    kw = dict(iterations=20000, warmdown_iters=2000, max_wallclock_ms=600_000.0)
+    # 100 ms/step: the warmdown spans the last 2000 x 100 ms = 200 s of the 600 s
+    assert lr_multiplier(1000, 100_000.0, **kw) == 1.0         # 500 s left > 200 s
+    assert lr_multiplier(4000, 400_000.0, **kw) == pytest.approx(1.0)    # exactly 200 s left
+    assert lr_multiplier(5000, 500_000.0, **kw) == pytest.approx(0.5)    # 100 s left of 200 s
+    assert lr_multiplier(5900, 590_000.0, **kw) == pytest.approx(0.05)
+    assert lr_multiplier(6000, 600_000.0, **kw) == 0.0
+    assert lr_multiplier(6100, 610_000.0, **kw) == 0.0          # past the cap: never negative
+    # slower steps (150 ms) start the warmdown earlier: 300 s window, 150 s left -> 0.5
+    assert lr_multiplier(3000, 450_000.0, **kw) == pytest.approx(0.5)
+    assert lr_multiplier(0, 0.0, **kw) == 1.0                   # no steps yet: no estimate, full LR
+
+
+def test_snapshot_average_is_uniform_mean():
+    net = torch.nn.Linear(3, 2)
+    swa = SnapshotAverage()
+    snapshots = []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+            net.bias.copy_(torch.tensor([value, -value]))
+        snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
+        swa.add(net)
+    with torch.no_grad():
+        net.weight.fill_(100.0)
+    swa.load_into(net)
+    assert swa.count == 3
+    assert torch.allclose(net.weight, torch.full((2, 3), 3.0))
+    assert torch.allclose(net.bias, torch.tensor([3.0, -3.0]))
+    with pytest.raises(RuntimeError, match="no snapshots"):
+        SnapshotAverage().average()
+
+
+def test_grad_accum_rules():
+    cfg = from_env(environ={}, preset="ouroboros")
+    assert grad_accum_steps_for(cfg, 8) == 1 and grad_accum_steps_for(cfg, 1) == 8  # 0 means 8 // world
+    bad = cfg.replace(train_batch_tokens=1000)
+    with pytest.raises(ValueError, match=r"TRAIN_BATCH_TOKENS=1000 must be a multiple of .* = 16384"):
+        grad_accum_steps_for(bad, 1)
+    with pytest.raises(ValueError, match="WORLD_SIZE=16"):
+        grad_accum_steps_for(cfg, 16)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def test_loss_falls_and_run_folder(small_data, tmp_path):
+    cfg = small_config(small_data, tmp_path, "falls", iterations=30, warmdown_iters=30, val_loss_every=15,
+                       train_log_every=10, swa_every=2)
+    summary = train(cfg, echo=False)
+    run = tmp_path / "falls"
+    losses = summary["train_losses"]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(math.log(1024), abs=0.1)  # starts at uniform over the vocab
+    assert np.mean(losses[-5:]) < losses[0] - 0.6, f"loss did not fall: {losses[0]:.3f} -> {losses[-5:]}"
+    vals = [v["val_loss"] for v in summary["val_history"]]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    # run folder: log, config, float checkpoint (SWA-averaged), summary
+    assert {"train.log", "config.json", "final_model.pt", "summary.json"} <= {p.name for p in run.iterdir()}
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("steps", "step_avg_ms", "val_bpb", "params"):
+        assert key in on_disk
+    assert on_disk["steps"] == 30 and on_disk["params"] == count_parameters(build_model(cfg))
+    # multiplier (30 - s) / 30 < 0.2 for 0-based steps s >= 25, so snapshots after steps 26, 28 and 30
+    assert on_disk["swa_snapshots"] == 3
+    assert 0 < on_disk["val_bpb"] < 4.0 and on_disk["val_bpb"] == pytest.approx(summary["val_bpb"])
+    assert json.loads((run / "config.json").read_text())["iterations"] == 30
+    log = (run / "train.log").read_text()
+    assert "step:10/30 train_loss:" in log and "step_avg:" in log
+    assert "step:30/30 val_loss:" in log and "final_sliding_window val_loss:" in log and "peak memory" in log
+    model = load_checkpoint(run / "final_model.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # A run folder is never overwritten
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(cfg, echo=False)
+
+
+@pytest.fixture(scope="module")
+def two_same_seed_runs(small_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("seeded")
+    return [train(small_config(small_data, runs, f"seed7-{i}"), echo=False) | {"dir": runs / f"seed7-{i}"}
+            for i in range(2)]
+
+
+def test_same_seed_same_losses(two_same_seed_runs, small_data, tmp_path):
+    a, b = two_same_seed_runs
+    assert a["train_losses"] == b["train_losses"]
+    assert a["val_bpb"] == b["val_bpb"]
+    other = train(small_config(small_data, tmp_path, "seed8", seed=8), echo=False)
+    assert other["train_losses"] != a["train_losses"]  # the seed does reach the model
+
+
+def test_nan_loss_stops_and_keeps_last_good(two_same_seed_runs, small_data, tmp_path, monkeypatch):
+    real_build = trainer.build_model
+
+    def build_with_nan_on_fourth_step(cfg):
+        model = real_build(cfg)
+        forward, calls = model.forward, [0]
+
+        def poisoned(ids, targets=None):
+            out = forward(ids, targets)
+            if targets is not None:
+                calls[0] += 1
+                if calls[0] == 4:
+                    out = out * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_with_nan_on_fourth_step)
+    cfg = small_config(small_data, tmp_path, "nan", iterations=6)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 4: train_loss=nan.*after step 3"):
+        train(cfg, echo=False)
+    run = tmp_path / "nan"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 3 and len(summary["train_losses"]) == 3
+    assert not (run / "final_model.pt").exists()
+    # The kept weights are exactly those after 3 good steps: a clean 3-step run of the same seed.
+    kept = load_checkpoint(run / "last_good_model.pt").state_dict()
+    clean = load_checkpoint(two_same_seed_runs[0]["dir"] / "final_model.pt").state_dict()
+    assert summary["train_losses"] == two_same_seed_runs[0]["train_losses"]
+    for name, tensor in clean.items():
+        assert torch.equal(kept[name], tensor), name
+    assert "stopped" in (run / "train.log").read_text()
+
+
+def test_torchrun_two_processes_match_one_process_with_accumulation(small_data, tmp_path):
+    """2 gloo ranks x 1 micro batch == 1 rank x 2 micro batches: same tokens, same losses and weights."""
+    common = dict(iterations=4, warmdown_iters=2, train_batch_tokens=4 * 64)
+    single = train(small_config(small_data, tmp_path, "single", grad_accum_steps=2, **common), echo=False)
+
+    cfg = small_config(small_data, tmp_path, "ddp", grad_accum_steps=1, **common)
+    env = {**os.environ, **env_vars(cfg), "PRESET": "tiny", "GLOO_SOCKET_IFNAME": "lo", "KERNELS": "torch"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "train"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["grad_accum_steps"] == 1 and single["grad_accum_steps"] == 2
+    np.testing.assert_allclose(ddp["train_losses"], single["train_losses"], rtol=1e-5)
+    assert ddp["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    a = load_checkpoint(tmp_path / "ddp" / "final_model.pt").state_dict()
+    b = load_checkpoint(tmp_path / "single" / "final_model.pt").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert "step:4/4 train_loss:" in proc.stdout and proc.stdout.count("final_sliding_window") == 1  # rank 0 only
+
+
+def test_dry_run_prints_config_params_tokens_and_data(small_data, tmp_path, monkeypatch, capsys):
+    from train.__main__ import main
+
+    cfg = small_config(small_data, tmp_path / "runs", "dry")
+    for key, value in env_vars(cfg).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PRESET", "tiny")
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "preset: tiny (PRESET=tiny is set)" in out
+    assert "MODEL_DIM=64" in out and "MATRIX_LR=0.03" in out
+    assert f"model_params: {count_parameters(build_model(cfg)):,}" in out
+    assert "tokens_per_step: 256 = world_size 1 x grad_accum_steps 1 x 4 sequences of 64" in out
+    assert "data train: 1 shards, 60,000 tokens" in out and "data val: 1 shards, 2,049 tokens" in out
+    assert "DRY_RUN=1: nothing trained" in out
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("PRESET")
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "PRESET not set" in out and "data train: NOT READY" in out and "python -m train.prepare" in out
+
+
+def test_tiny_run_fixture(tiny_run):
+    """The cached short tiny-preset run other tests (quant/) build on: complete, finite, and it learned."""
+    from conftest import TINY_RUN_STEPS
+
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == TINY_RUN_STEPS
+    assert summary["preset"] == "tiny"
+    losses = summary["train_losses"]
+    assert np.mean(losses[-5:]) < losses[0] - 1.0
+    model = load_checkpoint(tiny_run / "final_model.pt")
+    assert model.config.model_dim == 128 and model.config.iterations == TINY_RUN_STEPS
+    assert all(torch.isfinite(p).all() for p in model.parameters())
