@@ -157,11 +157,14 @@ PRESETS: dict[str, dict] = {
                              bigram_vocab_size=2048, rope_dims=16, swa_every=0, matrix_lr=0.03,
                              mlp_leaky_slope=0.0, crawler_mlp_leaky_slope=0.0,
                              gptq_block_size=64, gptq_damping=0.002, gptq_order="ascending", gptq_inverse="plain"),
-    # The CPU default: trains on the embedded corpus in about 3 minutes on 2 cores, fp32.
+    # The CPU default: trains on the embedded corpus in under 3 minutes on 2 idle cores (~0.38 s/step), fp32:
+    # 400 steps of 2,048 tokens, the last third as warmdown. Unigram val_bpb on this corpus is 3.221; the
+    # bar (25% lower) is 2.416. Measured (idle 2 cores): 138 s of training, val_bpb 2.432 / 2.258 / 2.179 at
+    # steps 100 / 200 / 300, 2.004 sliding at the end (38% below the unigram); 200 steps would end at 2.141.
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, num_flat_layers=9, crawler_loops=2,
                  bigram_vocab_size=2048, bigram_dim=64, inst_dim=16, train_seq_len=256,
                  train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400, max_wallclock_seconds=0.0,
-                 warmdown_iters=120, warmup_steps=0, val_loss_every=100, train_log_every=25, swa_every=10,
+                 warmdown_iters=130, warmup_steps=0, val_loss_every=100, train_log_every=25, swa_every=10,
                  muon_momentum_warmup_steps=100, compile_fullgraph=False,
                  eval_seq_len=256, eval_stride=64, eval_batch_seqs=64,
                  gptq_cal_samples=32, gptq_cal_seq_len=256, quant_small_numel=4096,
