@@ -119,7 +119,11 @@ class Registry:
 
         def decorate(fn: CasesFn) -> CasesFn:
             old = self._entries.get(name)
-            if old is not None and old is not fn:
+            # The same source registering again is one entry module run as a script (`python -m bench.step`)
+            # and also imported under its package name: keep the newest, it is the same code.
+            same_source = old is not None and (old.__code__.co_filename, old.__code__.co_firstlineno) == (
+                fn.__code__.co_filename, fn.__code__.co_firstlineno)
+            if old is not None and old is not fn and not same_source:
                 raise ValueError(f"bench entry {name!r} is registered twice: by {old.__module__}.{old.__qualname__} "
                                  f"and {fn.__module__}.{fn.__qualname__}")
             self._entries[name] = fn

@@ -382,7 +382,10 @@ def test_pytest_benchmark_route_end_to_end(tmp_path):
     (pkg / "matmul.py").write_text(EXAMPLE_ENTRY_MODULE)
     out = tmp_path / "bench.json"
     repo = Path(registry.__file__).parent.parent
-    env = dict(os.environ, BENCH_PACKAGE="example_entries",
+    # Under `make test` this test runs in an xdist worker: its PYTEST_XDIST_* variables would make the
+    # child's pytest-benchmark believe it runs under xdist too and switch itself off.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(BENCH_PACKAGE="example_entries",
                PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_benchmarks.py", "--benchmark-only",
                            "-p", "no:xdist", "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
