@@ -5,12 +5,15 @@ bars; bf16 to the PyTorch bf16 path (SDPA plus eager q_gain and XSA): the kernel
 fp32 reference may be at most twice that path's error. On a machine without CUDA the kernels run in
 the Triton interpreter (tests/conftest.py), with the same tile sizes the GPU launches.
 """
+import functools
+
 import pytest
 import torch
 
 import kernels
 from kernels.attention import (SUPPORTED_HEAD_DIMS, _launch_table, attention_reference, attention_sdpa,
                                attention_triton, sm90_configs)
+from kernel_checks import check_close, tiny_config, train_tiny_losses
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_REL_RMS = 1e-4       # fp32 ("ieee" dots): summation order is the only difference
@@ -40,30 +43,9 @@ def _run(fn, q, k, v, q_gain, dy, xsa, dtype):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def _report(name, got, ref, bad):
-    idx = bad.nonzero()[:5].tolist()
-    rows = [f"  {name}{tuple(i)}: got {got[tuple(i)].item():+.6e} ref {ref[tuple(i)].item():+.6e}" for i in idx]
-    return "\n".join(rows)
-
-
-def _check(name, got, ref, torch_bf16=None):
-    """got vs the fp32 reference. fp32: fixed bars. bf16: no worse than BF16_FACTOR x the PyTorch bf16 path."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values\n" + _report(name, got, ref, ~torch.isfinite(got))
-    err = (got - ref).abs()
-    rms = lambda t: t.pow(2).mean().sqrt().item()
-    err_rms, err_max = rms(got - ref), err.max().item()
-    if torch_bf16 is None:
-        rms_bar = FP32_REL_RMS * rms(ref) + ABS_FLOOR
-        max_bar = FP32_MAX_REL * ref.abs().max().item() + ABS_FLOOR
-    else:
-        torch_err = (torch_bf16.float() - ref).abs()
-        rms_bar = BF16_FACTOR * rms(torch_bf16.float() - ref) + ABS_FLOOR
-        max_bar = BF16_FACTOR * torch_err.max().item() + ABS_FLOOR
-    assert err_rms <= rms_bar and err_max <= max_bar, (
-        f"{name}: rms error {err_rms:.3e} (bar {rms_bar:.3e}), max error {err_max:.3e} (bar {max_bar:.3e}), "
-        f"max |ref| {ref.abs().max().item():.3e}; first mismatches:\n" + _report(name, got, ref, err > max_bar / 2))
+# _check(name, got, ref, torch_bf16=None): this file's bars (fp32 fixed; bf16 at most BF16_FACTOR x PyTorch bf16's)
+_check = functools.partial(check_close, fp32_rel_rms=FP32_REL_RMS, fp32_max_rel=FP32_MAX_REL, abs_floor=ABS_FLOOR,
+                           bf16_factor=BF16_FACTOR)
 
 
 def _compare_to_reference(B, T, Hq, Hkv, D, xsa, dtype, seed=0, zero_value_token=None):
@@ -231,36 +213,19 @@ def test_sm90_configs_cover_every_launch():
                     assert set(c["signature"]) | set(c["constexprs"]) == set(c["kernel"].arg_names)
 
 
+def _spread_zero_weights(net):
+    """Zero-initialized projections would hide attention from the first step: N(0, 0.02), seeded per size."""
+    for p in net.parameters():
+        if p.dim() == 2 and not p.any():
+            p.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
+
+
 def test_tiny_model_same_losses_with_triton_kernels():
     # The `tiny` model trained 3 steps (2 sequences of 64 tokens, plain SGD so no optimizer state can
     # amplify rounding) with KERNELS=triton and KERNELS=torch: the same losses within fp32 rounding.
-    from model import build_model
-    from model.config import from_env
-
-    cfg = from_env(environ={}, preset="tiny")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (3, 2, 65), generator=gen).to(DEVICE)
-
     def losses(backend):
-        kernels.set_backend(backend)
-        try:
-            torch.manual_seed(0)
-            net = build_model(cfg).to(DEVICE)
-            with torch.no_grad():  # zero-initialized projections would hide attention from the first step
-                for p in net.parameters():
-                    if p.dim() == 2 and not p.any():
-                        p.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(p.numel()))
-            opt = torch.optim.SGD(net.parameters(), lr=0.05)
-            out = []
-            for step in range(3):
-                loss = net(ids[step, :, :-1], ids[step, :, 1:])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                out.append(loss.item())
-            return out
-        finally:
-            kernels.set_backend(None)
+        return train_tiny_losses(backend, tiny_config(), optimizer="sgd", sgd_lr=0.05, init=_spread_zero_weights,
+                                 token_seed=0)
 
     with_triton, with_torch = losses("triton"), losses("torch")
     assert with_torch[0] != with_torch[2], "training did not move the loss"

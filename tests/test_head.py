@@ -5,8 +5,8 @@ input_precision="ieee" and is held to fixed bars; bf16 is held to the plain PyTo
 kernel's error against the fp32 reference may be at most twice that path's error. On a machine without
 CUDA the kernels run in the Triton interpreter (tests/conftest.py).
 """
+import functools
 import importlib
-import math
 
 import pytest
 import torch
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import kernels
 from kernels.head import (softcap_cross_entropy_backward, softcap_cross_entropy_forward,
                           softcap_cross_entropy_reference, softcap_cross_entropy_triton)
+from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch,
+                           train_tiny_losses)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SOFTCAP = 30.0             # LOGIT_SOFTCAP
@@ -53,32 +55,9 @@ def _run(fn, h, weight, targets, dtype, upstream=1.0):
     return [loss.detach()] + [t.grad for t in leaves]
 
 
-def _report(name, got, ref, bad):
-    if got.dim() == 0:
-        return f"  {name}: got {got.item():+.8e} ref {ref.item():+.8e}"
-    idx = bad.nonzero()[:5].tolist()
-    return "\n".join(f"  {name}{tuple(i)}: got {got[tuple(i)].item():+.6e} ref {ref[tuple(i)].item():+.6e}"
-                     for i in idx)
-
-
-def _check(name, got, ref, torch_bf16=None):
-    """got vs the fp32 reference. fp32: fixed bars. bf16: no worse than BF16_FACTOR x the PyTorch bf16 path."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values\n" + _report(name, got, ref, ~torch.isfinite(got))
-    err = (got - ref).abs()
-    rms = lambda t: t.pow(2).mean().sqrt().item()
-    err_rms, err_max = rms(got - ref), err.max().item()
-    if torch_bf16 is None:
-        rms_bar = FP32_REL_RMS * rms(ref) + ABS_FLOOR
-        max_bar = FP32_MAX_REL * ref.abs().max().item() + ABS_FLOOR
-    else:
-        torch_err = torch_bf16.float() - ref
-        rms_bar = BF16_FACTOR * rms(torch_err) + ABS_FLOOR
-        max_bar = BF16_FACTOR * torch_err.abs().max().item() + ABS_FLOOR
-    assert err_rms <= rms_bar and err_max <= max_bar, (
-        f"{name}: rms error {err_rms:.3e} (bar {rms_bar:.3e}), max error {err_max:.3e} (bar {max_bar:.3e}), "
-        f"max |ref| {ref.abs().max().item():.3e}; first mismatches:\n" + _report(name, got, ref, err > max_bar / 2))
+# _check(name, got, ref, torch_bf16=None): this file's bars (fp32 fixed; bf16 at most BF16_FACTOR x PyTorch bf16's)
+_check = functools.partial(check_close, fp32_rel_rms=FP32_REL_RMS, fp32_max_rel=FP32_MAX_REL, abs_floor=ABS_FLOOR,
+                           bf16_factor=BF16_FACTOR)
 
 
 def _compare_to_reference(n, d, vocab, dtype, seed=0, weight_std=None, upstream=1.0):
@@ -277,17 +256,6 @@ def test_torch_compile_fullgraph_traces_the_ops():
     Backend: AOTAutograd with recording compilers and no inductor (aot_eager-style), to keep the CPU
     test quick; on CUDA the trainer compiles the same graphs with inductor.
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm.forward)
-        return compiler
-
     def head(x, weight, targets):
         return kernels.softcap_cross_entropy(F.rms_norm(x, (x.shape[-1],)), weight, targets, SOFTCAP)
 
@@ -296,8 +264,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
     torch._dynamo.reset()
     try:
         kernels.set_backend("triton")
-        compiled = torch.compile(head, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("forward"),
-                                                                            bw_compiler=recorder("backward")))
+        compiled, graphs = compile_recording_graphs(head)
         leaves = [t.clone().requires_grad_() for t in (h, weight)]
         loss = compiled(*leaves, targets)
         loss.backward()
@@ -344,50 +311,10 @@ def test_autocast_casts_the_fp32_weight(entry):
 # ---------------------------------------------------------------------------------------------------
 # Wiring: the tiny model trains to the same losses with the head kernel on and off
 # ---------------------------------------------------------------------------------------------------
-def _train_tiny(backend: str, steps: int = 3) -> list[float]:
-    """`steps` optimizer steps of the tiny model (the trainer's Muon + AdamW, step schedule) on 2
-    sequences of 64 tokens; returns the loss before each step."""
-    from model import build_model
-    from model.config import from_env
-    from train.trainer import DistEnv, Optimizers, lr_multiplier
-
-    cfg = from_env(environ={}, preset="tiny", train_seq_len=64, train_batch_tokens=128, iterations=steps,
-                   warmdown_iters=2, max_wallclock_seconds=0.0)
-    torch.manual_seed(0)
-    net = build_model(cfg).to(DEVICE)
-    optimizers = Optimizers(net, cfg, DistEnv(0, 1, 0, torch.device(DEVICE)))
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (steps, 2, 65), generator=gen).to(DEVICE)
-    losses = []
-    kernels.set_backend(backend)
-    try:
-        for step in range(steps):
-            loss = net(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
-            optimizers.set_schedule(step, lr_multiplier(step, 0.0, iterations=steps, warmdown_iters=2,
-                                                        max_wallclock_ms=None))
-            optimizers.step()
-            optimizers.zero_grad()
-            losses.append(loss.item())
-    finally:
-        kernels.set_backend(None)
-    return losses
-
-
 def test_tiny_model_same_losses_with_triton_head(monkeypatch):
     # Only the head switches: every other op is held on its PyTorch path in both runs (each kernel has its
     # own wiring test, and under the interpreter they would cost this test minutes).
-    references = {"attention": ("kernels.attention", "attention_sdpa"), "mlp": ("kernels.mlp", "mlp_reference"),
-                  "mix_norm": ("kernels.norm", "mix_norm_reference"),
-                  "add_norm": ("kernels.norm", "add_norm_reference"),
-                  "rms_norm": ("kernels.norm", "rms_norm_reference")}
-    for op, (module, name) in references.items():
-        if hasattr(kernels, op):
-            monkeypatch.setattr(kernels, op, getattr(importlib.import_module(module), name))
-    torch_losses = _train_tiny("torch")
-    triton_losses = _train_tiny("triton")
-    assert all(math.isfinite(v) for v in triton_losses), triton_losses
-    assert len(set(torch_losses)) == len(torch_losses)  # the steps did change the model
-    for step, (a, b) in enumerate(zip(triton_losses, torch_losses)):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: KERNELS=triton loss {a:.7f} vs KERNELS=torch {b:.7f}"
+    hold_on_torch(monkeypatch, "attention", "mlp", "mix_norm", "add_norm", "rms_norm")
+    torch_losses = train_tiny_losses("torch")  # Muon + AdamW as the trainer runs them, default init
+    triton_losses = train_tiny_losses("triton")
+    assert_same_losses(triton_losses, torch_losses, rel_tol=1e-5)

@@ -5,6 +5,7 @@ input_precision="ieee" and is held to fixed bars; bf16 is held to the plain PyTo
 kernel's error against the fp32 reference may be at most twice that path's error. On a machine without
 CUDA the kernels run in the Triton interpreter (tests/conftest.py).
 """
+import functools
 import importlib
 import math
 
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.mlp import mlp_backward, mlp_forward, mlp_reference, mlp_triton
+from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch, spread_projections,
+                           train_tiny_losses)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_REL_RMS = 1e-5        # fp32 ("ieee" dots): summation order is the only difference
@@ -53,30 +56,9 @@ def _run(fn, x, w_up, w_down, dy, slope, dtype):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def _report(name, got, ref, bad):
-    idx = bad.nonzero()[:5].tolist()
-    return "\n".join(f"  {name}{tuple(i)}: got {got[tuple(i)].item():+.6e} ref {ref[tuple(i)].item():+.6e}"
-                     for i in idx)
-
-
-def _check(name, got, ref, torch_bf16=None):
-    """got vs the fp32 reference. fp32: fixed bars. bf16: no worse than BF16_FACTOR x the PyTorch bf16 path."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values\n" + _report(name, got, ref, ~torch.isfinite(got))
-    err = (got - ref).abs()
-    rms = lambda t: t.pow(2).mean().sqrt().item()
-    err_rms, err_max = rms(got - ref), err.max().item()
-    if torch_bf16 is None:
-        rms_bar = FP32_REL_RMS * rms(ref) + ABS_FLOOR
-        max_bar = FP32_MAX_REL * ref.abs().max().item() + ABS_FLOOR
-    else:
-        torch_err = torch_bf16.float() - ref
-        rms_bar = BF16_FACTOR * rms(torch_err) + ABS_FLOOR
-        max_bar = BF16_FACTOR * torch_err.abs().max().item() + ABS_FLOOR
-    assert err_rms <= rms_bar and err_max <= max_bar, (
-        f"{name}: rms error {err_rms:.3e} (bar {rms_bar:.3e}), max error {err_max:.3e} (bar {max_bar:.3e}), "
-        f"max |ref| {ref.abs().max().item():.3e}; first mismatches:\n" + _report(name, got, ref, err > max_bar / 2))
+# _check(name, got, ref, torch_bf16=None): this file's bars (fp32 fixed; bf16 at most BF16_FACTOR x PyTorch bf16's)
+_check = functools.partial(check_close, fp32_rel_rms=FP32_REL_RMS, fp32_max_rel=FP32_MAX_REL, abs_floor=ABS_FLOOR,
+                           bf16_factor=BF16_FACTOR)
 
 
 def _compare_to_reference(lead, d, hidden, slope, dtype, seed=0):
@@ -239,17 +221,6 @@ def test_torch_compile_fullgraph_traces_the_ops():
     Backend aot_eager-style (AOTAutograd with recording compilers, no inductor): on CPU it keeps the
     test quick; on CUDA the trainer compiles the same graphs with inductor.
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm.forward)
-        return compiler
-
     def block(x, w_up, w_down):
         return (x + kernels.mlp(F.rms_norm(x, (x.shape[-1],)), w_up, w_down, 0.5)).square().mean()
 
@@ -257,8 +228,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
     torch._dynamo.reset()
     try:
         kernels.set_backend("triton")
-        compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("forward"),
-                                                                             bw_compiler=recorder("backward")))
+        compiled, graphs = compile_recording_graphs(block)
         leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
         loss = compiled(*leaves)
         loss.backward()
@@ -297,49 +267,11 @@ def test_autocast_casts_the_fp32_weights():
 # ---------------------------------------------------------------------------------------------------
 # Wiring: the tiny model trains to the same losses with the kernels on and off
 # ---------------------------------------------------------------------------------------------------
-def _train_tiny(backend: str, steps: int = 3) -> list[float]:
-    """`steps` optimizer steps of the tiny model (the trainer's Muon + AdamW, step schedule) on 2
-    sequences of 64 tokens; returns the loss before each step."""
-    from model import build_model
-    from model.config import from_env
-    from train.trainer import DistEnv, Optimizers, lr_multiplier
-
-    cfg = from_env(environ={}, preset="tiny", train_seq_len=64, train_batch_tokens=128, iterations=steps,
-                   warmdown_iters=2, max_wallclock_seconds=0.0)
-    torch.manual_seed(0)
-    net = build_model(cfg).to(DEVICE)
-    with torch.no_grad():  # the zero-initialized projections would leave dW_up = 0 in the first step
-        for name, p in net.named_parameters():
-            if name.endswith(("mlp.proj.weight", "attn.proj.weight")):
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    optimizers = Optimizers(net, cfg, DistEnv(0, 1, 0, torch.device(DEVICE)))
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (steps, 2, 65), generator=gen).to(DEVICE)
-    losses = []
-    kernels.set_backend(backend)
-    try:
-        for step in range(steps):
-            loss = net(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
-            optimizers.set_schedule(step, lr_multiplier(step, 0.0, iterations=steps, warmdown_iters=2,
-                                                        max_wallclock_ms=None))
-            optimizers.step()
-            optimizers.zero_grad()
-            losses.append(loss.item())
-    finally:
-        kernels.set_backend(None)
-    return losses
-
-
 def test_tiny_model_same_losses_with_triton_kernels(monkeypatch):
     # Only the MLP switches: attention stays on its PyTorch path in both runs (its kernel has its own
     # wiring test, and under the interpreter it would cost this test ~2 more minutes).
-    attention_module = importlib.import_module("kernels.attention")
-    monkeypatch.setattr(kernels, "attention", attention_module.attention_sdpa)
-    torch_losses = _train_tiny("torch")
-    triton_losses = _train_tiny("triton")
-    assert all(math.isfinite(v) for v in triton_losses), triton_losses
-    assert len(set(torch_losses)) == len(torch_losses)  # the steps did change the model
-    for step, (a, b) in enumerate(zip(triton_losses, torch_losses)):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: KERNELS=triton loss {a:.7f} vs KERNELS=torch {b:.7f}"
+    hold_on_torch(monkeypatch, "attention")
+    # Muon + AdamW as the trainer runs them; the zero-initialized projections spread so dW_up moves.
+    torch_losses = train_tiny_losses("torch", init=spread_projections)
+    triton_losses = train_tiny_losses("triton", init=spread_projections)
+    assert_same_losses(triton_losses, torch_losses, rel_tol=1e-5)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import kernels
 from kernels.norm import (add_norm_reference, add_norm_triton, mix_norm_reference, mix_norm_triton,
                           norm_backward, norm_forward, rms_norm_reference, rms_norm_triton, MODE_MIX)
+from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch,
+                           train_tiny_losses)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_REL_RMS = 1e-6        # relative RMS error
@@ -72,33 +74,13 @@ def _run(fn, leaves, scale, upstream, autocast=False):
     return [o.detach() for o in outs] + [t.grad for t in leaves]
 
 
-def _report(name, got, ref, bad):
-    idx = bad.nonzero()[:5].tolist()
-    return "\n".join(f"  {name}{tuple(i)}: got {got[tuple(i)].item():+.6e} ref {ref[tuple(i)].item():+.6e}"
-                     for i in idx)
-
-
 def _check(name, got, ref, torch_bf16=None):
     """got vs the fp32 reference: fixed bars for fp32 results, 2x the PyTorch bf16 path's error for bf16 ones
     (torch_bf16 None for a bf16 result: the reference rounded to bf16 is that path)."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     if got.dtype == torch.bfloat16 and torch_bf16 is None:
         torch_bf16 = ref.to(torch.bfloat16)
-    got, ref = got.float(), ref.float()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values\n" + _report(name, got, ref, ~torch.isfinite(got))
-    err = (got - ref).abs()
-    rms = lambda t: t.pow(2).mean().sqrt().item() if t.numel() else 0.0
-    err_rms, err_max = rms(got - ref), err.max().item() if err.numel() else 0.0
-    if torch_bf16 is None:
-        rms_bar = FP32_REL_RMS * rms(ref) + ABS_FLOOR
-        max_bar = FP32_MAX_REL * (ref.abs().max().item() if ref.numel() else 0.0) + ABS_FLOOR
-    else:
-        torch_err = torch_bf16.float() - ref
-        rms_bar = BF16_FACTOR * rms(torch_err) + ABS_FLOOR
-        max_bar = BF16_FACTOR * torch_err.abs().max().item() + ABS_FLOOR
-    assert err_rms <= rms_bar and err_max <= max_bar, (
-        f"{name}: rms error {err_rms:.3e} (bar {rms_bar:.3e}), max error {err_max:.3e} (bar {max_bar:.3e}), "
-        f"max |ref| {ref.abs().max().item():.3e}; first mismatches:\n" + _report(name, got, ref, err > max_bar / 2))
+    check_close(name, got, ref, torch_bf16, fp32_rel_rms=FP32_REL_RMS, fp32_max_rel=FP32_MAX_REL, abs_floor=ABS_FLOOR,
+                bf16_factor=BF16_FACTOR)
 
 
 def _compare_to_reference(op, lead, d, precision, seed=0):
@@ -303,17 +285,6 @@ def test_torch_compile_fullgraph_traces_the_ops():
     Backend: AOTAutograd with recording compilers and no inductor (aot_eager-style), to keep it quick on
     CPU; on CUDA the trainer compiles the same graphs with inductor.
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm.forward)
-        return compiler
-
     def chain(x, x0, mix, gain):
         x, h = kernels.mix_norm(x, x0, mix, 0.5)
         x, h = kernels.add_norm(x, torch.tanh(h), gain, 0.5)
@@ -324,8 +295,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
     torch._dynamo.reset()
     try:
         kernels.set_backend("triton")
-        compiled = torch.compile(chain, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("forward"),
-                                                                             bw_compiler=recorder("backward")))
+        compiled, graphs = compile_recording_graphs(chain)
         leaves = [t.clone().requires_grad_() for t in (x, x0, mix, gain)]
         loss = compiled(*leaves)
         loss.backward()
@@ -346,54 +316,21 @@ def test_torch_compile_fullgraph_traces_the_ops():
 # ---------------------------------------------------------------------------------------------------
 # Wiring: the tiny model trains to the same losses with the norm kernels on and off
 # ---------------------------------------------------------------------------------------------------
-def _train_tiny(backend: str, steps: int = 3) -> list[float]:
-    """`steps` optimizer steps of the tiny model (the trainer's Muon + AdamW, step schedule) on 2
-    sequences of 64 tokens; returns the loss before each step."""
-    from model import build_model
-    from model.config import from_env
-    from train.trainer import DistEnv, Optimizers, lr_multiplier
-
-    cfg = from_env(environ={}, preset="tiny", train_seq_len=64, train_batch_tokens=128, iterations=steps,
-                   warmdown_iters=2, max_wallclock_seconds=0.0)
-    torch.manual_seed(0)
-    net = build_model(cfg).to(DEVICE)
-    with torch.no_grad():  # move the mix, scales and branches off their inits so every gradient is non-trivial
-        for name, p in net.named_parameters():
-            if name.endswith(("mlp.proj.weight", "attn.proj.weight")):
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            elif name.endswith(("resid_mix", "attn_scale", "mlp_scale")):
-                p.add_(0.1 * torch.randn_like(p))
-    optimizers = Optimizers(net, cfg, DistEnv(0, 1, 0, torch.device(DEVICE)))
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (steps, 2, 65), generator=gen).to(DEVICE)
-    losses = []
-    kernels.set_backend(backend)
-    try:
-        for step in range(steps):
-            loss = net(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
-            optimizers.set_schedule(step, lr_multiplier(step, 0.0, iterations=steps, warmdown_iters=2,
-                                                        max_wallclock_ms=None))
-            optimizers.step()
-            optimizers.zero_grad()
-            losses.append(loss.item())
-    finally:
-        kernels.set_backend(None)
-    return losses
+def _spread_off_inits(net):
+    """Move the mix, scales and branches off their inits so every gradient is non-trivial (one pass over
+    the parameters, both draws from the global RNG in parameter order)."""
+    for name, p in net.named_parameters():
+        if name.endswith(("mlp.proj.weight", "attn.proj.weight")):
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+        elif name.endswith(("resid_mix", "attn_scale", "mlp_scale")):
+            p.add_(0.1 * torch.randn_like(p))
 
 
 def test_tiny_model_same_losses_with_triton_norms(monkeypatch):
     # Only the norms switch: attention, the MLP and the head's loss stay on their PyTorch paths in both
     # runs (they have their own wiring tests, and interpreted they would cost this test minutes).
-    monkeypatch.setattr(kernels, "attention", importlib.import_module("kernels.attention").attention_sdpa)
-    monkeypatch.setattr(kernels, "mlp", importlib.import_module("kernels.mlp").mlp_reference)
-    if hasattr(kernels, "softcap_cross_entropy"):
-        head = importlib.import_module("kernels.head")
-        monkeypatch.setattr(kernels, "softcap_cross_entropy", head.softcap_cross_entropy_reference)
-    torch_losses = _train_tiny("torch")
-    triton_losses = _train_tiny("triton")
-    assert all(math.isfinite(v) for v in triton_losses), triton_losses
-    assert len(set(torch_losses)) == len(torch_losses)  # the steps did change the model
-    for step, (a, b) in enumerate(zip(triton_losses, torch_losses)):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: KERNELS=triton loss {a:.7f} vs KERNELS=torch {b:.7f}"
+    hold_on_torch(monkeypatch, "attention", "mlp", "softcap_cross_entropy")
+    # Muon + AdamW as the trainer runs them.
+    torch_losses = train_tiny_losses("torch", init=_spread_off_inits)
+    triton_losses = train_tiny_losses("triton", init=_spread_off_inits)
+    assert_same_losses(triton_losses, torch_losses, rel_tol=1e-5)
