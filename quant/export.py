@@ -32,6 +32,7 @@ from train.evaluate import evaluate_bpb
 
 from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, load_model, write_artifact
 from .calibrate import METHODS, Calibrator, objective_summary
+from .ledger import build_ledger, format_ledger
 
 COMPARE_MAX_VAL_TOKENS = 2_000_000
 CALIBRATION_BATCH_TOKENS = 65_536  # tokens per calibration forward: bounds activation memory
@@ -141,7 +142,8 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
         calib_s = time.perf_counter() - t0
         log(f"quant: {method} calibration + quantization took {calib_s:.1f}s"
             + (f" ({calib_tokens.shape[0]} x {calib_tokens.shape[1]} calibration tokens)" if batches else "")
-            + (f" of the {reserve_seconds:g}s reserved" if reserve_seconds is not None else ""))
+            + (f" of the {reserve_seconds:g}s reserved" if reserve_seconds is not None and cfg.max_wallclock_seconds > 0
+               else " (step schedule: no time reserved)"))
         if reserve_seconds is not None and cfg.max_wallclock_seconds > 0 and calib_s > reserve_seconds:
             log(f"quant: WARNING calibration overran GPTQ_RESERVE_SECONDS={reserve_seconds:g} by "
                 f"{calib_s - reserve_seconds:.1f}s")
@@ -155,6 +157,9 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
             log(f"quant: wrote {path}: {info.model_bytes:,} B model + {info.code_bytes:,} B code = "
                 f"{info.total_bytes:,} B ({limit - info.total_bytes:,} B under the {limit:,} B limit) "
                 f"in {time.perf_counter() - t1:.1f}s")
+            # The size ledger (python -m quant.inspect) in the run log: where the bytes went, and the
+            # full model's projected size at these bits per value.
+            log(format_ledger(build_ledger(path)))
         except OverBudgetError as err:
             report.update(over_budget=str(err), total_bytes=err.total_bytes)
     report = _from_rank0(report)
