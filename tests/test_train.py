@@ -260,3 +260,20 @@ def test_tiny_run_fixture(tiny_run):
     model = load_checkpoint(tiny_run / "final_model.pt")
     assert model.config.model_dim == 128 and model.config.iterations == TINY_RUN_STEPS
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_over_budget_artifact_fails_the_run_with_the_overage(small_data, tmp_path, monkeypatch, capsys):
+    """`python -m train` exits 1 and says by how much when model + code exceed the limit (here 1,000 bytes)."""
+    import functools
+
+    import train.__main__ as entry
+
+    cfg = small_config(small_data, tmp_path / "runs", "over", skip_gptq=True)
+    for key, value in env_vars(cfg).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PRESET", "tiny")
+    monkeypatch.setattr(entry, "export_run", functools.partial(entry.export_run, limit=1_000, compare=False))
+    assert entry.main() == 1
+    out = capsys.readouterr().out
+    assert "error:" in out and "over budget by" in out
+    assert (tmp_path / "runs" / "over" / "final_model.pt").is_file()  # the float model is kept

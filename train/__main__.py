@@ -2,8 +2,8 @@
 
 Configuration comes from PRESET and the seed command's environment variables (model/config.py).
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step and the data
-found, then exits without training. Exit status: 0 done, 1 training diverged, 2 bad configuration
-or missing data.
+found, then exits without training. Exit status: 0 done, 1 training diverged or the artifact is over
+the 16,000,000-byte budget, 2 bad configuration or missing data.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch
 
 from model import ConfigError, build_model, count_parameters, from_env
 from model.config import default_preset
+from quant.artifact import OverBudgetError
+from quant.export import export_run
 from train.data import ShardError, load_shard, shard_paths
 from train.trainer import TrainingDiverged, grad_accum_steps_for, train
 
@@ -61,17 +63,6 @@ def dry_run(cfg) -> None:
     _say("DRY_RUN=1: nothing trained")
 
 
-def find_export_fn():
-    """quant/'s post-training export hook, once quant/ provides one (`quant.export.export_run`)."""
-    try:
-        from quant.export import export_run
-    except ModuleNotFoundError as err:
-        if err.name not in ("quant.export",):
-            raise
-        return None
-    return export_run
-
-
 def main() -> int:
     try:
         cfg = from_env()
@@ -87,12 +78,9 @@ def main() -> int:
              f"torch.compile(fullgraph={cfg.compile_fullgraph})")
     else:  # bf16 on CPU is ~30x slower than fp32, and compiling costs more than it saves on short runs
         _say(f"device: cpu ({torch.get_num_threads()} threads), fp32, no torch.compile")
-    export_fn = find_export_fn()
-    if export_fn is None:
-        _say("export: quant/ provides no export step yet; the run ends with the float checkpoint")
     try:
-        train(cfg, export_fn=export_fn)
-    except TrainingDiverged as err:
+        train(cfg, export_fn=export_run)
+    except (TrainingDiverged, OverBudgetError) as err:  # the message says what happened (and by how much)
         _say(f"error: {err}")
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ShardError) as err:
