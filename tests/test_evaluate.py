@@ -210,6 +210,13 @@ def test_padding_is_never_scored_and_windows_are_uniform():
         evaluate_bpb(lambda ids: unigram_model(ids)[:, :-1], tokens, luts, 16)
 
 
+def test_out_of_vocab_val_tokens_are_named():
+    tokens, luts = _stream(50), _luts()
+    tokens[7] = V  # one id past the byte tables, e.g. val shards of a bigger vocab
+    with pytest.raises(ValueError, match=rf"val_tokens hold ids in \[1, {V}\], outside .* vocab \[0, {V}\)"):
+        evaluate_bpb(unigram_model, tokens, luts, 16, 4)
+
+
 def test_unigram_log_probs():
     arrays = [np.array([0, 1, 1, 2], dtype=np.uint16), np.array([2, 2], dtype=np.uint16)]
     counts = np.array([1, 2, 3, 0]) + 1.0  # add-one smoothing

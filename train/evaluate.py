@@ -110,6 +110,11 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
     """
     if val_tokens.ndim != 1 or val_tokens.numel() < 2:
         raise ValueError(f"val_tokens must be 1-D with at least 2 tokens, got shape {tuple(val_tokens.shape)}")
+    vocab = luts[0].numel()
+    low, high = int(val_tokens.min()), int(val_tokens.max())
+    if low < 0 or high >= vocab:  # caught here: on CUDA an out-of-range id is a device-side assert, not a message
+        raise ValueError(f"val_tokens hold ids in [{low}, {high}], outside the byte tables' vocab [0, {vocab}); "
+                         f"were the val shards made with a different tokenizer?")
     device = torch.device(device)
     windows = sliding_windows(val_tokens.numel() - 1, seq_len, stride)
     rank, world = _rank_and_world()
