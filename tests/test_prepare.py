@@ -1,6 +1,7 @@
 """The embedded corpus: deterministic builds, a clean val split by document, reuse, and the real corpus."""
 import math
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,46 @@ def test_bad_inputs(tmp_path, few_documents):
         _build(tmp_path, few_documents, vocab_size=270)
     with pytest.raises(SystemExit):
         main(["--out-root", str(tmp_path), "--val-tokens", "0"])
+
+
+def _proto_fields(buf: bytes) -> dict:
+    """{field number: last value} of one protobuf message (varint -> int, fixed32 -> float, bytes -> bytes)."""
+    fields, i = {}, 0
+
+    def varint(i):
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+            if byte < 0x80:
+                return value, i
+
+    while i < len(buf):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number], i = varint(i)
+        elif wire == 5:
+            fields[number], i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
+        elif wire == 1:
+            fields[number], i = buf[i:i + 8], i + 8
+        else:
+            assert wire == 2, f"unexpected wire type {wire}"
+            n, i = varint(i)
+            fields[number], i = buf[i:i + n], i + n
+    return fields
+
+
+def test_tokenizer_settings_in_the_model_file(prepared_corpus):
+    """The SPEC 1 trainer settings, read from the serialized model (field numbers of sentencepiece_model.proto;
+    protobuf itself is not a dependency). Behaviour alone cannot show e.g. character_coverage."""
+    model = _proto_fields(Path(prepared_corpus.tokenizer_path).read_bytes())
+    trainer, normalizer = _proto_fields(model[2]), _proto_fields(model[3])
+    assert trainer[3] == 2, "model_type BPE"
+    assert trainer[4] == 1024 and trainer[10] == pytest.approx(0.999, abs=1e-7)  # vocab_size, character_coverage
+    assert (trainer[35], trainer[25], trainer[33]) == (1, 1, 0), "byte_fallback on, split_digits on, hard_vocab_limit off"
+    assert (trainer[43], trainer[41], trainer[42], trainer[40]) == (0, 1, 2, 3), "ids pad 0, bos 1, eos 2, unk 3"
+    assert normalizer[1] == b"nmt_nfkc" and normalizer[3] == 0, "nmt_nfkc normalization, add_dummy_prefix off"
 
 
 def test_real_corpus_and_unigram_reference(prepared_corpus, capsys):
