@@ -7,6 +7,7 @@ against the same references in their own files).
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,16 @@ def test_bigram_buckets_by_hand():
         want = [2047] + [((36313 * row[t]) ^ (27191 * row[t - 1])) % 2047 for t in range(1, 5)]
         assert got[b].tolist() == want
     assert got.max() < 2048 and got.min() >= 0
+
+
+def test_bigram_buckets_wrap_in_int32():
+    """SPEC 3: the hash is int32 arithmetic; with ids past 2^31 / 36313 the products wrap (int64 would not)."""
+    ids = np.array([[60000, 65535, 59999, 1, 40000]], dtype=np.int32)
+    with np.errstate(over="ignore"):
+        pairs = np.bitwise_xor(np.int32(36313) * ids[:, 1:], np.int32(27191) * ids[:, :-1])
+    assert (pairs < 0).any()  # the wrap happened, so this case tells int32 from int64
+    want = [[2047] + np.mod(pairs, 2047)[0].tolist()]
+    assert bigram_buckets(torch.from_numpy(ids).long(), 2048).tolist() == want
 
 
 def test_bigram_hash_module_by_hand():
