@@ -112,6 +112,9 @@ def quantize_state_dict(state_dict: dict, small_numel: int,
             raise ArtifactError(f"state dict entry {name!r} has dtype {t.dtype}: only floating tensors can be stored")
         on_device = t.detach().float()  # GPTQ runs where the model is
         t = on_device.cpu()
+        if not torch.isfinite(t).all():  # fp16 would store NaN silently; the quantizers' errors lack the name
+            raise ArtifactError(f"state dict entry {name!r} (shape {tuple(t.shape)}) contains NaN or inf: "
+                                f"it cannot be stored")
         kind = tensor_kind(name, t.numel(), small_numel)
         if kind == KIND_FP16:
             out[name] = QuantizedTensor(kind, tuple(t.shape), values=t.to(torch.float16))
@@ -393,13 +396,16 @@ def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None)
     through those modules. Off: the weights dequantized to fp32 in plain nn.Linear (the reference path).
     """
     import model as model_lib
-    from model.config import Config
+    from model.config import Config, ConfigError
 
     device = torch.device(device)
     if quant_linear is None:
         quant_linear = device.type == "cuda"
     artifact = read_artifact(path)
-    config = Config.from_dict(artifact.config)
+    try:
+        config = Config.from_dict(artifact.config)
+    except (ConfigError, TypeError) as err:  # ConfigError names the field but not the file
+        raise ArtifactError(f"{path}: its stored config cannot be used: {err}") from None
     net = model_lib.build_model(config)
     state = dequantize_state_dict(artifact.tensors)
     expected = set(net.state_dict())

@@ -110,8 +110,11 @@ class Calibrator:
         key = (layer, phase)
         if key not in self._codes:
             t0 = time.perf_counter()
-            scale = gptq.row_scales(weight)
-            codes = gptq.quantize_layer(weight, hessian.to(weight.device), scale, **self.options)
+            try:
+                scale = gptq.row_scales(weight)
+                codes = gptq.quantize_layer(weight, hessian.to(weight.device), scale, **self.options)
+            except ValueError as err:  # gptq's messages name the argument; say which layer it was
+                raise ValueError(f"{layer} (phase {phase}): {err}") from None
             self._codes[key] = (codes, scale, time.perf_counter() - t0)
         return self._codes[key]
 

@@ -97,11 +97,32 @@ def test_load_model_rebuilds_the_dequantized_model(tiny, tmp_path):
     assert 0 < drift < 5.0  # quantized, so different, but the same model
 
 
+def test_unusable_stored_config_names_the_file_and_field(tiny, tmp_path):
+    cfg, _, quantized = tiny
+    path = tmp_path / art.ARTIFACT_NAME
+    art.write_artifact(path, quantized, dict(cfg.to_dict(), model_dim=-64))
+    with pytest.raises(art.ArtifactError, match=rf"{path}: its stored config cannot be used: MODEL_DIM=-64"):
+        art.load_model(path)
+    art.write_artifact(path, quantized, dict(cfg.to_dict(), no_such_knob=1))
+    with pytest.raises(art.ArtifactError, match=r"unknown configuration fields \['no_such_knob'\]"):
+        art.load_model(path)
+
+
 def test_int6_codes_out_of_range_are_refused(tiny):
     cfg, net, _ = tiny
     bad = lambda name, w: (torch.full(w.shape, 32, dtype=torch.int8), torch.ones(w.shape[0]))  # noqa: E731
     with pytest.raises(art.ArtifactError, match=r"int6 codes must be int8 .* in \[-31, 31\]"):
         art.quantize_state_dict(net.state_dict(), cfg.quant_small_numel, bad)
+
+
+@pytest.mark.parametrize("name", ["tok_emb.weight", "smear.gate", "flat_blocks.0.attn.c_q.weight"])
+def test_non_finite_weights_are_refused_by_name(tiny, name):
+    """int8, fp16 and int6 entries alike: the error names the state-dict entry (fp16 would store NaN silently)."""
+    cfg, net, _ = tiny
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state[name].view(-1)[3] = float("nan")
+    with pytest.raises(art.ArtifactError, match=rf"state dict entry '{name}' \(shape .*\) contains NaN or inf"):
+        art.quantize_state_dict(state, cfg.quant_small_numel)
 
 
 def _corrupt(path: Path, how: str) -> None:
