@@ -6,17 +6,19 @@ The gaps are measured with the run's own eval settings (the fixture evaluates no
 comparison is paired. Fewer tokens are too noisy: on 8 k-token slices of the val set the ordering of
 the GPTQ and round-to-nearest gaps flipped on one slice in five.
 """
+import copy
 import math
 import shutil
 
 import pytest
 import sentencepiece as spm
+import torch
 
 import model
 from quant import artifact as art
 from quant import gptq
 from quant.__main__ import main as quant_main
-from quant.calibrate import Calibrator
+from quant.calibrate import Calibrator, collect_hessians
 from quant.export import calibration_tokens, export_run
 from train.data import load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
@@ -47,6 +49,83 @@ def exported(trained, tmp_path_factory):
     result = export_run(net, cfg, out, val_tokens=val, luts=luts, train_paths=train_paths, compare=True,
                         log=lines.append)
     return out, result, lines
+
+
+@pytest.fixture(scope="module")
+def small():
+    """(config, noisy untrained model, calibration batches): every int6 layer sees non-trivial inputs."""
+    cfg = model.from_env(environ={}, preset="tiny", model_dim=64, num_flat_layers=3, bigram_vocab_size=256,
+                         bigram_dim=32, inst_dim=8, quant_small_numel=1024)
+    torch.manual_seed(0)
+    net = model.build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.dim() == 2 else 0.05))
+    g = torch.Generator().manual_seed(1)
+    return cfg, net, [torch.randint(0, cfg.vocab_size, (2, 48), generator=g) for _ in range(2)]
+
+
+def test_loop_aware_calibration_against_its_phases_done_by_hand(small):
+    """SPEC 5: phase 1 H for every layer (the crawler over both loops); flat blocks GPTQ'd with it and put in
+    dequantized; phase 2 H for the crawler only; float weights restored; crawler quantized with phase 2's H."""
+    cfg, net, batches = small
+    float_state = {k: v.clone() for k, v in net.state_dict().items()}
+    opts = dict(block_size=cfg.gptq_block_size, damping=cfg.gptq_damping, order=cfg.gptq_order,
+                inverse=cfg.gptq_inverse)
+    calibrator = Calibrator(net, cfg, lambda b: net(b), batches)
+    crawler = [n for n in calibrator.layers if n.startswith("crawler_blocks.")]
+    flat = [n for n in calibrator.layers if n not in crawler]
+    assert len(crawler) == 6 and len(flat) == 6 * cfg.num_flat_layers
+
+    # phase 1, the crawler's inputs gathered by hand: one call per loop per batch, H = XᵀX / n over all of them
+    seen = []
+    hook = dict(net.named_modules())[crawler[0]].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    h1 = collect_hessians(net, lambda b: net(b), batches, calibrator.layers)
+    hook.remove()
+    assert len(seen) == cfg.crawler_loops * len(batches)
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen]).double()
+    torch.testing.assert_close(h1[crawler[0]].double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7)
+
+    # phase 2 by hand on a copy whose flat int6 weights are their phase-1 GPTQ dequantization
+    quantized_copy = copy.deepcopy(net)
+    flat_codes = {}
+    with torch.no_grad():
+        for n in flat:
+            w = float_state[f"{n}.weight"]
+            s = gptq.row_scales(w)
+            flat_codes[n] = gptq.quantize_layer(w, h1[n], s, **opts)
+            dict(quantized_copy.named_modules())[n].weight.copy_(gptq.dequantize(flat_codes[n], s))
+    h2 = collect_hessians(quantized_copy, lambda b: quantized_copy(b), batches, crawler)
+
+    got, stats = calibrator.quantize("loop_aware")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, float_state[k]), f"{k}: float weights not restored after phase 2"
+    for n in flat:
+        assert torch.equal(got[f"{n}.weight"].codes, flat_codes[n]), n
+        assert stats["objective"][n]["phase"] == 1
+    differs = 0
+    for n in crawler:
+        w = float_state[f"{n}.weight"]
+        s = gptq.row_scales(w)
+        want = gptq.quantize_layer(w, h2[n], s, **opts)
+        assert torch.equal(got[f"{n}.weight"].codes, want), f"{n}: not quantized with the phase-2 Hessian"
+        assert stats["objective"][n]["phase"] == 2
+        differs += int(not torch.equal(want, gptq.quantize_layer(w, h1[n], s, **opts)))
+    assert differs > 0  # the phases give different crawler codes here, so the check above can tell them apart
+
+    plain, _ = calibrator.quantize("gptq")  # plain GPTQ: the crawler with its phase-1 Hessian
+    for n in crawler:
+        w = float_state[f"{n}.weight"]
+        assert torch.equal(plain[f"{n}.weight"].codes, gptq.quantize_layer(w, h1[n], gptq.row_scales(w), **opts)), n
+
+
+def test_calibration_error_names_the_layer(small):
+    cfg, net, batches = small
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        broken.tok_emb.weight[batches[0][0, 0]] = float("nan")  # every Hessian downstream is NaN
+    with pytest.raises(ValueError, match=r"flat_blocks\.0\.attn\.c_q \(phase 1\): hessian: contains NaN"):
+        Calibrator(broken, cfg, lambda b: broken(b), batches).quantize("loop_aware")
 
 
 def test_gptq_beats_rtn_on_the_real_hessians_of_every_layer(trained, capsys):
