@@ -282,14 +282,19 @@ def blob(quantized: dict, config: dict, encoding: dict | None = None, quality: i
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
+# The project's packages that rebuild and evaluate the model (tests/ and bench/ are not needed). Named, not
+# discovered: after a plain `pip install .` their neighbours in site-packages are torch and the rest.
+CODE_PACKAGES = ("kernels", "model", "quant", "train")
+
+
 def code_files(root: str | Path | None = None) -> list[Path]:
-    """Every source file needed to rebuild and evaluate the model: the package's .py files outside tests/ and bench/."""
+    """Every source file needed to rebuild and evaluate the model: the .py files of CODE_PACKAGES under root."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     files = []
-    for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
-        if pkg.name in ("tests", "bench"):
-            continue
-        files += sorted(f for f in pkg.rglob("*.py") if "__pycache__" not in f.parts)
+    for name in CODE_PACKAGES:
+        pkg = root / name
+        if (pkg / "__init__.py").exists():
+            files += sorted(f for f in pkg.rglob("*.py") if "__pycache__" not in f.parts)
     return files
 
 

@@ -179,7 +179,8 @@ def test_over_budget_raises_and_keeps_the_existing_artifact(tiny, tmp_path):
 def test_code_bytes_counts_package_sources_outside_tests_and_bench(tmp_path):
     for rel, text in {"kernels/__init__.py": "a", "kernels/sub/x.py": "bcd", "model/m.py": "ef", "model/__init__.py": "",
                       "tests/__init__.py": "xxxxxxxx", "tests/t.py": "yyyy", "bench/__init__.py": "zz",
-                      "notes/readme.py": "not a package", "kernels/__pycache__/c.py": "cache", "model/data.bin": "bin"}.items():
+                      "notes/readme.py": "not a package", "kernels/__pycache__/c.py": "cache", "model/data.bin": "bin",
+                      "torch/__init__.py": "a site-packages neighbour after a non-editable install"}.items():
         f = tmp_path / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(text)
