@@ -118,6 +118,28 @@ def test_grad_accum_rules():
         grad_accum_steps_for(cfg, 16)
 
 
+def test_optimizers_use_the_spec_hyperparameters():
+    """SPEC 4: Muon on every Linear weight (lr 0.03, wd 0.04, Nesterov, 5 NS steps, momentum 0.92 -> 0.99 over
+    1500 steps); AdamW betas 0.9/0.95, eps 1e-8, wd 0.04, lr 0.035 embeddings / 0.025 the rest; one multiplier."""
+    cfg = from_env(environ={}, preset="ouroboros", **SMALL)
+    net = build_model(cfg)
+    opts = trainer.Optimizers(net, cfg, trainer.DistEnv(0, 1, 0, torch.device("cpu")))
+    (muon,) = opts.muon.param_groups
+    assert {id(p) for p in muon["params"]} == {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Linear)}
+    assert (muon["lr"], muon["weight_decay"], muon["momentum"], muon["nesterov"], muon["backend_steps"]) == \
+        (0.03, 0.04, 0.92, True, 5)
+    embed, scalar = opts.adam.param_groups
+    assert {id(p) for p in embed["params"]} == {id(net.tok_emb.weight), id(net.bigram.embed.weight)}
+    assert (embed["lr"], scalar["lr"]) == (0.035, 0.025)
+    for group in (embed, scalar):
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-8, 0.04)
+    opts.set_schedule(750, 0.5)  # half way up the momentum ramp, half the LR
+    assert muon["momentum"] == pytest.approx(0.955) and muon["lr"] == pytest.approx(0.015)
+    assert embed["lr"] == pytest.approx(0.0175) and scalar["lr"] == pytest.approx(0.0125)
+    opts.set_schedule(1500, 1.0)
+    assert muon["momentum"] == pytest.approx(0.99) and muon["lr"] == pytest.approx(0.03)
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 def test_loss_falls_and_run_folder(small_data, tmp_path):
@@ -164,6 +186,18 @@ def test_same_seed_same_losses(two_same_seed_runs, small_data, tmp_path):
     assert a["val_bpb"] == b["val_bpb"]
     other = train(small_config(small_data, tmp_path, "seed8", seed=8), echo=False)
     assert other["train_losses"] != a["train_losses"]  # the seed does reach the model
+
+
+def test_compile_warmup_is_undone(two_same_seed_runs, small_data, tmp_path):
+    """SPEC 4: after the warmup steps the weights, optimizer state and data stream are reset, so a run
+    with warmup trains exactly like one without."""
+    warmed = train(small_config(small_data, tmp_path, "warmed", warmup_steps=3), echo=False)
+    assert warmed["train_losses"] == two_same_seed_runs[0]["train_losses"]
+    kept = load_checkpoint(tmp_path / "warmed" / "final_model.pt").state_dict()
+    clean = load_checkpoint(two_same_seed_runs[0]["dir"] / "final_model.pt").state_dict()
+    for name, tensor in clean.items():
+        assert torch.equal(kept[name], tensor), name
+    assert "warmup: 3 steps" in (tmp_path / "warmed" / "train.log").read_text()
 
 
 def test_nan_loss_stops_and_keeps_last_good(two_same_seed_runs, small_data, tmp_path, monkeypatch):
@@ -277,3 +311,23 @@ def test_over_budget_artifact_fails_the_run_with_the_overage(small_data, tmp_pat
     out = capsys.readouterr().out
     assert "error:" in out and "over budget by" in out
     assert (tmp_path / "runs" / "over" / "final_model.pt").is_file()  # the float model is kept
+
+
+def test_calibration_overrun_fails_only_past_the_wall_clock(small_data, tmp_path):
+    """Calibration longer than GPTQ_RESERVE_SECONDS is an error only when it really ends past
+    MAX_WALLCLOCK_SECONDS: not after a run that stopped at ITERATIONS long before the cap."""
+    def export_taking(seconds):
+        return lambda model, cfg, run_dir, **context: {"calibration_seconds": seconds}
+
+    early = small_config(small_data, tmp_path, "early", iterations=2, max_wallclock_seconds=600.0,
+                         gptq_reserve_seconds=10.0)
+    summary = train(early, export_fn=export_taking(11.0), echo=False)  # ~1 s + 11 s of a 600 s budget
+    assert summary["steps"] == 2 and "error" not in summary
+
+    capped = small_config(small_data, tmp_path, "capped", iterations=100_000, max_wallclock_seconds=1.0,
+                          gptq_reserve_seconds=0.2)
+    with pytest.raises(RuntimeError, match=r"calibration overran the wall clock: calibration took 0.3s > "
+                                           r"GPTQ_RESERVE_SECONDS=0.2s"):
+        train(capped, export_fn=export_taking(0.3), echo=False)
+    on_disk = json.loads((tmp_path / "capped" / "summary.json").read_text())
+    assert on_disk["steps"] < 100_000 and on_disk["train_time_ms"] >= 800.0 and "overran" in on_disk["error"]

@@ -512,8 +512,10 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
                            float_val=(val_loss, val_bpb)) or {}
         summary["export"] = result
         calib = result.get("calibration_seconds")
-        if calib is not None and max_wallclock_ms is not None and calib > reserve_s:
-            # Training stopped reserve_s before the cap, so a longer calibration ends past the cap.
+        if (calib is not None and max_wallclock_ms is not None and calib > reserve_s
+                and training_time_ms / 1000 + calib > cfg.max_wallclock_seconds):
+            # Stopped by the clock, training ended reserve_s before the cap, so a longer calibration ends
+            # past it; a run that ended at ITERATIONS earlier may use the time it left unused.
             overran = (f"calibration took {calib:.1f}s > GPTQ_RESERVE_SECONDS={reserve_s:g}s (training "
                        f"{training_time_ms / 1000:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}): "
                        f"raise GPTQ_RESERVE_SECONDS")
