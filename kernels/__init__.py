@@ -14,7 +14,8 @@ import os
 
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._runtime import INTERPRET  # read once, for every kernel family
+
 if INTERPRET:  # before any kernel runs: bf16 and autotune fixes for the CPU interpreter
     from ._interpreter import apply as _apply_bf16_fix, apply_autotune as _apply_autotune_fix
 

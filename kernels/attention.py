@@ -8,7 +8,6 @@ and, when xsa is on, removes from y the component along the token's own normaliz
 This file holds the PyTorch references, the Triton kernels (forward, and a three-kernel backward),
 their launchers, the autograd op `ouroboros::attention` and `attention_triton`, which kernels/ dispatches to.
 """
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ import triton.language as tl
 
 # Read like kernels/__init__ does (it must be set before this module is imported); read here, not
 # imported from the package, so the file also loads on its own (python -m bench.sm90 --module ...).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._runtime import INTERPRET, check_kernel_device
 
 
 def _xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -402,10 +401,7 @@ def _check_inputs(q, k, v, q_gain) -> None:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
-        return
-    raise ValueError(f"attention: the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, "
-                     f"set before kernels/ is imported); got tensors on {t.device}")
+    check_kernel_device("attention", "q", t.device)
 
 
 def attention_forward(q, k, v, q_gain, xsa: bool):

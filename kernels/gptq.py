@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import INTERPRET, check_kernel_device
+
 CODE_LIMIT = 31
 ORDERS = ("descending", "ascending", "none")
 INVERSES = ("cholesky", "plain")
@@ -79,9 +81,6 @@ _NUM_WARPS = 4
 _INTERPRET_BLOCK_R = 128
 
 
-def _interpreting() -> bool:
-    from . import INTERPRET
-    return INTERPRET
 
 
 def gptq_block_triton(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor):
@@ -103,7 +102,7 @@ def _launch_block(w, u, scale, codes, err, col0: int, width: int, block_size: in
     if width > MAX_BLOCK:
         raise ValueError(f"gptq block of {width} columns is wider than the kernel's limit {MAX_BLOCK}")
     rows = w.shape[0]
-    block_r = _INTERPRET_BLOCK_R if _interpreting() else _BLOCK_R
+    block_r = _INTERPRET_BLOCK_R if INTERPRET else _BLOCK_R
     block_c = _block_columns(block_size)
     _gptq_block_kernel[(triton.cdiv(rows, block_r),)](
         w, u, scale, codes, err, rows, width, col0, w.stride(0), u.stride(0), codes.stride(0), err.stride(0),
@@ -124,8 +123,7 @@ def _check_inputs(weight, hessian, scale, block_size, damping, order, inverse) -
     if not (weight.device == hessian.device == scale.device):
         raise ValueError(f"{where}: weight, hessian and scale must be on one device, "
                          f"got {weight.device}, {hessian.device}, {scale.device}")
-    if weight.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"{where}: tensors are on {weight.device}; the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+    check_kernel_device(where, "weight", weight.device)
     if not 1 <= block_size <= MAX_BLOCK:
         raise ValueError(f"{where}: block_size={block_size} must be in [1, {MAX_BLOCK}]")
     if not damping >= 0:

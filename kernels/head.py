@@ -35,7 +35,6 @@ F.linear would. The torch path (KERNELS=torch) is `softcap_cross_entropy_referen
 maths (F.linear, softcap, F.cross_entropy), so its numbers do not change.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 
 # Read here, as kernels/__init__ does, so the file also loads on its own (python -m bench.sm90 --module).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._runtime import INTERPRET, check_kernel_device
 
 
 def softcap_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -199,9 +198,7 @@ def _check_inputs(h, weight, targets, softcap, where="softcap_cross_entropy"):
     devices = {"h": h.device, "weight": weight.device, "targets": targets.device}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: h, weight and targets must be on one device, got {devices}")
-    if h.device.type != "cuda" and not (INTERPRET and h.device.type == "cpu"):
-        raise ValueError(f"{where}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
-                         f"set before import), got h on {h.device}")
+    check_kernel_device(where, "h", h.device)
     if max(h.numel(), min(h.shape[0], CHUNK_ROWS) * V, weight.numel()) >= _INT32_LIMIT:
         raise ValueError(f"{where}: h {tuple(h.shape)} / weight {tuple(weight.shape)} reach 2^31 elements, beyond "
                          "the kernels' 32-bit offsets: split the batch")

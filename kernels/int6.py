@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._runtime import INTERPRET, check_kernel_device
+
 CODE_MIN, CODE_MAX = -32, 31     # what 6 bits hold; the quantizer uses [-31, 31]
 CODE_OFFSET = 32                 # stored u = code + 32 in [0, 63]
 ROW_ALIGN = 16                   # bytes: every plane row starts 16-byte aligned
@@ -244,13 +246,10 @@ _INTERPRET_FWD = dict(BLOCK_N=64, BLOCK_J=64, GROUP_M=1, num_warps=4, num_stages
 _INTERPRET_DX = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_J=64, num_warps=4, num_stages=1)
 
 
-def _interpreting() -> bool:
-    from . import INTERPRET
-    return INTERPRET
 
 
 def _forward_config(m: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if INTERPRET:
         return dict(_INTERPRET_FWD, BLOCK_M=min(64, max(16, triton.next_power_of_2(m))))
     if dtype == torch.float32:
         return _FWD_FP32
@@ -288,8 +287,7 @@ def _check_operands(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     if not (x.device == packed.device == scale.device):
         raise ValueError(f"{where}: {x_name}, packed and scale must be on one device, "
                          f"got {x.device}, {packed.device}, {scale.device}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"{where}: {x_name} is on {x.device}; the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+    check_kernel_device(where, x_name, x.device)
 
 
 def _int6_matmul_launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -334,7 +332,7 @@ def _int6_matmul_dx_launch(dy: torch.Tensor, packed: torch.Tensor, scale: torch.
     dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return dx.view(*lead, in_features)
-    cfg = _INTERPRET_DX if _interpreting() else _DX[dy.dtype]
+    cfg = _INTERPRET_DX if INTERPRET else _DX[dy.dtype]
     precision = "ieee" if dy.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, cfg["BLOCK_J"]))
     _int6_matmul_dx_kernel[grid](

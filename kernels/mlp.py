@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET
+from kernels._runtime import INTERPRET, check_kernel_device
 
 
 def mlp_reference(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
@@ -224,9 +224,7 @@ def _check_inputs(x, w_up, w_down, slope, where="mlp"):
     devices = {"x": x.device, "w_up": w_up.device, "w_down": w_down.device}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: x, w_up and w_down must be on one device, got {devices}")
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"{where}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-                         f"before import), got x on {x.device}")
+    check_kernel_device(where, "x", x.device)
     rows = x.numel() // d
     if max(rows, d) * max(hidden, d) >= _INT32_LIMIT:
         raise ValueError(f"{where}: x {tuple(x.shape)} makes a [{rows}, {hidden}] hidden state of 2^31 elements or "

@@ -29,7 +29,6 @@ when autocast is on. RMSNorm's eps is torch.finfo(residual dtype).eps, F.rms_nor
 arithmetic inside; the residual output is rounded to its dtype before it is normalized, as the
 reference normalizes the stored tensor.
 """
-import os
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ import triton.language as tl
 
 # Read like kernels/__init__ does (it must be set before this module is imported); read here so the
 # file also loads on its own (python -m bench.sm90 --module ...).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._runtime import INTERPRET, check_kernel_device
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,9 +211,7 @@ def _check_device(where, named):
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: every tensor must be on one device, got {devices}")
     device = next(iter(devices.values()))
-    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
-        raise ValueError(f"{where}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-                         f"before import), got {device}")
+    check_kernel_device(where, "the tensors", device)
 
 
 def _check(where: str, x: torch.Tensor, other=None, other_name="", vec=None, vec_name="", vec_shape=None,
