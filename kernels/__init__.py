@@ -9,6 +9,7 @@ Import kernel internals with `from kernels.mlp import ...`: the names `kernels.m
 `kernels.attention` are the dispatching functions, not the modules (`kernels.norm` is the module of
 `kernels.mix_norm`, `kernels.add_norm` and `kernels.rms_norm`).
 """
+import functools
 import logging
 import os
 
@@ -28,6 +29,10 @@ from . import mlp as _mlp  # noqa: E402
 from . import norm as _norm  # noqa: E402
 
 BACKENDS = ("torch", "triton")
+# Every dispatching function below runs inside a profiler range "kernels::<op>" (both backends), so a
+# profile says which op an aten call or a Triton launch belongs to (bench/ledger.py groups by it). Outside
+# a profiler a range costs about a microsecond; torch.compile traces through it.
+PROFILE_PREFIX = "kernels::"
 _log = logging.getLogger(__name__)
 _backend = None
 _fallback_noted = set()
@@ -67,6 +72,17 @@ def _triton_impl(module, op: str):
     return impl
 
 
+def _profiled(dispatch):
+    """Run the dispatching function inside the profiler range PROFILE_PREFIX + its name."""
+    name = PROFILE_PREFIX + dispatch.__name__
+
+    @functools.wraps(dispatch)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return dispatch(*args, **kwargs)
+    return wrapper
+
+
 def _autocast(*tensors):
     """Custom ops are not autocast by PyTorch: cast to the autocast dtype here, as F.linear would."""
     device = tensors[0].device.type
@@ -76,6 +92,7 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
+@_profiled
 def mlp(x, w_up, w_down, slope: float):
     """y = W_down · leaky_relu(W_up · x, slope)^2; x [..., d], w_up [hidden, d], w_down [d, hidden]."""
     impl = _triton_impl(_mlp, "mlp")
@@ -84,6 +101,7 @@ def mlp(x, w_up, w_down, slope: float):
     return _mlp.mlp_reference(x, w_up, w_down, slope)
 
 
+@_profiled
 def attention(q, k, v, q_gain, xsa: bool):
     """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     impl = _triton_impl(_attention, "attention")
@@ -93,6 +111,7 @@ def attention(q, k, v, q_gain, xsa: bool):
     return _attention.attention_sdpa(q, k, v, q_gain, xsa)
 
 
+@_profiled
 def softcap_cross_entropy(h, weight, targets, softcap: float):
     """Mean fp32 cross-entropy of softcap·tanh(h·weightᵀ / softcap); h [..., d], weight [V, d], targets [...] int64."""
     impl = _triton_impl(_head, "softcap_cross_entropy")
@@ -101,6 +120,7 @@ def softcap_cross_entropy(h, weight, targets, softcap: float):
     return _head.softcap_cross_entropy_reference(h, weight, targets, softcap)
 
 
+@_profiled
 def mix_norm(x, x0, mix, scale: float):
     """(x_in, h): x_in = mix[0]⊙x + mix[1]⊙x0, h = RMSNorm(x_in)·scale; x, x0 [..., d], mix [2, d].
 
@@ -111,6 +131,7 @@ def mix_norm(x, x0, mix, scale: float):
     return _norm.mix_norm_reference(x, x0, mix, scale)
 
 
+@_profiled
 def add_norm(x, branch, gain, scale: float):
     """(x_new, h): x_new = x + gain⊙branch, h = RMSNorm(x_new)·scale; x, branch [..., d], gain [d]."""
     impl = _triton_impl(_norm, "add_norm")
@@ -119,6 +140,7 @@ def add_norm(x, branch, gain, scale: float):
     return _norm.add_norm_reference(x, branch, gain, scale)
 
 
+@_profiled
 def rms_norm(x, scale: float = 1.0):
     """Weightless RMSNorm over the last dim times scale (eps: F.rms_norm's default)."""
     impl = _triton_impl(_norm, "rms_norm")
