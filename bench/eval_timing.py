@@ -34,6 +34,7 @@ if not torch.cuda.is_available():  # kernel modules read this when imported
 import kernels  # noqa: E402
 import model  # noqa: E402
 from bench.registry import Case, register  # noqa: E402
+from model.io import synchronize  # noqa: E402
 from train.evaluate import evaluate_bpb, sliding_windows  # noqa: E402
 
 VAL_TARGETS = 62_021_632     # FineWeb's val shard kept at L = 2048, minus one (SPEC 2)
@@ -129,9 +130,6 @@ class EvalRun:
         self.run(self.tokens[:targets_for(self.batch_seqs, self.window, self.stride) + 1])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @register("eval")
@@ -193,11 +191,11 @@ def main(argv=None) -> int:
             run = EvalRun(cfg, backend, device, windows, batch)
             t0 = time.perf_counter()
             run.warm_up()
-            _sync(device)
+            synchronize(device)
             warm = time.perf_counter() - t0
             t0 = time.perf_counter()
             loss, bpb = run.run()
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - t0
             tflops = eval_flops(cfg, windows, cfg.eval_seq_len) / seconds / 1e12
             line = (f"eval[{backend}]: {cfg.preset} (layers {cfg.num_flat_layers}+{cfg.crawler_loops}, window "

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import report as bench_report
+from model.io import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("tests", "bench", "step")
@@ -210,7 +211,7 @@ def summarize(stage: str, rc: int | None, output: str, work: Path, budget_s: flo
         if not rows:
             return "error", f"the CSV has no rows (exit {rc})", _tail(output)
         target = bench_csv_path(work, selection)
-        bench_report.atomic_write(target, csv_path.read_text())
+        write_atomic(target, csv_path.read_text())
         errors = sum(1 for r in rows if r["error"])
         summary = f"{len(rows)} cases, {errors} errors; CSV {_shown(target)}"
         return ("passed" if rc == 0 else "failed"), summary, bench_report.markdown_table(rows)
@@ -268,8 +269,8 @@ def record(result: StageResult, env: dict) -> tuple[Path, Path]:
     json_path, md_path = results_paths(env["gpu"], env["date"][:10])
     state = json.loads(json_path.read_text()) if json_path.exists() else {}
     state = merge(state, env, result)
-    bench_report.atomic_write(json_path, json.dumps(state, indent=1))
-    bench_report.atomic_write(md_path, render(state))
+    write_atomic(json_path, json.dumps(state, indent=1))
+    write_atomic(md_path, render(state))
     return json_path, md_path
 
 

@@ -441,7 +441,7 @@ def default_out(cuda: bool) -> Path:
 
 
 def main(argv=None) -> int:
-    from bench.report import atomic_write
+    from model.io import write_atomic
     from bench.step import (SMOKE_BATCH, WORLD_SIZE, build_step, gpu_config, per_gpu_batch_seqs, smoke_config,
                             time_steps)
 
@@ -499,7 +499,7 @@ def main(argv=None) -> int:
                                   "started (CPU ms are wall-clock per op and grow with the load: read the percentages)"))
     text = markdown(measured, measured_what, analytic, analytic_what, machine, timings)
     out = args.out or default_out(cuda)
-    atomic_write(out, text)
+    write_atomic(out, text)
     print(text)
     print(f"bench.ledger: wrote {out}")
     return 0

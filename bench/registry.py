@@ -189,12 +189,6 @@ def build_cases(name: str, cases_fn: CasesFn, device: str, smoke: bool) -> list[
     return list(cases)
 
 
-def _synchronize():
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def time_case(case: Case, interpreted: bool, warmup_ms: float = MIN_WARMUP_MS, rep_ms: float = MIN_REP_MS,
               smoke_reps: int = 1) -> Result:
     """Time one case; an exception becomes Result.error so one broken case does not lose the others.
@@ -220,7 +214,8 @@ def time_case(case: Case, interpreted: bool, warmup_ms: float = MIN_WARMUP_MS, r
     except Exception as exc:  # report it in the row and go on with the next case
         return Result(case, timing, error=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300])
     finally:
-        _synchronize()
+        from model.io import synchronize  # lazily: listing entries needs no torch
+        synchronize()
 
 
 def _inputs_freed():

@@ -12,11 +12,11 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.registry import TIMING_SMOKE, Result
+from model.io import write_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -107,31 +107,12 @@ def to_row(result: Result, env: dict) -> dict:
     return {k: _fmt(row[k]) for k in CSV_COLUMNS}
 
 
-def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write via a temp file in the same folder + os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_csv(path: Path, rows: list[dict]) -> Path:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -211,5 +192,5 @@ def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        written.append(atomic_write(Path(out_dir) / f"{stem}_{kernel}.png", buf.getvalue()))
+        written.append(write_atomic(Path(out_dir) / f"{stem}_{kernel}.png", buf.getvalue()))
     return written

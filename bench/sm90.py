@@ -354,8 +354,8 @@ def main(argv=None) -> int:
     else:
         report = run_check(package, tuple(args.module), args.jobs)
     if args.json:
-        from bench.report import atomic_write
-        atomic_write(args.json, json.dumps(report, indent=1))
+        from model.io import write_atomic
+        write_atomic(args.json, json.dumps(report, indent=1))
     if not args.quiet:
         print(markdown(report))
     return 0 if report["ok"] else 1

@@ -40,6 +40,7 @@ if not torch.cuda.is_available():  # kernel modules read this when imported (pyt
 import kernels  # noqa: E402
 import model  # noqa: E402
 from bench.registry import Case, register
+from model.io import synchronize
 from train.muon import Muon
 from train.trainer import DistEnv, Optimizers
 
@@ -192,9 +193,6 @@ def build_step(cfg: model.Config, backend: str, device: str | torch.device, batc
                         optimizers, ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
@@ -214,7 +212,7 @@ def time_steps(step: TrainingStep, steps: int, warmup_steps: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(warmup_steps):
         step.run()
-    _sync(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -347,8 +345,8 @@ def main(argv=None) -> int:
                   f"over {steps} steps, {run['tokens_per_s']:,.0f} tokens/s, {run['tflops']:.1f} TFLOP/s (analytic FLOPs), "
                   f"peak {peak}, warm-up {run['warmup_s']:.1f} s", flush=True)
     if args.json:
-        from bench.report import atomic_write
-        atomic_write(args.json, json.dumps(result, indent=1))
+        from model.io import write_atomic
+        write_atomic(args.json, json.dumps(result, indent=1))
     return status
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import kernels
 
 from .config import Config, ConfigError, from_env
+from .io import write_atomic
 
 # The original's hash multipliers (SPEC 3).
 BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
@@ -390,22 +390,9 @@ def from_seed_state_dict(state_dict: Mapping) -> CrawlerGPT:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Write {"config", "state_dict"} atomically: a temp file in the same folder, then os.replace."""
     model = _unwrap(model)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"config": model.config.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> CrawlerGPT:

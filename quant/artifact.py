@@ -37,7 +37,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,8 @@ from typing import Callable
 import brotli
 import numpy as np
 import torch
+
+from model.io import write_atomic
 
 from . import gptq
 
@@ -300,23 +301,6 @@ def code_files(root: str | Path | None = None) -> list[Path]:
 
 def code_bytes(root: str | Path | None = None) -> int:
     return sum(f.stat().st_size for f in code_files(root))
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.io import synchronize
 from train.data import TokenStream
 from train.evaluate import evaluate_bpb
 
@@ -58,9 +59,6 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _distributed() -> bool:
@@ -120,7 +118,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
     calibrator = None
     report = {}
     if main:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         batches = []
         if method != "rtn" or compare:
@@ -138,7 +136,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
 
         calibrator = Calibrator(model, cfg, forward, batches)
         quantized, stats = calibrator.quantize(method)
-        _sync(device)
+        synchronize(device)
         calib_s = time.perf_counter() - t0
         log(f"quant: {method} calibration + quantization took {calib_s:.1f}s"
             + (f" ({calib_tokens.shape[0]} x {calib_tokens.shape[1]} calibration tokens)" if batches else "")

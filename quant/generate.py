@@ -24,6 +24,7 @@ import kernels
 from kernels.int6 import QuantLinear
 from model import ConfigError
 from model.decode import KVCache, decode_step
+from model.io import synchronize
 
 from .artifact import ArtifactError, load_model
 
@@ -63,9 +64,6 @@ class Generation:
         return steps * self.tokens.shape[0] / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -93,12 +91,12 @@ def generate(net: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     with autocast:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         logits = decode_step(net, prompt_ids, cache)[:, -1]
         token = sample_next(logits, temperature, top_k, generator)
         out.append(token)
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         for _ in range(max_new_tokens - 1):
             if stop_id is not None:
@@ -108,7 +106,7 @@ def generate(net: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int
             logits = decode_step(net, token[:, None], cache)[:, -1]
             token = sample_next(logits, temperature, top_k, generator)
             out.append(token)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
     stopped = stop_id is not None and bool((done | (token == stop_id)).all())
     return Generation(torch.stack(out, dim=1), t1 - t0, t2 - t1, stopped)

@@ -4,16 +4,18 @@ A shard is a 1024-byte header of 256 little-endian int32 ([0] magic, [1] version
 the rest zero) followed by N little-endian uint16 tokens; byte-compatible with the challenge's FineWeb
 shards. Documents are packed as [BOS] + ids with no EOS and run across shard boundaries.
 
-This module is a leaf: it imports nothing from the model, the training loop or quant/.
+This module is a leaf: of the project it imports only model.io (the atomic write), never the model, the
+training loop or quant/.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.io import write_atomic
 
 MAGIC = 20240520
 VERSION = 1
@@ -70,30 +72,6 @@ def write_shard(path, tokens) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
     write_atomic(path, [header.tobytes(), arr.astype(TOKEN_DTYPE, copy=False).tobytes()])
-
-
-def write_atomic(path, chunks) -> None:
-    """Write byte chunks to path via a temp file in the same folder and os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def shard_paths(data_path, split: str) -> list[Path]:

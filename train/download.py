@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from train.data import ShardError, load_shard, write_atomic
+from model.io import write_atomic
+from train.data import ShardError, load_shard
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"

@@ -29,7 +29,8 @@ import sentencepiece as spm
 from filelock import FileLock
 from tqdm import tqdm
 
-from train.data import write_atomic, write_shard
+from model.io import write_atomic
+from train.data import write_shard
 
 BOS_ID = 1
 PREFIX = "embedded"

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ConfigError, build_model, count_parameters, param_groups, save_checkpoint
 from model.config import Config
+from model.io import synchronize, write_atomic
 from train.data import DistributedTokenLoader, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, evaluate_bpb
 from train.muon import Muon, momentum_at
@@ -38,7 +39,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces with no state: the schedule, distributed setup, atomic writes
+# Pieces with no state: the schedule, distributed setup
 
 
 def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
@@ -110,17 +111,6 @@ def setup_distributed() -> DistEnv:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world_size, local_rank, device)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
@@ -275,11 +265,6 @@ def peak_memory_line(device: torch.device) -> str:
 # The loop
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _load_tokenizer(cfg: Config):
     import sentencepiece as spm
 
@@ -395,7 +380,7 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
         t0 = time.perf_counter()
         for i in range(cfg.warmup_steps):
             run_step(0, 1.0)
-        _sync(device)
+        synchronize(device)
         base_model.load_state_dict(initial_model)
         optimizers.load_state_dict(initial_opt)
         loader.reset()
@@ -421,18 +406,18 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     status = "finished"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     while True:
         last_step = step == cfg.iterations or (stop_after_step is not None and step >= stop_after_step)
         if (cfg.val_loss_every > 0 and step > 0 and step % cfg.val_loss_every == 0) or (last_step and step > 0):
-            _sync(device)
+            synchronize(device)
             training_time_ms += 1000.0 * (time.perf_counter() - t0)
             val_loss, val_bpb = validate(None)
             val_history.append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb))
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
         if last_step:
             if stop_after_step is not None and step < cfg.iterations:

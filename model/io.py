@@ -1,0 +1,63 @@
+"""What every writer and timer in the project shares: the atomic file write and the device sync.
+
+model/ is the lowest package that train/, quant/ and bench/ may all import, so these live here once.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes] | Callable[[BinaryIO], object]) -> Path:
+    """Write `path` so that readers see the old file or the whole new one, never a part.
+
+    data: bytes, str (UTF-8), an iterable of byte chunks (streamed), or a function that writes to the
+    open binary file (e.g. `lambda f: torch.save(obj, f)`). The data goes to a temp file in the same
+    folder, is fsynced, gets the usual mode 0666 & ~umask (mkstemp would leave 0600) and replaces `path`
+    with os.replace; on any error the temp file is removed and `path` is untouched. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            elif isinstance(data, (bytes, bytearray, memoryview, str)):
+                f.write(data.encode() if isinstance(data, str) else data)
+            else:
+                for chunk in data:
+                    f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU, where every op has finished on return.
+
+    device None: the current CUDA device, if CUDA is available.
+    """
+    if device is None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
