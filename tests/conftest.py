@@ -18,6 +18,30 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 import pytest  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# The packages whose code decides what a trained model and its artifact hold (bench/ and tests/ do not).
+SOURCE_DIRS = ("kernels", "model", "train", "quant")
+
+
+def hash_project_sources(digest) -> None:
+    """Feed every .py file under SOURCE_DIRS (path and contents) into `digest`: a cache key for trained runs."""
+    files = sorted(p for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts)
+    for path in files:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls(request):
+    """fp32 references must be fp32: TF32 stays off in every test (restored after), unless the test is
+    marked `tf32`. On a CPU-only machine the flags do nothing; on a GPU an earlier training run in the same
+    worker would otherwise leave TF32 on and blur every later fp32 comparison."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    on = request.node.get_closest_marker("tf32") is not None
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @pytest.fixture(scope="session")
@@ -27,17 +51,11 @@ def prepared_corpus():
     prepare() holds a file lock while it builds, so parallel test workers build it once between them.
     Returns train.prepare.Summary (dataset_dir, tokenizer_path, token counts, shard names).
     """
-    from pathlib import Path
-
     from train.prepare import prepare
 
-    return prepare(out_root=Path(__file__).resolve().parents[1] / "data", progress=False)
+    return prepare(out_root=REPO / "data", progress=False)
 
 
-# Source files whose contents decide what the tiny_run fixture trains: any change retrains it.
-_TINY_RUN_SOURCES = ("model/config.py", "model/gpt.py", "kernels/__init__.py", "kernels/mlp.py", "kernels/norm.py",
-                     "kernels/attention.py", "kernels/head.py", "train/trainer.py", "train/muon.py", "train/data.py",
-                     "train/evaluate.py")
 TINY_RUN_STEPS = 40  # enough that the weights leave their init and quantization gaps mean something
 
 
@@ -58,23 +76,21 @@ def tiny_run(prepared_corpus):
     """runs-style folder (final_model.pt, summary.json, train.log, config.json) of a short tiny-preset run.
 
     Trained once and cached under .cache/tests/tiny_run-<hash>, the hash covering the config, the
-    training sources and the corpus manifest; a file lock makes parallel pytest-xdist workers train it
+    sources (hash_project_sources) and the corpus manifest; a file lock makes parallel pytest-xdist workers train it
     once between them. The run trains into a temporary folder that is renamed into place when complete.
     """
     import hashlib
     import json
     import shutil
-    from pathlib import Path
 
     from filelock import FileLock
 
     import kernels
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     cfg = tiny_run_config(prepared_corpus)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    for rel in _TINY_RUN_SOURCES:
-        digest.update(rel.encode() + b"\0" + (repo / rel).read_bytes())
+    hash_project_sources(digest)
     manifest = Path(prepared_corpus.dataset_dir) / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else b"no manifest")
     cache = repo / ".cache" / "tests"

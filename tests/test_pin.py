@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, hash_project_sources
 from filelock import FileLock
 
-REPO = Path(__file__).resolve().parents[1]
 PIN_FILE = REPO / "tests" / "pins" / "tiny_run.json"
 RUNNER = REPO / "tests" / "pin_tiny_run.py"
-SOURCE_DIRS = ("kernels", "model", "train", "quant")
 PIN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "KERNELS": "torch"}
 if platform.machine() in ("x86_64", "AMD64"):  # the same vector code path on AVX2 and AVX-512 machines
     PIN_ENV.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
@@ -35,9 +34,8 @@ if platform.machine() in ("x86_64", "AMD64"):  # the same vector code path on AV
 
 def source_key(corpus_manifest: Path) -> str:
     digest = hashlib.sha256(json.dumps(PIN_ENV, sort_keys=True).encode())
-    files = sorted(p for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts)
-    for path in files + [RUNNER]:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    hash_project_sources(digest)
+    digest.update(RUNNER.read_bytes())
     digest.update(corpus_manifest.read_bytes() if corpus_manifest.is_file() else b"no manifest")
     return digest.hexdigest()[:16]
 
