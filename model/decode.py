@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.norm import rms_norm_reference
 
-from .gpt import Attention, CrawlerGPT, _unwrap, apply_rope, rms_norm, rope_tables
+from .gpt import Attention, CrawlerGPT, _unwrap, apply_rope, rope_tables
 
 
 class KVCache:
@@ -106,8 +107,8 @@ class _CachedAttention:
         q = a.c_q(x).view(B, n, a.num_heads, a.head_dim)
         k = a.c_k(x).view(B, n, a.num_kv_heads, a.head_dim)
         v = a.c_v(x).view(B, n, a.num_kv_heads, a.head_dim)
-        q = apply_rope(rms_norm(q), cos, sin)
-        k = apply_rope(rms_norm(k), cos, sin)
+        q = apply_rope(rms_norm_reference(q), cos, sin)
+        k = apply_rope(rms_norm_reference(k), cos, sin)
         start, end = cache.length, cache.length + n
         cache.k[self.slot, :, start:end] = k
         cache.v[self.slot, :, start:end] = v
@@ -165,11 +166,11 @@ def decode_step(model: nn.Module, ids_new: torch.Tensor, cache: KVCache) -> torc
     # Embedding. Bigram and smear look one token back: prepend the last cached token (and its hidden) so
     # the model's own modules compute the first new position exactly, then drop the prepended position.
     if start == 0:
-        hidden = rms_norm(model.tok_emb(ids_new) + model.bigram(ids_new))
+        hidden = rms_norm_reference(model.tok_emb(ids_new) + model.bigram(ids_new))
         x = model.smear(hidden)
     else:
         bigram = model.bigram(torch.cat((cache.last_ids, ids_new), dim=1))[:, 1:]
-        hidden = rms_norm(model.tok_emb(ids_new) + bigram)
+        hidden = rms_norm_reference(model.tok_emb(ids_new) + bigram)
         x = model.smear(torch.cat((cache.last_hidden, hidden), dim=1))[:, 1:]
     x0 = x
 

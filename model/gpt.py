@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.mlp import leaky_relu_squared
+from kernels.norm import rms_norm_reference
 
 from .config import Config, ConfigError, from_env
 from .io import write_atomic
@@ -35,11 +37,6 @@ BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
 
 class CheckpointError(ValueError):
     """A checkpoint or state dict that cannot be loaded; the message names the file or tensor."""
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Weightless RMSNorm over the last dim with PyTorch's default eps (the original's choice)."""
-    return F.rms_norm(x, (x.size(-1),))
 
 
 # ---------------------------------------------------------------- rotary embedding (partial, O's direction)
@@ -136,9 +133,9 @@ class Attention(nn.Module):
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_rope(rms_norm(q), cos, sin)
-        k = apply_rope(rms_norm(k), cos, sin)
-        # Under CUDA autocast rms_norm returns fp32 while v is bf16: hand the op one dtype.
+        q = apply_rope(rms_norm_reference(q), cos, sin)
+        k = apply_rope(rms_norm_reference(k), cos, sin)
+        # Under CUDA autocast F.rms_norm returns fp32 while v is bf16: hand the op one dtype.
         y = kernels.attention(q.to(v.dtype), k.to(v.dtype), v, self.q_gain, self.xsa)
         return self.proj(y.reshape(B, T, -1))
 
@@ -155,7 +152,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unfused:  # calibration: each Linear's own forward runs, so hooks on fc and proj fire
-            return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+            return self.proj(leaky_relu_squared(self.fc(x), self.slope))
         return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
 
 
@@ -251,7 +248,7 @@ class CrawlerGPT(nn.Module):
             raise ValueError(f"CrawlerGPT: targets shape {tuple(targets.shape)} != ids shape {tuple(ids.shape)}")
         cfg = self.config
         T, device = ids.size(1), ids.device
-        x = x0 = self.smear(rms_norm(self.tok_emb(ids) + self.bigram(ids)))
+        x = x0 = self.smear(rms_norm_reference(self.tok_emb(ids) + self.bigram(ids)))
 
         flat_cos, flat_sin = rope_tables(T, cfg.flat_rope_base, 1.0, cfg.rope_dims, device)
         n_enc = cfg.num_encoder_layers
