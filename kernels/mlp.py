@@ -33,7 +33,12 @@ from kernels._runtime import INTERPRET, check_kernel_device
 def mlp_reference(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
     """x [..., d], w_up [hidden, d], w_down [d, hidden]; act(u) = leaky_relu(u, slope)^2 (slope 0 = relu^2)."""
     pre = F.linear(x, w_up)
-    return F.linear(F.leaky_relu(pre, slope).square(), w_down)
+    return F.linear(leaky_relu_squared(pre, slope), w_down)
+
+
+def leaky_relu_squared(h: torch.Tensor, slope: float) -> torch.Tensor:
+    """The MLP's activation, leaky_relu(h, slope)^2; the model's unfused (calibration) path calls it too."""
+    return F.leaky_relu(h, slope).square()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ the instruction projections and the tied head. What is new here is only what a c
 - the first new token's bigram bucket and smear blend, which need the previous token's id and its
   pre-smear hidden, kept in the cache.
 
-One cache slot per distinct block application: the encoder blocks, each crawler loop (the shared block
-sees different inputs, and different RoPE frequencies, on every loop) and the decoder blocks.
+The order of block applications, their skips, instructions and RoPE tables is the model's own schedule
+(CrawlerGPT.run_blocks over model.schedule). One cache slot per slot of it, at the slot's position: the
+encoder blocks, each crawler loop (the shared block sees different inputs, and different RoPE
+frequencies, on every loop) and the decoder blocks.
 """
 from __future__ import annotations
 
@@ -24,16 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.norm import rms_norm_reference
 
-from .gpt import Attention, CrawlerGPT, _unwrap, apply_rope, rms_norm, rope_tables
+from .gpt import Attention, CrawlerGPT, Slot, _unwrap, apply_rope, rope_tables
 
 
 class KVCache:
     """Preallocated keys and values of every block application, plus what the next token's embedding needs.
 
-    k[slot], v[slot]: [batch, max_len, kv_heads, head_dim] for slot in 0 .. num_slots-1, in forward order
-    (encoder blocks, crawler loops, decoder blocks). `length` tokens are filled. The RoPE tables for
-    max_len positions are built once here (flat blocks, then one per crawler loop).
+    k[p], v[p]: [batch, max_len, kv_heads, head_dim] for the schedule's slot at position p (forward order:
+    encoder blocks, crawler loops, decoder blocks). `length` tokens are filled. The RoPE tables for
+    max_len positions are built once here, one per distinct (base, scale) of the schedule.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, device=None, dtype=None):
@@ -46,13 +49,11 @@ class KVCache:
         # Keys and values come out of the projections in the activation dtype (bf16 under CUDA autocast).
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.batch_size, self.max_len = batch_size, max_len
-        self.num_slots = cfg.num_encoder_layers + cfg.crawler_loops + cfg.num_decoder_layers
+        self.num_slots = len(model.schedule)
         shape = (self.num_slots, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.flat_rope = rope_tables(max_len, cfg.flat_rope_base, 1.0, cfg.rope_dims, device)
-        self.crawler_rope = [rope_tables(max_len, cfg.rope_base, cfg.crawler_loop_rope_scales[k], cfg.rope_dims, device)
-                             for k in range(cfg.crawler_loops)]
+        self.ropes = {rope: rope_tables(max_len, *rope, cfg.rope_dims, device) for rope in model.rope_keys}
         self.length = 0
         self.last_ids: torch.Tensor | None = None     # [B, 1] the last token fed
         self.last_hidden: torch.Tensor | None = None  # [B, 1, d] its normalized embedding, before the smear
@@ -106,8 +107,8 @@ class _CachedAttention:
         q = a.c_q(x).view(B, n, a.num_heads, a.head_dim)
         k = a.c_k(x).view(B, n, a.num_kv_heads, a.head_dim)
         v = a.c_v(x).view(B, n, a.num_kv_heads, a.head_dim)
-        q = apply_rope(rms_norm(q), cos, sin)
-        k = apply_rope(rms_norm(k), cos, sin)
+        q = apply_rope(rms_norm_reference(q), cos, sin)
+        k = apply_rope(rms_norm_reference(k), cos, sin)
         start, end = cache.length, cache.length + n
         cache.k[self.slot, :, start:end] = k
         cache.v[self.slot, :, start:end] = v
@@ -129,8 +130,9 @@ class _BlockWithCache:
         return getattr(self._block, name)
 
 
-def _run_block(block: nn.Module, cache: KVCache, slot: int, x, x0, cos, sin) -> torch.Tensor:
-    view = _BlockWithCache(block, _CachedAttention(block.attn, cache, slot))
+def _run_block(model: CrawlerGPT, cache: KVCache, slot: Slot, x, x0, cos, sin) -> torch.Tensor:
+    block = model.block(slot)
+    view = _BlockWithCache(block, _CachedAttention(block.attn, cache, slot.position))
     return type(block).forward(view, x, x0, cos, sin)
 
 
@@ -165,36 +167,16 @@ def decode_step(model: nn.Module, ids_new: torch.Tensor, cache: KVCache) -> torc
     # Embedding. Bigram and smear look one token back: prepend the last cached token (and its hidden) so
     # the model's own modules compute the first new position exactly, then drop the prepended position.
     if start == 0:
-        hidden = rms_norm(model.tok_emb(ids_new) + model.bigram(ids_new))
+        hidden = rms_norm_reference(model.tok_emb(ids_new) + model.bigram(ids_new))
         x = model.smear(hidden)
     else:
         bigram = model.bigram(torch.cat((cache.last_ids, ids_new), dim=1))[:, 1:]
-        hidden = rms_norm(model.tok_emb(ids_new) + bigram)
+        hidden = rms_norm_reference(model.tok_emb(ids_new) + bigram)
         x = model.smear(torch.cat((cache.last_hidden, hidden), dim=1))[:, 1:]
     x0 = x
 
-    flat_cos, flat_sin = (t[start:end] for t in cache.flat_rope)
-    n_enc = cfg.num_encoder_layers
-    slot = 0
-    skips = []
-    for block in model.flat_blocks[:n_enc]:
-        x = _run_block(block, cache, slot, x, x0, flat_cos, flat_sin)
-        skips.append(x)
-        slot += 1
-
-    crawler = model.crawler_blocks[0]
-    for k in range(cfg.crawler_loops):
-        if cfg.inst_dim > 0:
-            x = x + model.loop_inst_up[k](model.loop_inst_proj(x))
-        cos, sin = (t[start:end] for t in cache.crawler_rope[k])
-        x = _run_block(crawler, cache, slot, x, x0, cos, sin)
-        slot += 1
-
-    for i, block in enumerate(model.flat_blocks[n_enc:]):
-        if skips:
-            x = x + model.skip_weights[i] * skips.pop()
-        x = _run_block(block, cache, slot, x, x0, flat_cos, flat_sin)
-        slot += 1
+    ropes = {rope: (cos[start:end], sin[start:end]) for rope, (cos, sin) in cache.ropes.items()}
+    x = model.run_blocks(x, x0, ropes, lambda slot, *args: _run_block(model, cache, slot, *args))
 
     cache.length = end
     cache.last_ids = ids_new[:, -1:]

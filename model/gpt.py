@@ -8,6 +8,10 @@ Every block sees the same x0. The heavy ops go through kernels/ (`kernels.attent
 which pick the Triton kernel or the PyTorch path. Parameter names follow the original's state dict, so
 its checkpoints load by name (`from_seed_state_dict`) and quant/ finds linear layers by name.
 
+The order of block applications is one static plan, `block_schedule(config)`, kept as `model.schedule`
+(a tuple of `Slot`s): __init__ reads each block's XSA flag from it, and forward (`run_blocks`), the
+KV-cached decode (model/decode.py) and the step ledger walk it.
+
 Calibration (quant/): the MLP normally runs fused (`kernels.mlp` takes the weights, so forward hooks on
 `mlp.fc` / `mlp.proj` never fire). Inside `with calibration_mode(model):` every MLP calls `fc` and `proj`
 through their own forward, so ordinary forward (pre-)hooks on every nn.Linear see its input; the shared
@@ -18,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.mlp import leaky_relu_squared
+from kernels.norm import rms_norm_reference
 
 from .config import Config, ConfigError, from_env
 from .io import write_atomic
@@ -35,11 +42,6 @@ BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
 
 class CheckpointError(ValueError):
     """A checkpoint or state dict that cannot be loaded; the message names the file or tensor."""
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Weightless RMSNorm over the last dim with PyTorch's default eps (the original's choice)."""
-    return F.rms_norm(x, (x.size(-1),))
 
 
 # ---------------------------------------------------------------- rotary embedding (partial, O's direction)
@@ -136,9 +138,9 @@ class Attention(nn.Module):
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_rope(rms_norm(q), cos, sin)
-        k = apply_rope(rms_norm(k), cos, sin)
-        # Under CUDA autocast rms_norm returns fp32 while v is bf16: hand the op one dtype.
+        q = apply_rope(rms_norm_reference(q), cos, sin)
+        k = apply_rope(rms_norm_reference(k), cos, sin)
+        # Under CUDA autocast F.rms_norm returns fp32 while v is bf16: hand the op one dtype.
         y = kernels.attention(q.to(v.dtype), k.to(v.dtype), v, self.q_gain, self.xsa)
         return self.proj(y.reshape(B, T, -1))
 
@@ -155,7 +157,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unfused:  # calibration: each Linear's own forward runs, so hooks on fc and proj fire
-            return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+            return self.proj(leaky_relu_squared(self.fc(x), self.slope))
         return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
 
 
@@ -179,16 +181,64 @@ class Block(nn.Module):
         return x + self.mlp_scale * self.mlp(h)
 
 
-def xsa_placement(config: Config) -> list[bool]:
-    """XSA on/off for the distinct blocks in forward order: encoder blocks, the crawler, decoder blocks.
+# ---------------------------------------------------------------- the block schedule
 
+ENCODER, CRAWLER, DECODER = "encoder", "crawler", "decoder"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One block application, in forward order.
+
+    blocks, index: the module applied, `getattr(model, blocks)[index]` (state-dict prefix `name`).
+    kind: ENCODER, CRAWLER (loop `loop` of the shared block) or DECODER.
+    position: its place in forward order, which is also its KV-cache slot (model/decode.py).
+    rope: (base, scale) of its RoPE tables.
+    inst: the loop_inst_up row applied to x before the block (None: no instruction).
+    push_skip: the block's output is kept for a decoder (encoder slots).
+    skip: the skip_weights row with which the last kept output is added before the block (None: none left).
+    xsa: XSA on the module (per distinct block, so every loop of the crawler agrees).
+    """
+    blocks: str
+    index: int
+    kind: str
+    position: int
+    rope: tuple[float, float]
+    xsa: bool
+    loop: int | None = None
+    inst: int | None = None
+    push_skip: bool = False
+    skip: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.blocks}.{self.index}"
+
+
+def block_schedule(config: Config) -> tuple[Slot, ...]:
+    """The U-Net's block applications: encoder blocks (each keeps its output), the crawler block once per
+    loop (its own RoPE scale and instruction), then decoder blocks (decoder i adds encoder n_enc-1-i's
+    output with skip_weights[i] while encoder outputs remain).
+
+    XSA counts the distinct blocks in forward order (encoder blocks, the crawler, decoder blocks):
     XSA_LAST_N=N turns it on for the last N of them (N >= their count: all); XSA_BLOCKS=crawler is the
     original's placement, the crawler only.
     """
-    count = config.num_flat_layers + 1
-    if config.xsa_blocks == "crawler":
-        return [i == config.num_encoder_layers for i in range(count)]
-    return [i >= count - config.xsa_last_n for i in range(count)]
+    n_enc, n_dec = config.num_encoder_layers, config.num_decoder_layers
+    distinct = config.num_flat_layers + 1
+
+    def xsa(d: int) -> bool:  # d: the block's place among the distinct blocks
+        return d == n_enc if config.xsa_blocks == "crawler" else d >= distinct - config.xsa_last_n
+
+    flat_rope = (config.flat_rope_base, 1.0)
+    encoder = [Slot("flat_blocks", i, ENCODER, i, flat_rope, xsa(i), push_skip=True) for i in range(n_enc)]
+    # Each loop sees its own RoPE frequencies (base 10000 divided by its scale, never NTK-rescaled).
+    crawler = [Slot("crawler_blocks", 0, CRAWLER, n_enc + k, (config.rope_base, config.crawler_loop_rope_scales[k]),
+                    xsa(n_enc), loop=k, inst=k if config.inst_dim > 0 else None)
+               for k in range(config.crawler_loops)]
+    decoder = [Slot("flat_blocks", n_enc + i, DECODER, n_enc + config.crawler_loops + i, flat_rope,
+                    xsa(n_enc + 1 + i), skip=i if i < n_enc else None) for i in range(n_dec)]
+    return tuple(encoder + crawler + decoder)
 
 
 # ---------------------------------------------------------------- the model
@@ -197,18 +247,19 @@ class CrawlerGPT(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        dim, n_enc = config.model_dim, config.num_encoder_layers
-        xsa = xsa_placement(config)
+        dim = config.model_dim
+        self.schedule = block_schedule(config)
+        self.rope_keys = tuple(dict.fromkeys(slot.rope for slot in self.schedule))  # distinct (base, scale)
+        xsa = {slot.name: slot.xsa for slot in self.schedule}
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
         self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim)
         self.smear = SmearGate(dim)
-        self.skip_weights = nn.Parameter(torch.ones(min(n_enc, config.num_decoder_layers), dim))
-        # Flat block i sits at forward position i (encoder) or i + 1 (decoder, after the crawler).
+        self.skip_weights = nn.Parameter(torch.ones(min(config.num_encoder_layers, config.num_decoder_layers), dim))
         self.flat_blocks = nn.ModuleList(
-            Block(config, i, config.mlp_mult, config.mlp_leaky_slope, xsa[i if i < n_enc else i + 1])
+            Block(config, i, config.mlp_mult, config.mlp_leaky_slope, xsa[f"flat_blocks.{i}"])
             for i in range(config.num_flat_layers))
         self.crawler_blocks = nn.ModuleList([Block(config, config.num_flat_layers, config.crawler_mlp_mult,
-                                                   config.crawler_mlp_leaky_slope, xsa[n_enc])])
+                                                   config.crawler_mlp_leaky_slope, xsa["crawler_blocks.0"])])
         if config.inst_dim > 0:  # per-loop instruction: x_loop = x + up_k(proj(x))
             self.loop_inst_proj = nn.Linear(dim, config.inst_dim, bias=False)
             self.loop_inst_up = nn.ModuleList(nn.Linear(config.inst_dim, dim, bias=False)
@@ -243,6 +294,25 @@ class CrawlerGPT(nn.Module):
         nn.init.zeros_(self.smear.gate)
         self.skip_weights.fill_(1.0)
 
+    def block(self, slot: Slot) -> Block:
+        """The module a slot applies."""
+        return getattr(self, slot.blocks)[slot.index]
+
+    def run_blocks(self, x: torch.Tensor, x0: torch.Tensor, ropes: Mapping,
+                   apply: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """x after every slot of the schedule, in order; apply(slot, x, x0, cos, sin) runs the slot's block
+        (its module in forward, the cached attention in decode_step); ropes: {slot.rope: (cos, sin)}."""
+        skips = []
+        for slot in self.schedule:
+            if slot.inst is not None:  # x_loop = x + up_k(proj(x))
+                x = x + self.loop_inst_up[slot.inst](self.loop_inst_proj(x))
+            if slot.skip is not None:  # decoder 0 gets the last encoder's output, and so on inwards
+                x = x + self.skip_weights[slot.skip] * skips.pop()
+            x = apply(slot, x, x0, *ropes[slot.rope])
+            if slot.push_skip:
+                skips.append(x)
+        return x
+
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T] -> softcapped fp32 logits [B, T, vocab], or the fp32 mean cross-entropy given targets [B, T]."""
         if ids.dim() != 2:
@@ -251,28 +321,9 @@ class CrawlerGPT(nn.Module):
             raise ValueError(f"CrawlerGPT: targets shape {tuple(targets.shape)} != ids shape {tuple(ids.shape)}")
         cfg = self.config
         T, device = ids.size(1), ids.device
-        x = x0 = self.smear(rms_norm(self.tok_emb(ids) + self.bigram(ids)))
-
-        flat_cos, flat_sin = rope_tables(T, cfg.flat_rope_base, 1.0, cfg.rope_dims, device)
-        n_enc = cfg.num_encoder_layers
-        skips = []
-        for block in self.flat_blocks[:n_enc]:
-            x = block(x, x0, flat_cos, flat_sin)
-            skips.append(x)
-
-        crawler = self.crawler_blocks[0]
-        for k in range(cfg.crawler_loops):
-            if cfg.inst_dim > 0:
-                x = x + self.loop_inst_up[k](self.loop_inst_proj(x))
-            # Each loop sees its own RoPE frequencies (base 10000 divided by its scale, never NTK-rescaled).
-            cos, sin = rope_tables(T, cfg.rope_base, cfg.crawler_loop_rope_scales[k], cfg.rope_dims, device)
-            x = crawler(x, x0, cos, sin)
-
-        for i, block in enumerate(self.flat_blocks[n_enc:]):
-            if skips:  # decoder 0 gets the last encoder's output, and so on inwards
-                x = x + self.skip_weights[i] * skips.pop()
-            x = block(x, x0, flat_cos, flat_sin)
-
+        x = x0 = self.smear(rms_norm_reference(self.tok_emb(ids) + self.bigram(ids)))
+        ropes = {rope: rope_tables(T, *rope, cfg.rope_dims, device) for rope in self.rope_keys}
+        x = self.run_blocks(x, x0, ropes, lambda slot, *args: self.block(slot)(*args))
         h = kernels.rms_norm(x)
         if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
             return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)

@@ -15,7 +15,7 @@ import kernels
 import model
 from kernels.int6 import QuantLinear
 from model.decode import KVCache, decode_step
-from model.gpt import MLP, xsa_placement
+from model.gpt import MLP
 from quant import artifact as art
 from quant import generate as gen
 
@@ -40,7 +40,9 @@ def small():
     cfg = model.from_env(environ={}, preset="tiny", model_dim=64, num_heads=4, num_kv_heads=2, num_flat_layers=5,
                          bigram_vocab_size=256, bigram_dim=32, inst_dim=8, crawler_loops=2,
                          crawler_loop_rope_scales=(9.0, 1.0), xsa_last_n=11, quant_small_numel=1024)
-    assert all(xsa_placement(cfg)) and cfg.crawler_loop_rope_scales[0] != cfg.crawler_loop_rope_scales[1]
+    schedule = model.block_schedule(cfg)
+    assert all(slot.xsa for slot in schedule) and cfg.crawler_loop_rope_scales[0] != cfg.crawler_loop_rope_scales[1]
+    assert [slot.skip for slot in schedule if slot.kind == "decoder"] == [0, 1, None]
     return cfg, _noisy(cfg)
 
 

@@ -10,13 +10,15 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 import model
 from kernels.attention import attention_reference
 from model.config import from_env
-from model.gpt import (MLP, Block, CheckpointError, CrawlerGPT, apply_rope, bigram_buckets, rope_tables,
-                       xsa_placement)
+from kernels.norm import rms_norm_reference
+from model.gpt import (CRAWLER, DECODER, ENCODER, MLP, Block, CheckpointError, CrawlerGPT, Slot, apply_rope,
+                       bigram_buckets, block_schedule, rope_tables)
 
 AS_RUN_PARAMETERS = 26_040_913          # SPEC: the original's 26,253,908 less its unused ve_* and loop_inst_*
 # as-run + the live instruction: loop_inst_proj 32x512 + two loop_inst_up 512x32
@@ -224,6 +226,14 @@ def test_rope_bases_flat_ntk_and_per_loop_scales():
     assert not torch.allclose(crawler_cos[0], crawler_cos[1])
 
 
+def xsa_placement(cfg):
+    """XSA of the distinct blocks in forward order, read from the schedule (the crawler's loops agree)."""
+    flags = {}
+    for slot in block_schedule(cfg):
+        assert flags.setdefault(slot.name, slot.xsa) == slot.xsa, slot
+    return list(flags.values())
+
+
 def test_xsa_placement_counts_distinct_blocks_in_forward_order():
     # forward order of the 10 distinct blocks: enc0-3 (0-3), crawler (4), dec0-4 (5-9)
     assert xsa_placement(config(xsa_last_n=0)) == [False] * 10
@@ -234,8 +244,90 @@ def test_xsa_placement_counts_distinct_blocks_in_forward_order():
     net = CrawlerGPT(config(xsa_last_n=6))
     assert [b.attn.xsa for b in net.flat_blocks] == [False] * 4 + [True] * 5
     assert net.crawler_blocks[0].attn.xsa
+    assert all(net.block(slot).attn.xsa == slot.xsa for slot in net.schedule)
     as_run = from_env(environ={}, preset="ouroboros-as-run")
     assert xsa_placement(as_run) == [i == 4 for i in range(10)]
+
+
+# ---------------------------------------------------------------- the block schedule
+
+def test_schedule_of_the_ouroboros_preset():
+    cfg = from_env(environ={}, preset="ouroboros")
+    flat, xsa = (cfg.flat_rope_base, 1.0), True  # XSA_LAST_N=11 covers all 10 distinct blocks
+    assert flat[0] == pytest.approx(10000.0 * 2.0 ** (16 / 14))  # the NTK base at TRAIN_SEQ_LEN 2048
+    encoder = [Slot("flat_blocks", i, ENCODER, i, flat, xsa, push_skip=True) for i in range(4)]
+    crawler = [Slot("crawler_blocks", 0, CRAWLER, 4, (10000.0, 9.0), xsa, loop=0, inst=0),
+               Slot("crawler_blocks", 0, CRAWLER, 5, (10000.0, 1.0), xsa, loop=1, inst=1)]
+    decoder = [Slot("flat_blocks", 4 + i, DECODER, 6 + i, flat, xsa, skip=i if i < 4 else None) for i in range(5)]
+    assert block_schedule(cfg) == tuple(encoder + crawler + decoder)
+    assert [s.name for s in block_schedule(cfg)] == ([f"flat_blocks.{i}" for i in range(4)] + ["crawler_blocks.0"] * 2
+                                                     + [f"flat_blocks.{i}" for i in range(4, 9)])
+
+
+def test_schedule_crawler_only_xsa_and_no_instruction():
+    schedule = block_schedule(from_env(environ={}, preset="ouroboros-as-run"))  # XSA_BLOCKS=crawler, INST_DIM=0
+    assert [s.xsa for s in schedule] == [s.kind == CRAWLER for s in schedule] == [False] * 4 + [True] * 2 + [False] * 5
+    assert [s.inst for s in schedule] == [None] * 11
+    assert [s.loop for s in schedule] == [None] * 4 + [0, 1] + [None] * 5
+    assert [s.inst for s in block_schedule(config(inst_dim=16))] == [None] * 4 + [0, 1] + [None] * 5
+
+
+@pytest.mark.parametrize("flat, kinds, skips", [
+    (0, "C", []),
+    (1, "CD", [None]),
+    (2, "ECD", [0]),
+    (4, "EECDD", [0, 1]),
+    (5, "EECDDD", [0, 1, None]),
+    (9, "EEEECDDDDD", [0, 1, 2, 3, None]),
+])
+def test_schedule_wiring_for_odd_even_and_tiny_depths(flat, kinds, skips):
+    schedule = block_schedule(config(num_flat_layers=flat, crawler_loops=1))
+    short = {ENCODER: "E", CRAWLER: "C", DECODER: "D"}
+    assert "".join(short[s.kind] for s in schedule) == kinds
+    assert [s.position for s in schedule] == list(range(len(kinds)))
+    assert [s.push_skip for s in schedule] == [s.kind == ENCODER for s in schedule]
+    assert [s.skip for s in schedule if s.kind == DECODER] == skips
+    assert all(s.skip is None for s in schedule if s.kind != DECODER)
+    flat_names = [s.name for s in schedule if s.kind != CRAWLER]
+    assert flat_names == [f"flat_blocks.{i}" for i in range(flat)]
+    net = CrawlerGPT(config(num_flat_layers=flat, crawler_loops=1))
+    assert net.skip_weights.shape[0] == sum(s is not None for s in skips)
+
+
+def reference_forward(net, ids):
+    """The U-Net written out by hand, as CrawlerGPT.forward ran before the schedule: encoder blocks keep
+    their outputs, the crawler loops (instruction, then the block with its own RoPE scale), decoder i adds
+    encoder n_enc-1-i's output, every table and float op in the same order."""
+    cfg = net.config
+    T = ids.size(1)
+    x = x0 = net.smear(rms_norm_reference(net.tok_emb(ids) + net.bigram(ids)))
+    flat_cos, flat_sin = rope_tables(T, cfg.flat_rope_base, 1.0, cfg.rope_dims, ids.device)
+    n_enc = cfg.num_encoder_layers
+    skips = []
+    for block in net.flat_blocks[:n_enc]:
+        x = block(x, x0, flat_cos, flat_sin)
+        skips.append(x)
+    for k in range(cfg.crawler_loops):
+        if cfg.inst_dim > 0:
+            x = x + net.loop_inst_up[k](net.loop_inst_proj(x))
+        cos, sin = rope_tables(T, cfg.rope_base, cfg.crawler_loop_rope_scales[k], cfg.rope_dims, ids.device)
+        x = net.crawler_blocks[0](x, x0, cos, sin)
+    for i, block in enumerate(net.flat_blocks[n_enc:]):
+        if skips:
+            x = x + net.skip_weights[i] * skips.pop()
+        x = block(x, x0, flat_cos, flat_sin)
+    logits = F.linear(kernels.rms_norm(x), net.tok_emb.weight).float()
+    return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(inst_dim=0, num_flat_layers=4, train_seq_len=2048),
+                                     dict(num_flat_layers=1, crawler_loops=3, crawler_loop_rope_scales=(4.0, 2.0, 1.0))],
+                         ids=["tiny", "no-inst-even-ntk", "one-flat-three-loops"])
+def test_forward_is_the_hand_written_order_bit_for_bit(changes):
+    net = tiny_model(**changes)
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(net(ids), reference_forward(net, ids))
 
 
 def test_xsa_removes_exactly_the_own_value_component():
