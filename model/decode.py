@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.norm import rms_norm_reference
 
-from .gpt import Attention, CrawlerGPT, Slot, _unwrap, apply_rope, rope_tables
+from .gpt import Attention, CrawlerGPT, Slot, _unwrap, rope_tables
 
 
 class KVCache:
@@ -95,25 +95,20 @@ def _cached_attention_fp32(q, k, v, v_new, q_gain, xsa: bool, start: int) -> tor
 
 
 class _CachedAttention:
-    """Stands in for a block's Attention during one decode step: same projections, QK-norm and RoPE as
-    Attention.forward, then appends k, v to the cache slot and attends over everything cached."""
+    """Stands in for a block's Attention during one decode step: Attention.qkv (its projections, QK-norm and
+    RoPE), then appends k, v to the cache slot and attends over everything cached."""
 
     def __init__(self, attn: Attention, cache: KVCache, slot: int):
         self.attn, self.cache, self.slot = attn, cache, slot
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a, cache = self.attn, self.cache
-        B, n, _ = x.shape
-        q = a.c_q(x).view(B, n, a.num_heads, a.head_dim)
-        k = a.c_k(x).view(B, n, a.num_kv_heads, a.head_dim)
-        v = a.c_v(x).view(B, n, a.num_kv_heads, a.head_dim)
-        q = apply_rope(rms_norm_reference(q), cos, sin)
-        k = apply_rope(rms_norm_reference(k), cos, sin)
-        start, end = cache.length, cache.length + n
+        q, k, v = a.qkv(x, cos, sin)
+        start, end = cache.length, cache.length + x.shape[1]
         cache.k[self.slot, :, start:end] = k
         cache.v[self.slot, :, start:end] = v
         y = cached_attention(q, cache.k[self.slot, :, :end], cache.v[self.slot, :, :end], v, a.q_gain, a.xsa, start)
-        return a.proj(y.to(v.dtype).reshape(B, n, -1))
+        return a.proj(y.to(v.dtype).flatten(2))
 
 
 class _BlockWithCache:

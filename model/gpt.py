@@ -133,16 +133,21 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
         self.xsa = xsa
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D]: projected, q and k RMS-normed and rotated, all in v's dtype
+        (under CUDA autocast F.rms_norm returns fp32 while v is bf16). model/decode.py shares it."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_rope(rms_norm_reference(q), cos, sin)
         k = apply_rope(rms_norm_reference(k), cos, sin)
-        # Under CUDA autocast F.rms_norm returns fp32 while v is bf16: hand the op one dtype.
-        y = kernels.attention(q.to(v.dtype), k.to(v.dtype), v, self.q_gain, self.xsa)
-        return self.proj(y.reshape(B, T, -1))
+        return q.to(v.dtype), k.to(v.dtype), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        y = kernels.attention(q, k, v, self.q_gain, self.xsa)
+        return self.proj(y.flatten(2))
 
 
 class MLP(nn.Module):
