@@ -15,8 +15,9 @@ because row_bytes is a multiple of 16), and each quarter decodes to a dense [BLO
 that meets a contiguous slice of x in its own tl.dot. Consecutive-byte packing would need stride-3
 byte gathers and an interleave to bring the 4 codes of a group back next to each other.
 
-This file holds the references (pack / unpack / dequantize / matmul), the Triton kernels (forward
-and dx), their launchers, the autograd op `ouroboros::int6_matmul`, `QuantLinear` and `sm90_configs()`.
+This file holds the references (pack_int6_planes / unpack_int6_planes / dequantize / matmul), the Triton
+kernels (forward and dx), their launchers, the autograd op `ouroboros::int6_matmul`, `QuantLinear` and
+`sm90_configs()`.
 """
 from __future__ import annotations
 
@@ -44,14 +45,16 @@ def row_bytes(in_features: int) -> int:
 
 # ----------------------------------------------------------------------------- references (PyTorch)
 
-def pack_int6(codes: torch.Tensor) -> torch.Tensor:
-    """int codes [N, K] in [-32, 31] -> packed uint8 [3, N, row_bytes(K)] (the layout in the module docstring)."""
+def pack_int6_planes(codes: torch.Tensor) -> torch.Tensor:
+    """int codes [N, K] in [-32, 31] -> packed uint8 [3, N, row_bytes(K)]: three byte planes, the layout in the
+    module docstring (not quant/'s on-disk stream of 4 codes in 3 consecutive bytes)."""
     if codes.dim() != 2:
-        raise ValueError(f"pack_int6: codes must be 2-D [out_features, in_features], got shape {tuple(codes.shape)}")
+        raise ValueError(f"pack_int6_planes: codes must be 2-D [out_features, in_features], "
+                         f"got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-        raise ValueError(f"pack_int6: codes must be an integer tensor, got dtype {codes.dtype}")
+        raise ValueError(f"pack_int6_planes: codes must be an integer tensor, got dtype {codes.dtype}")
     if codes.numel() and (int(codes.min()) < CODE_MIN or int(codes.max()) > CODE_MAX):
-        raise ValueError(f"pack_int6: codes of shape {tuple(codes.shape)} must lie in [{CODE_MIN}, {CODE_MAX}], "
+        raise ValueError(f"pack_int6_planes: codes of shape {tuple(codes.shape)} must lie in [{CODE_MIN}, {CODE_MAX}], "
                          f"got min {int(codes.min())}, max {int(codes.max())}")
     n, k = codes.shape
     r = row_bytes(k)
@@ -72,9 +75,9 @@ def _check_packed(packed: torch.Tensor, in_features: int, where: str) -> None:
                          f"needs row_bytes={row_bytes(in_features)} (shape {tuple(packed.shape)})")
 
 
-def unpack_int6(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """packed uint8 [3, N, row_bytes(K)] -> int8 codes [N, K]; the exact inverse of pack_int6."""
-    _check_packed(packed, in_features, "unpack_int6")
+def unpack_int6_planes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """packed uint8 [3, N, row_bytes(K)] -> int8 codes [N, K]; the exact inverse of pack_int6_planes."""
+    _check_packed(packed, in_features, "unpack_int6_planes")
     top = packed >> 6
     spread = top[0] | (top[1] << 2) | (top[2] << 4)
     u = torch.cat([packed & 63, spread[None]], 0)                    # [4, N, R]: quarters
@@ -86,7 +89,7 @@ def dequantize_int6(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dequantized weight codes · scale_row, [N, K] in `dtype` (computed in fp32 unless dtype is fp64)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    return (unpack_int6(packed, in_features).to(compute) * scale.to(compute)[:, None]).to(dtype)
+    return (unpack_int6_planes(packed, in_features).to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
 def int6_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -422,11 +425,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear.set_codes: scale shape {tuple(scale.shape)} must be [{self.out_features}]")
         if not torch.isfinite(scale).all():
             raise ValueError("QuantLinear.set_codes: scale has non-finite values")
-        self.packed.copy_(pack_int6(codes.to(self.packed.device)))
+        self.packed.copy_(pack_int6_planes(codes.to(self.packed.device)))
         self.scale.copy_(scale.to(device=self.scale.device, dtype=torch.float32))
 
     def codes(self) -> torch.Tensor:
-        return unpack_int6(self.packed, self.in_features)
+        return unpack_int6_planes(self.packed, self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
