@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from bench.registry import Case, compile_baseline, register
-from kernels.int6 import dequantize_int6, int6_matmul_torch, int6_matmul_triton, pack_int6, row_bytes
+from kernels.int6 import dequantize_int6, int6_matmul_torch, int6_matmul_triton, pack_int6_planes, row_bytes
 
 GPU_MS = (1, 16, 128, 2048, 98304)
 GPU_NK = 8192
@@ -29,7 +29,7 @@ SMOKE_N, SMOKE_K = 64, 96
 def _layer(n: int, k: int, device: str):
     codes = torch.randint(-31, 32, (n, k), dtype=torch.int8, device=device)
     scale = torch.full((n,), 1.0 / 31, device=device) * (0.5 + torch.rand(n, device=device))
-    return pack_int6(codes), scale
+    return pack_int6_planes(codes), scale
 
 
 @register("int6")

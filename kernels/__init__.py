@@ -5,9 +5,18 @@ machine without CUDA, KERNELS=triton runs the kernels through the Triton interpr
 switched on with TRITON_INTERPRET=1 before this package is imported. An op whose kernel has not been
 written yet falls back to its reference and says so once.
 
-Import kernel internals with `from kernels.mlp import ...`: the names `kernels.mlp` and
-`kernels.attention` are the dispatching functions, not the modules (`kernels.norm` is the module of
-`kernels.mix_norm`, `kernels.add_norm` and `kernels.rms_norm`).
+Names, one rule: `kernels.<op>` is always an op's dispatching function (mlp, attention,
+softcap_cross_entropy, mix_norm, add_norm, rms_norm), and a kernel family's module is only ever
+reached as `from kernels.<family> import ...` (mlp, attention, head, norm, int6, gptq). Two families
+share their op's name, so `kernels.mlp` and `kernels.attention` are the functions, never the modules;
+`kernels.rms_norm` is the op (fused on the triton backend), unlike model.gpt.rms_norm, the model's plain
+F.rms_norm helper (QK-norm, the embedding), which never dispatches. In a family module,
+`<op>_triton` is the Triton entry point and `<op>_reference` the PyTorch path the torch backend runs
+(attention's is `attention_sdpa`; its `attention_reference` is the tests' explicit fp32 ground truth).
+
+Every `<op>_triton` entry applies the one input policy of kernels/_runtime.py (`input_policy`): the
+autocast cast, one validation per call (the family's `_check_inputs`), the device check and the
+layout; the dispatching functions here only pick the backend and call.
 """
 import functools
 import logging
@@ -62,7 +71,8 @@ def set_backend(name: str | None) -> None:
 
 
 def _triton_impl(module, op: str):
-    """The op's Triton entry point when the triton backend is active and the kernel exists, else None."""
+    """The op's Triton entry point when the triton backend is active and the kernel exists, else None
+    (the dispatching function then calls the op's PyTorch path)."""
     if backend() != "triton":
         return None
     impl = getattr(module, f"{op}_triton", None)
@@ -83,41 +93,25 @@ def _profiled(dispatch):
     return wrapper
 
 
-def _autocast(*tensors):
-    """Custom ops are not autocast by PyTorch: cast to the autocast dtype here, as F.linear would."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in tensors)
-
-
 @_profiled
 def mlp(x, w_up, w_down, slope: float):
     """y = W_down · leaky_relu(W_up · x, slope)^2; x [..., d], w_up [hidden, d], w_down [d, hidden]."""
-    impl = _triton_impl(_mlp, "mlp")
-    if impl is not None:
-        return impl(*_autocast(x, w_up, w_down), slope)
-    return _mlp.mlp_reference(x, w_up, w_down, slope)
+    impl = _triton_impl(_mlp, "mlp") or _mlp.mlp_reference
+    return impl(x, w_up, w_down, slope)
 
 
 @_profiled
 def attention(q, k, v, q_gain, xsa: bool):
     """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    impl = _triton_impl(_attention, "attention")
-    if impl is not None:
-        q, k, v = _autocast(q, k, v)
-        return impl(q, k, v, q_gain, xsa)
-    return _attention.attention_sdpa(q, k, v, q_gain, xsa)
+    impl = _triton_impl(_attention, "attention") or _attention.attention_sdpa
+    return impl(q, k, v, q_gain, xsa)
 
 
 @_profiled
 def softcap_cross_entropy(h, weight, targets, softcap: float):
     """Mean fp32 cross-entropy of softcap·tanh(h·weightᵀ / softcap); h [..., d], weight [V, d], targets [...] int64."""
-    impl = _triton_impl(_head, "softcap_cross_entropy")
-    if impl is not None:
-        return impl(*_autocast(h, weight), targets, softcap)
-    return _head.softcap_cross_entropy_reference(h, weight, targets, softcap)
+    impl = _triton_impl(_head, "softcap_cross_entropy") or _head.softcap_cross_entropy_reference
+    return impl(h, weight, targets, softcap)
 
 
 @_profiled
@@ -125,25 +119,19 @@ def mix_norm(x, x0, mix, scale: float):
     """(x_in, h): x_in = mix[0]⊙x + mix[1]⊙x0, h = RMSNorm(x_in)·scale; x, x0 [..., d], mix [2, d].
 
     The Triton path returns h in the autocast dtype when autocast is on (the next matmul's input)."""
-    impl = _triton_impl(_norm, "mix_norm")
-    if impl is not None:
-        return impl(x, x0, mix, scale)
-    return _norm.mix_norm_reference(x, x0, mix, scale)
+    impl = _triton_impl(_norm, "mix_norm") or _norm.mix_norm_reference
+    return impl(x, x0, mix, scale)
 
 
 @_profiled
 def add_norm(x, branch, gain, scale: float):
     """(x_new, h): x_new = x + gain⊙branch, h = RMSNorm(x_new)·scale; x, branch [..., d], gain [d]."""
-    impl = _triton_impl(_norm, "add_norm")
-    if impl is not None:
-        return impl(x, branch, gain, scale)
-    return _norm.add_norm_reference(x, branch, gain, scale)
+    impl = _triton_impl(_norm, "add_norm") or _norm.add_norm_reference
+    return impl(x, branch, gain, scale)
 
 
 @_profiled
 def rms_norm(x, scale: float = 1.0):
     """Weightless RMSNorm over the last dim times scale (eps: F.rms_norm's default)."""
-    impl = _triton_impl(_norm, "rms_norm")
-    if impl is not None:
-        return impl(x, scale)
-    return _norm.rms_norm_reference(x, scale)
+    impl = _triton_impl(_norm, "rms_norm") or _norm.rms_norm_reference
+    return impl(x, scale)

@@ -7,6 +7,8 @@ and, when xsa is on, removes from y the component along the token's own normaliz
     y ← y − (y·v̂) v̂,  v̂ = v_t / max(||v_t||, 1e-12).
 This file holds the PyTorch references, the Triton kernels (forward, and a three-kernel backward),
 their launchers, the autograd op `ouroboros::attention` and `attention_triton`, which kernels/ dispatches to.
+Under autocast `attention_triton` casts q, k and v to the autocast dtype first, as SDPA does (the input
+policy of kernels/_runtime.py, which also validates the inputs once per call and makes them contiguous).
 """
 
 import torch
@@ -14,9 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Read like kernels/__init__ does (it must be set before this module is imported); read here, not
-# imported from the package, so the file also loads on its own (python -m bench.sm90 --module ...).
-from ._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 
 def _xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -360,58 +360,51 @@ def _launch_opts(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _check_inputs(q, k, v, q_gain) -> None:
+def _check_inputs(where, q, k, v, q_gain) -> None:
     """Every shape, dtype and device rule the kernels rely on (the interpreter would not catch a violation)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("q_gain", q_gain)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+            raise ValueError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+        raise ValueError(f"{where}: q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
     B, T, Hq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(f"attention: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D")
+        raise ValueError(f"{where}: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D")
     Hkv = k.shape[2]
     if B < 1 or T < 1 or Hq < 1 or Hkv < 1:
-        raise ValueError(f"attention: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"{where}: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
     if Hq % Hkv:
-        raise ValueError(f"attention: query heads Hq={Hq} (q {tuple(q.shape)}) must be a multiple of KV heads "
+        raise ValueError(f"{where}: query heads Hq={Hq} (q {tuple(q.shape)}) must be a multiple of KV heads "
                          f"Hkv={Hkv} (k {tuple(k.shape)})")
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head_dim D={D} (q {tuple(q.shape)}) is not supported by the Triton kernel; "
+        raise ValueError(f"{where}: head_dim D={D} (q {tuple(q.shape)}) is not supported by the Triton kernel; "
                          f"supported: {SUPPORTED_HEAD_DIMS}")
     if q_gain.shape != (Hq,):
-        raise ValueError(f"attention: q_gain must have shape ({Hq},) (one gain per query head of q "
+        raise ValueError(f"{where}: q_gain must have shape ({Hq},) (one gain per query head of q "
                          f"{tuple(q.shape)}), got {tuple(q_gain.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention: q, k, v must share one dtype out of {SUPPORTED_DTYPES}; got q {q.dtype}, "
+        raise ValueError(f"{where}: q, k, v must share one dtype out of {SUPPORTED_DTYPES}; got q {q.dtype}, "
                          f"k {k.dtype}, v {v.dtype}")
     if not q_gain.dtype.is_floating_point:
-        raise ValueError(f"attention: q_gain must be floating point, got {q_gain.dtype}")
+        raise ValueError(f"{where}: q_gain must be floating point, got {q_gain.dtype}")
     devices = {t.device for t in (q, k, v, q_gain)}
     if len(devices) != 1:
-        raise ValueError(f"attention: q, k, v, q_gain must be on one device, got q {q.device}, k {k.device}, "
+        raise ValueError(f"{where}: q, k, v, q_gain must be on one device, got q {q.device}, k {k.device}, "
                          f"v {v.device}, q_gain {q_gain.device}")
     # Offsets past the batch are computed in int64; within one sequence they stay int32.
     if T * Hq * D >= 2 ** 31:
-        raise ValueError(f"attention: one sequence of q {tuple(q.shape)} has {T * Hq * D} elements, more than "
+        raise ValueError(f"{where}: one sequence of q {tuple(q.shape)} has {T * Hq * D} elements, more than "
                          "the kernel's int32 offsets allow")
-
-
-def _check_device(t: torch.Tensor) -> None:
-    check_kernel_device("attention", "q", t.device)
 
 
 def attention_forward(q, k, v, q_gain, xsa: bool):
     """Launch the forward kernel. Returns (y [B, T, Hq, D] in q's dtype, LSE [B, Hq, T] fp32 in log2 units,
-    c = o·v̂ [B, Hq, T] fp32 when xsa else an empty tensor)."""
-    _check_inputs(q, k, v, q_gain)
-    _check_device(q)
+    c = o·v̂ [B, Hq, T] fp32 when xsa else an empty tensor). q, k, v contiguous, as attention_triton passes them."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gain = q_gain.detach().float().contiguous()
     y = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
@@ -424,15 +417,12 @@ def attention_forward(q, k, v, q_gain, xsa: bool):
 
 
 def attention_backward(dy, q, k, v, q_gain, y, lse, xdot, xsa: bool):
-    """Launch the three backward kernels. Returns (dq, dk, dv, d(q_gain)) in the inputs' dtypes."""
-    _check_inputs(q, k, v, q_gain)
-    _check_device(q)
-    if dy.shape != q.shape:
-        raise ValueError(f"attention backward: dy {tuple(dy.shape)} must match q {tuple(q.shape)}")
+    """Launch the three backward kernels. Returns (dq, dk, dv, d(q_gain)) in the inputs' dtypes.
+
+    q, k, v, q_gain, y, lse, xdot are what the forward took and returned (contiguous); dy comes from autograd."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
-    q, k, v, y = q.contiguous(), k.contiguous(), v.contiguous(), y.contiguous()
     dy = dy.to(q.dtype).contiguous()
     gain = q_gain.detach().float().contiguous()
     table = _launch_table(q.dtype, D)
@@ -475,7 +465,6 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_gain: tor
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, q_gain, xsa):
-    _check_inputs(q, k, v, q_gain)
     B, T, Hq, _ = q.shape
     stats = (B, Hq, T)
     return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(stats, dtype=torch.float32),
@@ -491,7 +480,6 @@ def _attention_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(dy, q, k, v, q_gain, y, lse, xdot, xsa):
-    _check_inputs(q, k, v, q_gain)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(q_gain))
@@ -513,14 +501,11 @@ def _backward(ctx, dy, _d_lse, _d_xdot):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Under autocast q, k, v run the bf16 kernel, as SDPA would (the fp32 path runs without tensor cores);
+# q_gain keeps its dtype (the kernels read it as fp32).
+@input_policy("attention", _check_inputs, autocast=("q", "k", "v"), contiguous=("q", "k", "v"))
 def attention_triton(q, k, v, q_gain, xsa: bool):
-    """Causal GQA flash attention with q_gain and fused XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> y [B, T, Hq, D].
-
-    Under autocast the inputs are cast to the autocast dtype first, as SDPA does (custom ops are not
-    autocast-aware, and the fp32 path runs without tensor cores)."""
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    """Causal GQA flash attention with q_gain and fused XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> y [B, T, Hq, D]."""
     return torch.ops.ouroboros.attention(q, k, v, q_gain, bool(xsa))[0]
 
 

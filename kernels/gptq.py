@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 CODE_LIMIT = 31
 ORDERS = ("descending", "ascending", "none")
@@ -109,8 +109,7 @@ def _launch_block(w, u, scale, codes, err, col0: int, width: int, block_size: in
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
 
 
-def _check_inputs(weight, hessian, scale, block_size, damping, order, inverse) -> None:
-    where = "quantize_layer_triton"
+def _check_inputs(where, weight, hessian, scale, block_size, damping, order, inverse) -> None:
     if weight.dim() != 2:
         raise ValueError(f"{where}: weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
@@ -123,7 +122,6 @@ def _check_inputs(weight, hessian, scale, block_size, damping, order, inverse) -
     if not (weight.device == hessian.device == scale.device):
         raise ValueError(f"{where}: weight, hessian and scale must be on one device, "
                          f"got {weight.device}, {hessian.device}, {scale.device}")
-    check_kernel_device(where, "weight", weight.device)
     if not 1 <= block_size <= MAX_BLOCK:
         raise ValueError(f"{where}: block_size={block_size} must be in [1, {MAX_BLOCK}]")
     if not damping >= 0:
@@ -139,6 +137,7 @@ def _check_inputs(weight, hessian, scale, block_size, damping, order, inverse) -
         raise ValueError(f"{where}: scale {tuple(scale.shape)} must be > 0 everywhere (min {float(scale.min())})")
 
 
+@input_policy("quantize_layer_triton", _check_inputs)
 def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *, block_size: int = 128,
                           damping: float = 0.01, order: str = "descending", inverse: str = "cholesky") -> torch.Tensor:
     """GPTQ of one layer with fixed per-row scales -> int8 codes [rows, cols] in [-31, 31].
@@ -146,7 +145,6 @@ def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: to
     weight [rows, cols], hessian [cols, cols] (XᵀX/n), scale [rows]: the contract of
     quant.gptq.quantize_layer. Runs wherever the tensors are (CUDA, or the interpreter on CPU).
     """
-    _check_inputs(weight, hessian, scale, block_size, damping, order, inverse)
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     rows, cols = w.shape

@@ -30,8 +30,9 @@ graphs), so there the kernel instead makes the loss, lse and every gradient NaN 
 target poisons the step visibly rather than being read out of bounds (no load is indexed by a target).
 
 Dtypes: h and weight share one dtype, bf16 or fp32; the loss and lse are fp32; dh and dweight come
-back in the input dtype. Under autocast kernels.softcap_cross_entropy casts both to bf16 first, as
-F.linear would. The torch path (KERNELS=torch) is `softcap_cross_entropy_reference`, the model's own
+back in the input dtype. Under autocast `softcap_cross_entropy_triton` casts both to the autocast dtype
+first, as F.linear would (the input policy of kernels/_runtime.py, which also validates the inputs once
+per call). The torch path (KERNELS=torch) is `softcap_cross_entropy_reference`, the model's own
 maths (F.linear, softcap, F.cross_entropy), so its numbers do not change.
 """
 import math
@@ -41,8 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Read here, as kernels/__init__ does, so the file also loads on its own (python -m bench.sm90 --module).
-from ._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 
 def softcap_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -174,22 +174,25 @@ _DTYPES = (torch.bfloat16, torch.float32)
 _INT32_LIMIT = 2 ** 31
 
 
-def _check_inputs(h, weight, targets, softcap, where="softcap_cross_entropy"):
-    """Raise ValueError naming the argument and its shape for anything the kernels do not support."""
+def _check_inputs(where, h, weight, targets, softcap):
+    """Raise ValueError naming the argument and its shape for anything the kernels do not support.
+
+    h [..., d] and targets [...] as the caller passes them (the entry flattens them to [N, d] and [N])."""
     if (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not math.isfinite(softcap)
             or softcap <= 0):
         raise ValueError(f"{where}: softcap={softcap!r} must be a finite number > 0 (LOGIT_SOFTCAP)")
     if weight.dim() != 2 or 0 in weight.shape:
         raise ValueError(f"{where}: weight must be a non-empty 2-D [V, d] embedding, got {tuple(weight.shape)}")
     V, d = weight.shape
-    if h.dim() != 2 or h.shape[1] != d:
+    if h.dim() < 1 or h.shape[-1] != d:
         raise ValueError(f"{where}: h must be [N, d] = [N, {d}] to match weight {tuple(weight.shape)}, "
                          f"got {tuple(h.shape)}")
-    if h.shape[0] == 0:
+    rows = h.numel() // d
+    if rows == 0:
         raise ValueError(f"{where}: h {tuple(h.shape)} has no rows: the mean loss over zero tokens is undefined")
-    if targets.shape != (h.shape[0],):
-        raise ValueError(f"{where}: targets must be [N] = [{h.shape[0]}] (one per row of h {tuple(h.shape)}), "
-                         f"got {tuple(targets.shape)}")
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"{where}: targets {tuple(targets.shape)} must have h's leading shape "
+                         f"{tuple(h.shape[:-1])} (h is [..., d])")
     if targets.dtype != torch.int64:
         raise ValueError(f"{where}: targets must be int64 token ids, got {targets.dtype}")
     if h.dtype != weight.dtype or h.dtype not in _DTYPES:
@@ -198,14 +201,14 @@ def _check_inputs(h, weight, targets, softcap, where="softcap_cross_entropy"):
     devices = {"h": h.device, "weight": weight.device, "targets": targets.device}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: h, weight and targets must be on one device, got {devices}")
-    check_kernel_device(where, "h", h.device)
-    if max(h.numel(), min(h.shape[0], CHUNK_ROWS) * V, weight.numel()) >= _INT32_LIMIT:
+    if max(h.numel(), min(rows, CHUNK_ROWS) * V, weight.numel()) >= _INT32_LIMIT:
         raise ValueError(f"{where}: h {tuple(h.shape)} / weight {tuple(weight.shape)} reach 2^31 elements, beyond "
                          "the kernels' 32-bit offsets: split the batch")
 
 
 def _check_target_values(targets, V, where):
-    """On the CPU, where it costs no device sync: every target must index a row of weight."""
+    """On the CPU, where it costs no device sync: every target must index a row of weight. A check of values,
+    not of shapes, so it runs in the op's body at run time (a traced entry cannot read tensor values)."""
     if targets.device.type == "cpu" and targets.numel():
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= V:
@@ -214,16 +217,11 @@ def _check_target_values(targets, V, where):
                              f"[{low}, {high}]; first bad rows {bad}")
 
 
-def _rowwise(t: torch.Tensor) -> torch.Tensor:
-    """A view with unit stride along d (the kernels' contiguous dimension), copied otherwise."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def softcap_cross_entropy_forward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float):
-    """h [N, d], weight [V, d], targets [N] -> (mean loss fp32 scalar, lse [N] fp32 kept for backward)."""
-    _check_inputs(h, weight, targets, softcap, "softcap_cross_entropy_forward")
-    _check_target_values(targets, weight.shape[0], "softcap_cross_entropy_forward")
-    h, weight, targets = _rowwise(h), _rowwise(weight), targets.contiguous()
+    """h [N, d], weight [V, d], targets [N] -> (mean loss fp32 scalar, lse [N] fp32 kept for backward).
+
+    Inputs as softcap_cross_entropy_triton validated them (contiguous); only the target values are checked here."""
+    _check_target_values(targets, weight.shape[0], "softcap_cross_entropy")
     N, D = h.shape
     V = weight.shape[0]
     lse = torch.empty(N, device=h.device, dtype=torch.float32)
@@ -236,19 +234,13 @@ def softcap_cross_entropy_forward(h: torch.Tensor, weight: torch.Tensor, targets
 
 def softcap_cross_entropy_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    lse: torch.Tensor, softcap: float, chunk_rows: int = CHUNK_ROWS):
-    """(dh, dweight) for upstream grad (a scalar) of the mean loss; dz is formed chunk_rows rows at a time."""
-    _check_inputs(h, weight, targets, softcap, "softcap_cross_entropy_backward")
+    """(dh, dweight) for upstream grad (a scalar) of the mean loss; dz is formed chunk_rows rows at a time.
+
+    h, weight, targets are the forward's (validated, contiguous) inputs and lse its output."""
     N, D = h.shape
     V = weight.shape[0]
-    if lse.shape != (N,) or lse.dtype != torch.float32 or lse.device != h.device:
-        raise ValueError(f"softcap_cross_entropy_backward: lse is {tuple(lse.shape)} {lse.dtype} on {lse.device}, "
-                         f"expected ({N},) float32 on {h.device}")
-    if grad.numel() != 1:
-        raise ValueError(f"softcap_cross_entropy_backward: grad must be the scalar upstream gradient of the mean "
-                         f"loss, got shape {tuple(grad.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"softcap_cross_entropy_backward: chunk_rows={chunk_rows} must be >= 1")
-    h, weight, targets = _rowwise(h), _rowwise(weight), targets.contiguous()
     grad = grad.reshape(1).to(torch.float32)  # read on the device by the kernel: no host sync
     dh = torch.empty_like(h)
     dweight = torch.zeros(V, D, device=h.device, dtype=torch.float32)
@@ -278,7 +270,6 @@ def _softcap_ce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 @_softcap_ce_op.register_fake
 def _softcap_ce_op_fake(h, weight, targets, softcap):
-    _check_inputs(h, weight, targets, softcap)
     return h.new_empty((), dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
 
 
@@ -308,18 +299,16 @@ def _backward(ctx, grad, _dlse):
 
 
 _softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
-# Under autocast the fp32 master embedding meets bf16 activations: cast both, as F.linear would (targets stay int64).
-for _device_type in ("cuda", "cpu"):
-    torch.library.register_autocast("ouroboros::softcap_cross_entropy", _device_type, torch.bfloat16)
 
 
+# Under autocast the fp32 master embedding meets bf16 activations: both are cast, as F.linear would (targets
+# stay int64). The kernels read rows of h and weight with unit stride along d.
+@input_policy("softcap_cross_entropy", _check_inputs, autocast=("h", "weight"),
+              contiguous=("h", "weight", "targets"))
 def softcap_cross_entropy_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  softcap: float) -> torch.Tensor:
     """The fused kernel behind kernels.softcap_cross_entropy: h [..., d], weight [V, d], targets [...] int64
     -> the mean fp32 loss (a scalar)."""
-    if targets.shape != h.shape[:-1]:
-        raise ValueError(f"softcap_cross_entropy: targets {tuple(targets.shape)} must have h's leading shape "
-                         f"{tuple(h.shape[:-1])} (h is [..., d])")
     loss, _ = torch.ops.ouroboros.softcap_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
                                                         float(softcap))
     return loss

@@ -15,8 +15,10 @@ because row_bytes is a multiple of 16), and each quarter decodes to a dense [BLO
 that meets a contiguous slice of x in its own tl.dot. Consecutive-byte packing would need stride-3
 byte gathers and an interleave to bring the 4 codes of a group back next to each other.
 
-This file holds the references (pack / unpack / dequantize / matmul), the Triton kernels (forward
-and dx), their launchers, the autograd op `ouroboros::int6_matmul`, `QuantLinear` and `sm90_configs()`.
+This file holds the references (pack_int6_planes / unpack_int6_planes / dequantize / matmul), the Triton
+kernels (forward and dx), their launchers, the autograd op `ouroboros::int6_matmul`, `QuantLinear` and
+`sm90_configs()`. Under autocast `int6_matmul_triton` casts x to the autocast dtype, as F.linear would
+(the input policy of kernels/_runtime.py, which also validates the inputs once per call).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 CODE_MIN, CODE_MAX = -32, 31     # what 6 bits hold; the quantizer uses [-31, 31]
 CODE_OFFSET = 32                 # stored u = code + 32 in [0, 63]
@@ -44,14 +46,16 @@ def row_bytes(in_features: int) -> int:
 
 # ----------------------------------------------------------------------------- references (PyTorch)
 
-def pack_int6(codes: torch.Tensor) -> torch.Tensor:
-    """int codes [N, K] in [-32, 31] -> packed uint8 [3, N, row_bytes(K)] (the layout in the module docstring)."""
+def pack_int6_planes(codes: torch.Tensor) -> torch.Tensor:
+    """int codes [N, K] in [-32, 31] -> packed uint8 [3, N, row_bytes(K)]: three byte planes, the layout in the
+    module docstring (not quant/'s on-disk stream of 4 codes in 3 consecutive bytes)."""
     if codes.dim() != 2:
-        raise ValueError(f"pack_int6: codes must be 2-D [out_features, in_features], got shape {tuple(codes.shape)}")
+        raise ValueError(f"pack_int6_planes: codes must be 2-D [out_features, in_features], "
+                         f"got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-        raise ValueError(f"pack_int6: codes must be an integer tensor, got dtype {codes.dtype}")
+        raise ValueError(f"pack_int6_planes: codes must be an integer tensor, got dtype {codes.dtype}")
     if codes.numel() and (int(codes.min()) < CODE_MIN or int(codes.max()) > CODE_MAX):
-        raise ValueError(f"pack_int6: codes of shape {tuple(codes.shape)} must lie in [{CODE_MIN}, {CODE_MAX}], "
+        raise ValueError(f"pack_int6_planes: codes of shape {tuple(codes.shape)} must lie in [{CODE_MIN}, {CODE_MAX}], "
                          f"got min {int(codes.min())}, max {int(codes.max())}")
     n, k = codes.shape
     r = row_bytes(k)
@@ -72,9 +76,9 @@ def _check_packed(packed: torch.Tensor, in_features: int, where: str) -> None:
                          f"needs row_bytes={row_bytes(in_features)} (shape {tuple(packed.shape)})")
 
 
-def unpack_int6(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """packed uint8 [3, N, row_bytes(K)] -> int8 codes [N, K]; the exact inverse of pack_int6."""
-    _check_packed(packed, in_features, "unpack_int6")
+def unpack_int6_planes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """packed uint8 [3, N, row_bytes(K)] -> int8 codes [N, K]; the exact inverse of pack_int6_planes."""
+    _check_packed(packed, in_features, "unpack_int6_planes")
     top = packed >> 6
     spread = top[0] | (top[1] << 2) | (top[2] << 4)
     u = torch.cat([packed & 63, spread[None]], 0)                    # [4, N, R]: quarters
@@ -86,7 +90,7 @@ def dequantize_int6(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dequantized weight codes · scale_row, [N, K] in `dtype` (computed in fp32 unless dtype is fp64)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    return (unpack_int6(packed, in_features).to(compute) * scale.to(compute)[:, None]).to(dtype)
+    return (unpack_int6_planes(packed, in_features).to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
 def int6_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -273,31 +277,26 @@ def _num_splits(tiles: int, r: int, block_j: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // tiles), max_splits))
 
 
-def _check_operands(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int, where: str,
-                    x_name: str, last_dim: int) -> None:
+def _check_inputs(where: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> None:
     _check_packed(packed, in_features, where)
     n = packed.shape[1]
-    if x.dim() == 0 or x.shape[-1] != last_dim:
-        raise ValueError(f"{where}: {x_name} must have last dimension {last_dim}, got shape {tuple(x.shape)}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{where}: x must have last dimension {in_features}, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: {x_name} dtype {x.dtype} is not supported; use bfloat16 or float32")
+        raise ValueError(f"{where}: x dtype {x.dtype} is not supported; use bfloat16 or float32")
     if scale.shape != (n,) or scale.dtype != torch.float32:
         raise ValueError(f"{where}: scale must be float32 [{n}] (one per output row), "
                          f"got {scale.dtype} of shape {tuple(scale.shape)}")
     if not (x.device == packed.device == scale.device):
-        raise ValueError(f"{where}: {x_name}, packed and scale must be on one device, "
+        raise ValueError(f"{where}: x, packed and scale must be on one device, "
                          f"got {x.device}, {packed.device}, {scale.device}")
-    check_kernel_device(where, x_name, x.device)
 
 
 def _int6_matmul_launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    _check_operands(x, packed, scale, in_features, "int6_matmul", "x", in_features)
-    packed, scale = packed.contiguous(), scale.contiguous()   # the kernel indexes them densely
+    """x [..., K] -> [..., N]; every input contiguous, as int6_matmul_triton validated it."""
     n, r = packed.shape[1], packed.shape[2]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
@@ -321,13 +320,10 @@ def _int6_matmul_launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 
 
 def _int6_matmul_dx_launch(dy: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    _check_operands(dy, packed, scale, in_features, "int6_matmul backward", "dy", packed.shape[1])
-    packed, scale = packed.contiguous(), scale.contiguous()
+    """dy [..., N] (from autograd) -> dx [..., K]; packed and scale are the forward's."""
     n, r = packed.shape[1], packed.shape[2]
     lead = dy.shape[:-1]
-    dy2 = dy.reshape(-1, n)
-    if dy2.stride(-1) != 1:
-        dy2 = dy2.contiguous()
+    dy2 = dy.reshape(-1, n)  # contiguous: _backward made it so
     m = dy2.shape[0]
     dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
     if m == 0:
@@ -379,6 +375,9 @@ def _backward(ctx, dy):
 _int6_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Under autocast x is cast as F.linear would; the codes and the fp32 scales are not. The kernels index all
+# three densely.
+@input_policy("int6_matmul", _check_inputs, autocast=("x",), contiguous=("x", "packed", "scale"))
 def int6_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """y = x · (codes · scale_row)ᵀ with the Triton kernel; x [..., K] bf16 or fp32 -> [..., N] in x's dtype."""
     return _int6_matmul_op(x, packed, scale, in_features)
@@ -422,11 +421,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear.set_codes: scale shape {tuple(scale.shape)} must be [{self.out_features}]")
         if not torch.isfinite(scale).all():
             raise ValueError("QuantLinear.set_codes: scale has non-finite values")
-        self.packed.copy_(pack_int6(codes.to(self.packed.device)))
+        self.packed.copy_(pack_int6_planes(codes.to(self.packed.device)))
         self.scale.copy_(scale.to(device=self.scale.device, dtype=torch.float32))
 
     def codes(self) -> torch.Tensor:
-        return unpack_int6(self.packed, self.in_features)
+        return unpack_int6_planes(self.packed, self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -438,9 +437,6 @@ class QuantLinear(nn.Module):
 
         scale = self.scale.float()   # a no-op unless the module was cast (.half() casts float buffers too)
         if backend() == "triton":
-            # A custom op is not autocast by PyTorch: cast x the way autocast would for F.linear.
-            if torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
             return int6_matmul_triton(x, self.packed, scale, self.in_features)
         return int6_matmul_torch(x, self.packed, scale, self.in_features)
 

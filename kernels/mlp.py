@@ -18,7 +18,8 @@ Triton version can at best tie cuBLAS (measured elsewhere on the H100: cuBLAS ~8
 best GEMMs ~650-700). The four fused GEMMs are where Triton saves the elementwise passes.
 
 Dtypes: bf16 or fp32, the same for x, w_up and w_down; fp32 accumulation; outputs in the input dtype.
-Under autocast the op casts its inputs to bf16 (registered below), as F.linear would.
+Under autocast `mlp_triton` casts all three to the autocast dtype first, as F.linear would (the input
+policy of kernels/_runtime.py, which also validates the inputs once per call).
 """
 import math
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 
 def mlp_reference(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
@@ -203,7 +204,7 @@ _DTYPES = (torch.bfloat16, torch.float32)
 _INT32_LIMIT = 2 ** 31
 
 
-def _check_inputs(x, w_up, w_down, slope, where="mlp"):
+def _check_inputs(where, x, w_up, w_down, slope):
     """Raise ValueError naming the argument and shapes for anything the kernel does not support."""
     if not isinstance(slope, (int, float)) or isinstance(slope, bool) or not math.isfinite(slope) or slope < 0:
         raise ValueError(f"{where}: slope={slope!r} must be a finite number >= 0 (a negative slope flips the sign "
@@ -229,7 +230,6 @@ def _check_inputs(x, w_up, w_down, slope, where="mlp"):
     devices = {"x": x.device, "w_up": w_up.device, "w_down": w_down.device}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: x, w_up and w_down must be on one device, got {devices}")
-    check_kernel_device(where, "x", x.device)
     rows = x.numel() // d
     if max(rows, d) * max(hidden, d) >= _INT32_LIMIT:
         raise ValueError(f"{where}: x {tuple(x.shape)} makes a [{rows}, {hidden}] hidden state of 2^31 elements or "
@@ -237,10 +237,9 @@ def _check_inputs(x, w_up, w_down, slope, where="mlp"):
 
 
 def mlp_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float):
-    """x [M, d] -> (y [M, d], act [M, hidden]) with act = leaky_relu(x · W_upᵀ, slope) kept for backward."""
-    _check_inputs(x, w_up, w_down, slope, "mlp_forward")
-    if x.dim() != 2:
-        raise ValueError(f"mlp_forward: x must be [M, d], got {tuple(x.shape)} (mlp_triton takes [..., d])")
+    """x [M, d] -> (y [M, d], act [M, hidden]) with act = leaky_relu(x · W_upᵀ, slope) kept for backward.
+
+    Inputs as mlp_triton validated them (the launchers do not check again)."""
     M, d = x.shape
     hidden = w_up.shape[0]
     act = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
@@ -256,17 +255,11 @@ def mlp_backward(dy: torch.Tensor, x: torch.Tensor, act: torch.Tensor, w_up: tor
                  slope: float, k_splits: int | None = None):
     """Gradients (dx, dw_up, dw_down) from dy [M, d] and the forward's act [M, hidden].
 
-    k_splits: split-K count for dW_down (None: enough programs for ~4 waves on the GPU).
+    k_splits: split-K count for dW_down (None: enough programs for ~4 waves on the GPU). x, w_up and
+    w_down are the forward's validated inputs, act its output; dy has y's shape and dtype (autograd).
     """
-    _check_inputs(x, w_up, w_down, slope, "mlp_backward")
-    if x.dim() != 2:
-        raise ValueError(f"mlp_backward: x must be [M, d], got {tuple(x.shape)}")
     M, d = x.shape
     hidden = w_up.shape[0]
-    for name, t, shape in (("dy", dy, (M, d)), ("act", act, (M, hidden))):
-        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"mlp_backward: {name} is {tuple(t.shape)} {t.dtype} on {t.device}, expected {shape} "
-                             f"{x.dtype} on {x.device}")
     if M == 0:
         return x.new_zeros(x.shape), w_up.new_zeros(w_up.shape), w_down.new_zeros(w_down.shape)
     dpre = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
@@ -296,7 +289,6 @@ def _mlp_op(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: fl
 
 @_mlp_op.register_fake
 def _mlp_op_fake(x, w_up, w_down, slope):
-    _check_inputs(x, w_up, w_down, slope, "mlp")
     return x.new_empty(x.shape[0], x.shape[1]), x.new_empty(x.shape[0], w_up.shape[0])
 
 
@@ -326,15 +318,12 @@ def _backward(ctx, dy, _dact):
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup_context)
-# Under autocast the model's fp32 master weights meet bf16 activations: cast all three, as F.linear would.
-for _device_type in ("cuda", "cpu"):
-    torch.library.register_autocast("ouroboros::mlp", _device_type, torch.bfloat16)
 
 
+# Under autocast the model's fp32 master weights meet bf16 activations: all three are cast, as F.linear would.
+@input_policy("mlp", _check_inputs, autocast=("x", "w_up", "w_down"))
 def mlp_triton(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
     """The fused kernel behind kernels.mlp: x [..., d], w_up [hidden, d], w_down [d, hidden] -> [..., d]."""
-    if not torch.is_autocast_enabled(x.device.type):  # under autocast the op casts first, then checks
-        _check_inputs(x, w_up, w_down, slope, "mlp")
     y, _ = torch.ops.ouroboros.mlp(x.reshape(-1, x.shape[-1]), w_up, w_down, float(slope))
     return y.view(x.shape)
 

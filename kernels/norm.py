@@ -13,10 +13,10 @@ so the matmuls after it read half the bytes; the only thing kept for backward is
 row. The backward is one pass as well, and reduces the parameter gradients (d(mix), d(gain)) as fp32
 partial sums, one [d] row per program, summed on the host: no bf16 atomics, a deterministic order.
 
-Why this family first: there is no GPU step ledger yet, so the choice follows the analytic one
-(bench/ledger.py, bench/results/ledger_cpu_tiny.md) at the real shapes, 48 x 2048 tokens per GPU,
-d = 512, 9 flat blocks + 2 crawler loops. There "norms and elementwise" is the largest group: 80.6 GB
-of HBM traffic per GPU per step, 24.1 ms at 3.35 TB/s (26.9 ms at the measured 3 TB/s), 44% of the
+Why this family was fused first: the choice followed the step ledger's analytic table (bench/ledger.py,
+whose measured table needs a GPU run; bench/results/ledger_cpu_tiny.md) at the real shapes, 48 x 2048
+tokens per GPU, d = 512, 9 flat blocks + 2 crawler loops. There "norms and elementwise" is the largest
+group: 80.6 GB of HBM traffic per GPU per step, 24.1 ms at 3.35 TB/s (26.9 ms at the measured 3 TB/s), 44% of the
 61.1 ms ideal step, ahead of the MLP's 24.7%. That ledger already counts each chain as one fused pass
 (mix + norm 14 B per element of [N, d], residual add + norm 12 B), so it is the floor these kernels aim
 at, not a saving over it; eager PyTorch moves several times that (each of mul, mul, add, rms_norm,
@@ -24,10 +24,11 @@ scale and the cast to bf16 reads and writes [N, d] on its own). What a GPU run m
 the kernels come to 3 TB/s next to torch.compile's own fusion of the reference (bench/norm.py).
 
 Dtypes: the residual stream (x, x0) and the parameters (mix, gain) share one dtype, fp32 or bf16; the
-branch is that dtype or bf16 (an autocast matmul's output); h comes out in the residual dtype, or bf16
-when autocast is on. RMSNorm's eps is torch.finfo(residual dtype).eps, F.rms_norm's default. fp32
-arithmetic inside; the residual output is rounded to its dtype before it is normalized, as the
-reference normalizes the stored tensor.
+branch is that dtype or bf16 (an autocast matmul's output); h comes out in the residual dtype, or in
+the autocast dtype when autocast is on (the input policy of kernels/_runtime.py hands the entries that
+dtype, and validates their inputs once per call). RMSNorm's eps is torch.finfo(residual dtype).eps,
+F.rms_norm's default. fp32 arithmetic inside; the residual output is rounded to its dtype before it is
+normalized, as the reference normalizes the stored tensor.
 """
 
 import torch
@@ -35,9 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Read like kernels/__init__ does (it must be set before this module is imported); read here so the
-# file also loads on its own (python -m bench.sm90 --module ...).
-from ._runtime import INTERPRET, check_kernel_device
+from ._runtime import INTERPRET, input_policy
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,17 +205,10 @@ _RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
 _INT32_LIMIT = 2 ** 31
 
 
-def _check_device(where, named):
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"{where}: every tensor must be on one device, got {devices}")
-    device = next(iter(devices.values()))
-    check_kernel_device(where, "the tensors", device)
+def _check_inputs(where: str, x: torch.Tensor, x0=None, mix=None, branch=None, gain=None, h_dtype=None):
+    """Raise ValueError naming the argument, its shape and dtype for anything the kernels do not support.
 
-
-def _check(where: str, x: torch.Tensor, other=None, other_name="", vec=None, vec_name="", vec_shape=None,
-           h_dtype=None):
-    """Raise ValueError naming the argument, its shape and dtype for anything the kernels do not support."""
+    x [..., d] with x0 and mix [2, d] (mix_norm), with branch and gain [d] (add_norm), or alone (rms_norm)."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{where}: x must be [..., d] with d >= 1, got shape {tuple(x.shape)}")
     d = x.shape[-1]
@@ -229,46 +221,40 @@ def _check(where: str, x: torch.Tensor, other=None, other_name="", vec=None, vec
         raise ValueError(f"{where}: x {tuple(x.shape)} has 2^31 elements or more, beyond the kernel's 32-bit "
                          f"offsets: split the batch")
     named = {"x": x}
-    if other is not None:
-        named[other_name] = other
+    # x0 is residual stream too; the branch may also be a bf16 matmul output (autocast)
+    for name, other, allowed in (("x0", x0, (x.dtype,)), ("branch", branch, (x.dtype, torch.bfloat16))):
+        if other is None:
+            continue
+        named[name] = other
         if other.shape != x.shape:
-            raise ValueError(f"{where}: {other_name} {tuple(other.shape)} must have x's shape {tuple(x.shape)}")
-        allowed = (x.dtype,) if other_name == "x0" else (x.dtype, torch.bfloat16)
+            raise ValueError(f"{where}: {name} {tuple(other.shape)} must have x's shape {tuple(x.shape)}")
         if other.dtype not in allowed:
-            raise ValueError(f"{where}: {other_name} is {other.dtype}, x is {x.dtype}; {other_name} must be "
+            raise ValueError(f"{where}: {name} is {other.dtype}, x is {x.dtype}; {name} must be "
                              + " or ".join(str(t) for t in allowed))
-    if vec is not None:
-        named[vec_name] = vec
-        if tuple(vec.shape) != vec_shape:
-            raise ValueError(f"{where}: {vec_name} {tuple(vec.shape)} must be {vec_shape} for x {tuple(x.shape)}")
+    for name, vec, shape in (("mix", mix, (2, d)), ("gain", gain, (d,))):
+        if vec is None:
+            continue
+        named[name] = vec
+        if tuple(vec.shape) != shape:
+            raise ValueError(f"{where}: {name} {tuple(vec.shape)} must be {shape} for x {tuple(x.shape)}")
         if vec.dtype != x.dtype:
-            raise ValueError(f"{where}: {vec_name} is {vec.dtype} but x is {x.dtype}: the parameters and the residual "
+            raise ValueError(f"{where}: {name} is {vec.dtype} but x is {x.dtype}: the parameters and the residual "
                              f"stream must share one dtype (the stream keeps the promoted dtype otherwise)")
     if h_dtype is not None and h_dtype not in (x.dtype, torch.bfloat16):
         raise ValueError(f"{where}: h_dtype={h_dtype} must be x's dtype ({x.dtype}) or torch.bfloat16")
-    _check_device(where, named)
-
-
-def _check_mode(where: str, mode: int, x, other, vec, h_dtype=None):
-    if x.dim() != 2:
-        raise ValueError(f"{where}: x must be [M, d] here, got {tuple(x.shape)} (the *_triton entries take [..., d])")
-    d = x.shape[-1]
-    if mode == MODE_MIX:
-        _check(where, x, other, "x0", vec, "mix", (2, d), h_dtype)
-    elif mode == MODE_ADD:
-        _check(where, x, other, "branch", vec, "gain", (d,), h_dtype)
-    else:
-        _check(where, x, h_dtype=h_dtype)
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{where}: every tensor must be on one device, got {devices}")
 
 
 def norm_forward(mode: int, x: torch.Tensor, other: torch.Tensor | None, vec: torch.Tensor | None, scale: float,
                  h_dtype: torch.dtype):
-    """Launch the forward on 2-D [M, d] tensors: (res [M, d] or None for NORM, h [M, d] h_dtype, rstd [M] fp32)."""
-    _check_mode(f"{_MODE_NAMES[mode]} forward", mode, x, other, vec, h_dtype)
+    """Launch the forward on 2-D [M, d] tensors: (res [M, d] or None for NORM, h [M, d] h_dtype, rstd [M] fp32).
+
+    Contiguous inputs, as the entries validated them (the launchers do not check again)."""
     M, D = x.shape
-    x = x.contiguous()
-    other = x if other is None else other.contiguous()
-    vec = x if vec is None else vec.contiguous()
+    other = x if other is None else other
+    vec = x if vec is None else vec
     res = torch.empty_like(x) if mode != MODE_NORM else None
     h = torch.empty((M, D), device=x.device, dtype=h_dtype)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -286,23 +272,13 @@ def norm_backward(mode: int, dres: torch.Tensor | None, dh: torch.Tensor, x: tor
                   other: torch.Tensor | None, vec: torch.Tensor | None, rstd: torch.Tensor, scale: float):
     """Launch the backward on 2-D tensors: (dx, d(other) or None, d(vec) or None).
 
-    x is the forward's x (NORM, MIX) or its output x_new (ADD); other is x0 (MIX) or branch (ADD).
+    x is the forward's x (NORM, MIX) or its output x_new (ADD); other is x0 (MIX) or branch (ADD): the
+    forward's contiguous tensors, and rstd its output. dres and dh come from autograd, in any layout.
     """
-    where = f"{_MODE_NAMES[mode]} backward"
-    _check_mode(where, mode, x, other, vec)
     M, D = x.shape
-    grads = {"dh": dh} if mode == MODE_NORM else {"dres": dres, "dh": dh}
-    for name, t in grads.items():
-        if t is None or t.shape != x.shape or t.device != x.device:
-            raise ValueError(f"{where}: {name} is {None if t is None else tuple(t.shape)} on "
-                             f"{None if t is None else t.device}, expected {tuple(x.shape)} on {x.device}")
-    if rstd.shape != (M,) or rstd.dtype != torch.float32 or rstd.device != x.device:
-        raise ValueError(f"{where}: rstd is {tuple(rstd.shape)} {rstd.dtype} on {rstd.device}, expected the "
-                         f"forward's ({M},) float32 on {x.device}")
-    x = x.contiguous()
     dh = dh.contiguous()
-    other_t = x if other is None else other.contiguous()
-    vec_t = x if vec is None else vec.contiguous()
+    other_t = x if other is None else other
+    vec_t = x if vec is None else vec
     dres = dh if dres is None else dres.contiguous()
     dx = torch.empty_like(x)
     dother = torch.empty_like(other_t) if other is not None else None
@@ -334,14 +310,12 @@ def _empty_rows(x, dtype=None):
 
 @torch.library.custom_op("ouroboros::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, scale: float, h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("rms_norm", x, h_dtype=h_dtype)
     _, h, rstd = norm_forward(MODE_NORM, _rows(x), None, None, scale, h_dtype)
     return h.view(x.shape), rstd
 
 
 @_rms_norm_op.register_fake
 def _(x, scale, h_dtype):
-    _check("rms_norm", x, h_dtype=h_dtype)
     return _empty_rows(x, h_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
 
@@ -375,14 +349,12 @@ _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 @torch.library.custom_op("ouroboros::mix_norm", mutates_args=())
 def _mix_norm_op(x: torch.Tensor, x0: torch.Tensor, mix: torch.Tensor, scale: float,
                  h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check("mix_norm", x, x0, "x0", mix, "mix", (2, x.shape[-1]), h_dtype)
     x_in, h, rstd = norm_forward(MODE_MIX, _rows(x), _rows(x0), mix, scale, h_dtype)
     return x_in.view(x.shape), h.view(x.shape), rstd
 
 
 @_mix_norm_op.register_fake
 def _(x, x0, mix, scale, h_dtype):
-    _check("mix_norm", x, x0, "x0", mix, "mix", (2, x.shape[-1]), h_dtype)
     return _empty_rows(x), _empty_rows(x, h_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
 
@@ -419,14 +391,12 @@ _mix_norm_op.register_autograd(_mix_norm_grad, setup_context=_mix_norm_setup)
 @torch.library.custom_op("ouroboros::add_norm", mutates_args=())
 def _add_norm_op(x: torch.Tensor, branch: torch.Tensor, gain: torch.Tensor, scale: float,
                  h_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check("add_norm", x, branch, "branch", gain, "gain", (x.shape[-1],), h_dtype)
     x_new, h, rstd = norm_forward(MODE_ADD, _rows(x), _rows(branch), gain, scale, h_dtype)
     return x_new.view(x.shape), h.view(x.shape), rstd
 
 
 @_add_norm_op.register_fake
 def _(x, branch, gain, scale, h_dtype):
-    _check("add_norm", x, branch, "branch", gain, "gain", (x.shape[-1],), h_dtype)
     return _empty_rows(x), _empty_rows(x, h_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
 
@@ -465,26 +435,26 @@ _add_norm_op.register_autograd(_add_norm_grad, setup_context=_add_norm_setup)
 # ---------------------------------------------------------------------------------------------------
 # Public entries (kernels/__init__.py dispatches to these)
 # ---------------------------------------------------------------------------------------------------
-def _h_dtype(x: torch.Tensor) -> torch.dtype:
-    """h in the autocast dtype when autocast is on (the matmul after it would cast it anyway), else x's dtype."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+# No input is cast under autocast (the residual stream stays fp32); h comes out in the autocast dtype,
+# which the matmul after it would cast it to anyway: the policy passes that dtype as h_dtype.
+@input_policy("rms_norm", _check_inputs, contiguous=("x",), autocast_output="h_dtype")
+def rms_norm_triton(x: torch.Tensor, scale: float = 1.0, *, h_dtype: torch.dtype) -> torch.Tensor:
+    """h = rms_norm(x) · scale, fused; x [..., d] -> h [..., d] (in the autocast dtype under autocast)."""
+    return torch.ops.ouroboros.rms_norm(x, float(scale), h_dtype)[0]
 
 
-def rms_norm_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """h = rms_norm(x) · scale, fused; x [..., d] -> h [..., d] (bf16 under autocast)."""
-    return torch.ops.ouroboros.rms_norm(x, float(scale), _h_dtype(x))[0]
-
-
-def mix_norm_triton(x: torch.Tensor, x0: torch.Tensor, mix: torch.Tensor, scale: float):
+@input_policy("mix_norm", _check_inputs, contiguous=("x", "x0", "mix"), autocast_output="h_dtype")
+def mix_norm_triton(x: torch.Tensor, x0: torch.Tensor, mix: torch.Tensor, scale: float, *, h_dtype: torch.dtype):
     """(x_in, h) = (mix[0] ⊙ x + mix[1] ⊙ x0, rms_norm(x_in) · scale) in one pass; x, x0 [..., d], mix [2, d]."""
-    x_in, h, _ = torch.ops.ouroboros.mix_norm(x, x0, mix, float(scale), _h_dtype(x))
+    x_in, h, _ = torch.ops.ouroboros.mix_norm(x, x0, mix, float(scale), h_dtype)
     return x_in, h
 
 
-def add_norm_triton(x: torch.Tensor, branch: torch.Tensor, gain: torch.Tensor, scale: float):
+@input_policy("add_norm", _check_inputs, contiguous=("x", "branch", "gain"), autocast_output="h_dtype")
+def add_norm_triton(x: torch.Tensor, branch: torch.Tensor, gain: torch.Tensor, scale: float, *,
+                    h_dtype: torch.dtype):
     """(x_new, h) = (x + gain ⊙ branch, rms_norm(x_new) · scale) in one pass; x, branch [..., d], gain [d]."""
-    x_new, h, _ = torch.ops.ouroboros.add_norm(x, branch, gain, float(scale), _h_dtype(x))
+    x_new, h, _ = torch.ops.ouroboros.add_norm(x, branch, gain, float(scale), h_dtype)
     return x_new, h
 
 

@@ -285,8 +285,9 @@ def test_torch_compile_fullgraph_traces_the_ops():
 @pytest.mark.parametrize("entry", ["dispatch", "op"])
 def test_autocast_casts_the_fp32_weight(entry):
     """Under autocast (as the model runs on CUDA) the fp32 master embedding meets the kernel as bf16, cast
-    by kernels.softcap_cross_entropy or by the op's own autocast registration; the loss stays fp32 and the
-    gradients come back fp32, within 2x of the reference under the same autocast."""
+    by the entry's input policy whether it is reached through kernels.softcap_cross_entropy or called
+    directly; the loss stays fp32 and the gradients come back fp32, within 2x of the reference under the
+    same autocast."""
     h, weight, targets = _inputs(37, 48, 200, seed=14)
     fn = kernels.softcap_cross_entropy if entry == "dispatch" else softcap_cross_entropy_triton
     ref = _run(softcap_cross_entropy_reference, h, weight, targets, torch.float32)

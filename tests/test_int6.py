@@ -10,7 +10,7 @@ import torch
 import kernels
 from kernels import int6
 from kernels.int6 import (QuantLinear, dequantize_int6, int6_matmul_reference, int6_matmul_torch, int6_matmul_triton,
-                          pack_int6, row_bytes, unpack_int6)
+                          pack_int6_planes, row_bytes, unpack_int6_planes)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # else the interpreter (tests/conftest.py)
 
@@ -68,17 +68,17 @@ def test_pack_unpack_round_trip_all_64_codes():
     g = torch.Generator().manual_seed(0)
     codes = torch.stack([torch.cat([torch.arange(-32, 32), torch.randint(-32, 32, (13,), generator=g)])[torch.randperm(77, generator=g)]
                          for _ in range(5)]).to(torch.int8)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (3, 5, row_bytes(77)) == (3, 5, 32)
-    back = unpack_int6(packed, 77)
+    back = unpack_int6_planes(packed, 77)
     assert back.dtype == torch.int8 and torch.equal(back, codes), _report(back, codes, "unpack(pack(codes))")
 
 
 def test_packed_bytes_follow_the_documented_layout():
-    # The kernel decodes bytes by this contract: check it bit by bit, independently of unpack_int6.
+    # The kernel decodes bytes by this contract: check it bit by bit, independently of unpack_int6_planes.
     codes, _ = _layer(3, 45, seed=1, code_range=32)
     codes = codes.clamp(-32, 31).cpu()
-    packed = pack_int6(codes).cpu()
+    packed = pack_int6_planes(codes).cpu()
     r = row_bytes(45)
     u = torch.full((3, 4 * r), 32, dtype=torch.int64)
     u[:, :45] = codes.long() + 32
@@ -98,14 +98,14 @@ def test_row_bytes_is_aligned():
 
 def test_bad_codes_and_packed_are_rejected():
     with pytest.raises(ValueError, match=r"\[-32, 31\].*max 32"):
-        pack_int6(torch.tensor([[0, 32]], dtype=torch.int8))
+        pack_int6_planes(torch.tensor([[0, 32]], dtype=torch.int8))
     with pytest.raises(ValueError, match="integer"):
-        pack_int6(torch.zeros(2, 3))
+        pack_int6_planes(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="2-D"):
-        pack_int6(torch.zeros(3, dtype=torch.int8))
-    packed = pack_int6(torch.zeros(4, 40, dtype=torch.int8))
+        pack_int6_planes(torch.zeros(3, dtype=torch.int8))
+    packed = pack_int6_planes(torch.zeros(4, 40, dtype=torch.int8))
     with pytest.raises(ValueError, match="in_features=100 needs row_bytes=32"):
-        unpack_int6(packed, 100)
+        unpack_int6_planes(packed, 100)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -115,7 +115,7 @@ def test_one_hot_activations_decode_the_weight_exactly(dtype):
     n, k = 70, 133
     codes, scale = _layer(n, k, seed=2, code_range=32)
     codes = codes.clamp(-32, 31)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     eye = torch.eye(k, device=DEVICE, dtype=dtype)
     decoded = int6_matmul_triton(eye, packed, scale, k)            # row i = column i of W, i.e. Wᵀ
     want = dequantize_int6(packed, scale, k).t().to(dtype)        # codes · scale in fp32, rounded once
@@ -129,7 +129,7 @@ SHAPES = [((1,), 37, 101), ((5,), 131, 75), ((2, 8), 64, 257), ((200,), 33, 129)
 @pytest.mark.parametrize("lead,n,k", SHAPES)
 def test_matmul_fp32_matches_reference(lead, n, k):
     codes, scale = _layer(n, k, seed=3)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     x = torch.randn(*lead, k, device=DEVICE)
     out = int6_matmul_triton(x, packed, scale, k)
     ref = int6_matmul_reference(x, packed, scale, k)
@@ -140,7 +140,7 @@ def test_matmul_fp32_matches_reference(lead, n, k):
 @pytest.mark.parametrize("lead,n,k", [SHAPES[0], SHAPES[2], SHAPES[3]])
 def test_matmul_bf16_within_twice_the_plain_bf16_error(lead, n, k):
     codes, scale = _layer(n, k, seed=4)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     x = torch.randn(*lead, k, device=DEVICE).bfloat16()
     out = int6_matmul_triton(x, packed, scale, k)
     assert out.dtype == torch.bfloat16
@@ -155,7 +155,7 @@ def test_split_k_partial_sums(monkeypatch):
     monkeypatch.setattr(int6, "_num_splits", lambda tiles, r, block_j, device: 3)
     k, n = 1000, 48
     codes, scale = _layer(n, k, seed=5)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, k, device=DEVICE).to(dtype)
         out = int6_matmul_triton(x, packed, scale, k)
@@ -168,7 +168,7 @@ def test_split_k_partial_sums(monkeypatch):
 
 def test_empty_batch():
     codes, scale = _layer(8, 20, seed=6)
-    out = int6_matmul_triton(torch.empty(0, 20, device=DEVICE), pack_int6(codes), scale, 20)
+    out = int6_matmul_triton(torch.empty(0, 20, device=DEVICE), pack_int6_planes(codes), scale, 20)
     assert out.shape == (0, 8)
 
 
@@ -178,7 +178,7 @@ def test_empty_batch():
                                             ((200,), 33, 129, torch.float32)])
 def test_input_gradient(lead, n, k, dtype):
     codes, scale = _layer(n, k, seed=7)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     x = torch.randn(*lead, k, device=DEVICE).to(dtype).requires_grad_()
     dy = torch.randn(*lead, n, device=DEVICE).to(dtype)
     int6_matmul_triton(x, packed, scale, k).backward(dy)
@@ -195,14 +195,14 @@ def test_input_gradient(lead, n, k, dtype):
 
 def test_reference_gradcheck_fp64():
     codes, scale = _layer(6, 9, seed=8)
-    packed = pack_int6(codes).cpu()
+    packed = pack_int6_planes(codes).cpu()
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: int6_matmul_reference(t, packed, scale.cpu(), 9), (x,))
 
 
 def test_custom_op_under_torch_compile_fullgraph():
     codes, scale = _layer(40, 70, seed=9)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     x = torch.randn(4, 70, device=DEVICE, requires_grad=True)
 
     def f(t):
@@ -221,7 +221,7 @@ def test_custom_op_under_torch_compile_fullgraph():
 
 def test_launcher_errors_name_the_argument():
     codes, scale = _layer(8, 20, seed=10)
-    packed = pack_int6(codes)
+    packed = pack_int6_planes(codes)
     with pytest.raises(ValueError, match=r"x must have last dimension 20, got shape \(3, 21\)"):
         int6_matmul_triton(torch.randn(3, 21, device=DEVICE), packed, scale, 20)
     with pytest.raises(ValueError, match="x dtype torch.float16 is not supported"):
