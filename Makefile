@@ -34,8 +34,9 @@ BENCH ?=
 bench: venv
 	$(PY) -m bench $(BENCH)
 
-# `make gpu-check STAGE=tests|bench|step|all [TESTS=...] [BENCH=...]` on a CUDA machine, one stage per
-# call (each ends inside 8 minutes). It uses that machine's own python3, torch and triton, not .venv.
+# `make gpu-check [COPY_TO=dir]` on a CUDA machine: every part (tests, bench, step, ledger) in one call that
+# ends inside 8 minutes (`python -m bench.gpu_check --plan` lists the budgets); STAGE=<part> [TESTS=...]
+# [BENCH=...] reruns one part. It uses that machine's own python3, torch and triton, not .venv.
 GPU_PYTHON ?= python3
 STAGE ?= all
 TESTS ?=

@@ -1,18 +1,23 @@
-"""`make gpu-check`: the test suite on the GPU, the benchmarks and a training-step timing, one table.
+"""`make gpu-check`: the whole GPU validation in one call that ends within 8 minutes, one results table.
 
-    make gpu-check STAGE=tests|bench|step|all [TESTS="tests/test_mlp.py ..."] [BENCH="mlp attention"]
-    python -m bench.gpu_check --stage tests [--tests ...] [--budget 420]
-    python -m bench.gpu_check --plan            # print what each stage would run (works without CUDA)
-    python -m bench.gpu_check --fetch-wheels    # here, with internet: the wheels the GPU image lacks
+    make gpu-check [COPY_TO=$OUT]                   # every part, in order of value, ~480 s at most
+    make gpu-check STAGE=bench [BENCH="mlp attention"] [TESTS="tests/test_mlp.py ..."]   # rerun one part
+    python -m bench.gpu_check --plan                # the parts, what each runs, its budget (no CUDA needed)
+    python -m bench.gpu_check --fetch-wheels        # here, with internet: the wheels the GPU image lacks
 
-Each stage is one subprocess with a time budget (default 420 s) so that it ends well inside the lent
-machine's 10 minutes per command; run the stages one call at a time. Every finished stage is merged
-into bench/results/gpu_check_<gpu>_<date>.json and re-rendered as the .md beside it (a rerun of a
-stage with the same selection replaces its row), both written atomically. Commit them from the GPU
-session. On a lent machine that is given back between calls, pass --copy-to (COPY_TO=<a folder that
-comes back> in make) to bring the files back, and put the returned .json into bench/results/ before the
-next stage's call so the stages merge into one table. A copy of the tree without .git records its commit
-from $OUROBOROS_COMMIT (e.g. `OUROBOROS_COMMIT=<sha> make gpu-check STAGE=bench COPY_TO=...`).
+The parts (PARTS), most valuable first, each one subprocess killed at its own budget:
+  tests   correctness on CUDA: every Triton op against its reference (forward, every gradient, bf16 and
+          fp32) at small odd shapes and at the real shapes (the kernel test files);
+  bench   the kernel benchmark entries at the real shapes against eager, torch.compile, SDPA/FA3, cuBLAS;
+  step    bench.step: one GPU's training step, both KERNELS backends, torch.compile;
+  ledger  bench.ledger: the measured step ledger on CUDA (eager, profiled).
+Their budgets plus INSTALL_ALLOWANCE_S (carried wheels, the --no-deps install, the tables) add up to at
+most LIMIT_S = 480 s, so one call fits the lent machine's 10 minutes per command with room to spare; a
+part also never runs past what is left of LIMIT_S. Each finished part is merged at once into
+bench/results/gpu_check_<gpu>_<date>.json and re-rendered as the .md beside it (atomically; a rerun of a
+part with the same selection replaces its row), and copied to --copy-to if given: a kill at any point
+keeps every part finished before it. Commit the files from the GPU session. A copy of the tree without
+.git records its commit from $OUROBOROS_COMMIT (e.g. `OUROBOROS_COMMIT=<sha> make gpu-check COPY_TO=...`).
 
 The GPU image brings its own torch and triton (Python 3.12, torch 2.11, triton 3.6): the project is
 installed there with `pip install --no-deps --no-build-isolation -e .`, and what the image lacks
@@ -40,8 +45,29 @@ from bench import report as bench_report
 from model.io import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("tests", "bench", "step")
-DEFAULT_BUDGET_S = 420            # a stage ends well inside 8 minutes (10 per command on the lent machine)
+LIMIT_S = 480                     # one call ends inside 8 minutes (10 per command on the lent machine)
+INSTALL_ALLOWANCE_S = 50          # carried wheels + pip install --no-deps + writing the tables
+# The correctness part's default selection: every kernel family's test file (each covers small odd shapes;
+# under CUDA they also run the real shapes).
+KERNEL_TESTS = ("tests/test_mlp.py", "tests/test_attention.py", "tests/test_norm.py", "tests/test_head.py",
+                "tests/test_int6.py", "tests/test_gptq.py")
+KERNEL_BENCH = ("mlp", "attention", "norm", "head", "int6", "gptq")
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str          # also the STAGE=<name> of a rerun
+    budget_s: float
+    what: str
+
+
+PARTS = (Part("tests", 110, "correctness on CUDA: every Triton op vs its reference, fwd + every grad, bf16 + fp32, "
+                            "small odd and real shapes"),
+         Part("bench", 160, "kernel benchmark entries at the real shapes vs eager, torch.compile, SDPA/FA3, cuBLAS"),
+         Part("step", 110, "bench.step: one GPU's training step at 48x2048, KERNELS=triton and torch, torch.compile"),
+         Part("ledger", 50, "bench.ledger: the measured step ledger on CUDA (profiled eager step)"))
+STAGES = tuple(p.name for p in PARTS)
+BUDGETS = {p.name: p.budget_s for p in PARTS}
 SITE = Path("/tmp/ouroboros-site")  # the carried wheels go here, beside (not over) the image's packages
 WHEEL_DIR = REPO / ".whl"
 # What the GPU image (Python 3.12) lacks: pinned where the project pins them.
@@ -70,16 +96,18 @@ class StageResult:
 def stage_command(stage: str, args: argparse.Namespace, work: Path) -> list[str]:
     """The subprocess a stage runs; its machine-readable output goes to `work`."""
     py = sys.executable
-    if stage == "tests":
-        cmd = [py, "-m", "pytest", *(args.tests or ["tests"]), "-q", "-rfE", "--durations=15",
+    if stage == "tests":  # the xdist workers compile Triton kernels on the machine's many cores in parallel
+        cmd = [py, "-m", "pytest", *(args.tests or KERNEL_TESTS), "-q", "-rfE", "--durations=15",
                "-p", "no:cacheprovider", f"--junitxml={work / 'junit.xml'}"]
         return cmd + (["-n", str(args.workers)] if args.workers > 0 else ["-p", "no:xdist"])
     if stage == "bench":
-        return [py, "-m", "bench", *(args.bench or []), "--csv", str(work / "bench.csv"),
+        return [py, "-m", "bench", *(args.bench or KERNEL_BENCH), "--csv", str(work / "bench.csv"),
                 "--out", str(bench_report.RESULTS_DIR)]
     if stage == "step":  # bench/step.py: one GPU's share of the real run's training step, per kernels backend
         return [py, "-m", "bench.step", "--json", str(work / "step.json"), "--steps", str(args.steps),
                 "--warmup-steps", str(args.warmup_steps), "--kernels", *args.kernels]
+    if stage == "ledger":  # the compiled step is timed by the step part already
+        return [py, "-m", "bench.ledger", "--no-compiled", "--out", str(work / "ledger.md")]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
@@ -221,16 +249,30 @@ def summarize(stage: str, rc: int | None, output: str, work: Path, budget_s: flo
             return "error", f"the step worker wrote no result (exit {rc})", _tail(output)
         data = json.loads(path.read_text())
         return ("passed" if rc == 0 else "failed"), step_summary(data), step_table(data)
+    if stage == "ledger":
+        path = work / "ledger.md"
+        if not path.exists():
+            return "error", f"the ledger wrote no table (exit {rc})", _tail(output)
+        target = bench_report.RESULTS_DIR / f"ledger_{bench_report.gpu_slug(bench_report.environment()['gpu'])}.md"
+        text = path.read_text()
+        write_atomic(target, text)
+        return ("passed" if rc == 0 else "failed"), f"table {_shown(target)}", text.split("\n", 1)[1]
     raise ValueError(stage)
 
 
-def run_stage(stage: str, args: argparse.Namespace, work: Path) -> StageResult:
+def part_budget(stage: str, args: argparse.Namespace) -> float:
+    """The part's own budget, or --budget when given."""
+    return args.budget if args.budget is not None else BUDGETS[stage]
+
+
+def run_stage(stage: str, args: argparse.Namespace, work: Path, budget_s: float | None = None) -> StageResult:
     work.mkdir(parents=True, exist_ok=True)
     cmd = stage_command(stage, args, work)
-    print(f"gpu-check: stage {stage}: {' '.join(cmd)}", flush=True)
-    rc, wall, output = run_command(cmd, args.budget, work / f"{stage}.log")
+    budget_s = part_budget(stage, args) if budget_s is None else budget_s
+    print(f"gpu-check: part {stage} (budget {budget_s:.0f} s): {' '.join(cmd)}", flush=True)
+    rc, wall, output = run_command(cmd, budget_s, work / f"{stage}.log")
     selection = selection_of(stage, args)
-    status, summary, details = summarize(stage, rc, output, work, args.budget, selection)
+    status, summary, details = summarize(stage, rc, output, work, budget_s, selection)
     csv_path = bench_csv_path(work, selection) if stage == "bench" else None
     return StageResult(stage, selection, status, round(wall, 1), summary, details,
                        " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
@@ -307,25 +349,29 @@ def step_table(data: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", default="all", help=f"one of {', '.join(STAGES)}, or all (default)")
-    parser.add_argument("--tests", nargs="*", default=None, help="test files/ids for the tests stage (default: tests)")
-    parser.add_argument("--bench", nargs="*", default=None, help="bench entries for the bench stage (default: all)")
-    parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the tests stage (0: none)")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds per stage before it is killed")
+    parser.add_argument("--stage", default="all", help=f"one of {', '.join(STAGES)} (comma-separated), or all (default)")
+    parser.add_argument("--tests", nargs="*", default=None,
+                        help=f"test files/ids for the tests part (default: {' '.join(KERNEL_TESTS)})")
+    parser.add_argument("--bench", nargs="*", default=None,
+                        help=f"bench entries for the bench part (default: {' '.join(KERNEL_BENCH)})")
+    parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the tests part (0: none)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds per part before it is killed (default: each part's own budget, see --plan)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per kernels backend")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (torch.compile happens here)")
-    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="kernels backends for the step stage")
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"], help="kernels backends for the step part")
     parser.add_argument("--copy-to", type=Path, default=None,
-                        help="also copy the results table (.md, .json), the bench CSV and the stage logs here")
-    parser.add_argument("--plan", action="store_true", help="print the stage commands and exit (no CUDA needed)")
+                        help="also copy the results table (.md, .json), the bench CSV and each part's log here")
+    parser.add_argument("--plan", action="store_true", help="print the parts, their commands and budgets, and exit")
     parser.add_argument("--fetch-wheels", action="store_true", help="download the wheels the GPU image lacks into .whl/")
     args = parser.parse_args(argv)
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         parser.error(f"--stage {args.stage}: unknown stage {unknown}; stages: {', '.join(STAGES)} or all")
-    if args.budget <= 0 or args.budget > 480:
-        parser.error(f"--budget {args.budget}: a stage must end inside 8 minutes (0 < budget <= 480 s)")
+    if args.budget is not None and not 0 < args.budget <= LIMIT_S - INSTALL_ALLOWANCE_S:
+        parser.error(f"--budget {args.budget}: a part must end inside 8 minutes with the install "
+                     f"(0 < budget <= {LIMIT_S - INSTALL_ALLOWANCE_S} s)")
     if args.steps < 2 or args.warmup_steps < 0:
         parser.error(f"--steps {args.steps} / --warmup-steps {args.warmup_steps}: need >= 2 timed steps, >= 0 warm-up")
     bad = [k for k in args.kernels if k not in ("triton", "torch")]
@@ -333,6 +379,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--kernels {bad}: each must be triton or torch")
     args.stages = stages
     return args
+
+
+def plan_lines(args: argparse.Namespace, work: Path) -> list[str]:
+    """What each selected part runs and its budget, then the total against LIMIT_S."""
+    lines = [f"install + tables: {INSTALL_ALLOWANCE_S} s (carried wheels, pip install --no-deps -e ., results files)"]
+    total = INSTALL_ALLOWANCE_S
+    for part in PARTS:
+        if part.name not in args.stages:
+            continue
+        budget = part_budget(part.name, args)
+        total += budget
+        lines.append(f"{part.name}: {budget:.0f} s: {part.what}")
+        lines.append(f"    {' '.join(stage_command(part.name, args, work / part.name))}")
+    lines.append(f"total: {total:.0f} s (limit {LIMIT_S} s)")
+    return lines
 
 
 def copy_out(folder: Path, paths: list) -> None:
@@ -343,7 +404,29 @@ def copy_out(folder: Path, paths: list) -> None:
             shutil.copyfile(path, folder / Path(path).name)
 
 
+def run_parts(args: argparse.Namespace, work: Path, env: dict, started: float, log=print) -> int:
+    """Run the selected parts in order, recording (and copying out) each one the moment it ends. A part
+    gets its budget or what is left of LIMIT_S after it, whichever is less; none starts with under 10 s."""
+    worst = 0
+    for stage in args.stages:
+        left = LIMIT_S - (time.perf_counter() - started) - 5  # the last table write
+        budget = min(part_budget(stage, args), left)
+        if left < 10:
+            log(f"gpu-check: {stage}: skipped, {left:.0f} s left of the {LIMIT_S} s limit")
+            worst = 1
+            continue
+        result = run_stage(stage, args, work / stage, budget)
+        json_path, md_path = record(result, env)
+        if args.copy_to:
+            copy_out(args.copy_to, [json_path, md_path, result.csv_path, work / stage / f"{stage}.log"])
+        log(f"gpu-check: {result.key}: {result.status} in {result.wall_s:.0f} s: {result.summary}")
+        log(f"gpu-check: table {_shown(md_path)}")
+        worst = max(worst, 0 if result.status == "passed" else 1)
+    return worst
+
+
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.fetch_wheels:
         cmd = fetch_wheels()
@@ -351,26 +434,15 @@ def main(argv=None) -> int:
         return subprocess.run(cmd).returncode
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"ouroboros-gpu-check-{os.getpid()}"
     if args.plan:
-        for stage in args.stages:
-            print(f"{stage}: {' '.join(stage_command(stage, args, work / stage))}  (budget {args.budget:.0f} s)")
+        print("\n".join(plan_lines(args, work)))
         return 0
     import torch
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here; it runs on a GPU machine (make gpu-check STAGE=...). "
-              "--plan prints what each stage would run.", file=sys.stderr)
+        print("gpu-check: no CUDA device here; it runs on a GPU machine (make gpu-check). "
+              "--plan prints what each part would run.", file=sys.stderr)
         return 2
     prepare()
-    env = bench_report.environment()
-    worst = 0
-    for stage in args.stages:
-        result = run_stage(stage, args, work / stage)
-        json_path, md_path = record(result, env)
-        if args.copy_to:
-            copy_out(args.copy_to, [json_path, md_path, result.csv_path, work / stage / f"{stage}.log"])
-        print(f"gpu-check: {result.key}: {result.status} in {result.wall_s:.0f} s: {result.summary}")
-        print(f"gpu-check: table {_shown(md_path)}")
-        worst = max(worst, 0 if result.status == "passed" else 1)
-    return worst
+    return run_parts(args, work, bench_report.environment(), started)
 
 
 if __name__ == "__main__":

@@ -275,9 +275,6 @@ def test_gpu_check_arguments_and_stage_plan(tmp_path, capsys):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
         assert message in capsys.readouterr().err
-    assert gpu_check.main(["--plan"]) == 0
-    plan = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in plan] == list(gpu_check.STAGES)
     if not torch.cuda.is_available():
         assert gpu_check.main(["--stage", "tests"]) == 2
         assert "no CUDA device here" in capsys.readouterr().err
