@@ -9,8 +9,9 @@ Names, one rule: `kernels.<op>` is always an op's dispatching function (mlp, att
 softcap_cross_entropy, mix_norm, add_norm, rms_norm), and a kernel family's module is only ever
 reached as `from kernels.<family> import ...` (mlp, attention, head, norm, int6, gptq). Two families
 share their op's name, so `kernels.mlp` and `kernels.attention` are the functions, never the modules;
-`kernels.rms_norm` is the op (fused on the triton backend), unlike model.gpt.rms_norm, the model's plain
-F.rms_norm helper (QK-norm, the embedding), which never dispatches. In a family module,
+`kernels.rms_norm` is the op (fused on the triton backend); where the model wants the plain PyTorch
+RMSNorm that never dispatches (QK-norm, the embedding) it calls kernels.norm.rms_norm_reference by that
+name. In a family module,
 `<op>_triton` is the Triton entry point and `<op>_reference` the PyTorch path the torch backend runs
 (attention's is `attention_sdpa`; its `attention_reference` is the tests' explicit fp32 ground truth).
 
