@@ -9,7 +9,9 @@ dict per configuration its launchers can launch:
      "constexprs": {arg: value}  (every constexpr argument without a default),
      "num_warps": int, "num_stages": int,
      "hgmma": bool  (True for large-tile matrix kernels that must use Hopper's warpgroup MMA),
-     "divisible_by_16": [int args]  (optional: ints the real launches pass as multiples of 16)}
+     "divisible_by_16": [int args]  (optional: ints the real launches pass as multiples of 16),
+     "equal_to_1": [int args]  (optional: ints a launch may pass as 1, which Triton turns into the
+                                constexpr 1; the kernel must compile that way too)}
 Pointer arguments are compiled as 16-byte aligned, as Triton specializes them for torch tensors.
 
 Each configuration is compiled with triton.compile for GPUTarget("cuda", 90, 32) (no GPU needed),
@@ -126,10 +128,11 @@ def validate_config(module_name: str, index: int, config) -> dict:
             raise ConfigError(f"{where}: {key}={config[key]} must be >= 1")
     if config["num_warps"] & (config["num_warps"] - 1):
         raise ConfigError(f"{where}: num_warps={config['num_warps']} must be a power of two")
-    aligned = config.get("divisible_by_16", [])
-    bad_aligned = [n for n in aligned if n not in sig or sig[n].startswith("*")]
-    if bad_aligned:
-        raise ConfigError(f"{where}: divisible_by_16 names {bad_aligned}, which are not integer arguments")
+    for key in ("divisible_by_16", "equal_to_1"):
+        named = config.get(key, [])
+        bad = [n for n in named if n not in sig or sig[n].startswith("*")]
+        if bad:
+            raise ConfigError(f"{where}: {key} names {bad}, which are not integer arguments")
     return {**config, "kernel": kernel}
 
 
@@ -152,6 +155,12 @@ def discover(package: str | None = "kernels", paths: tuple = ()) -> tuple[list[d
         try:
             if path is None:
                 module = importlib.import_module(name)
+            elif _dotted_name(path):  # a file inside a package (kernels/norm.py): its relative imports need it
+                root, dotted = _dotted_name(path)
+                if root not in sys.path:
+                    sys.path.insert(0, root)
+                module = importlib.import_module(dotted)
+                report["module"] = name = dotted
             else:
                 spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec)
@@ -186,6 +195,16 @@ def discover(package: str | None = "kernels", paths: tuple = ()) -> tuple[list[d
         report["configs"] = len(mine)
         configs += [(name, c) for c in mine]
     return reports, configs
+
+
+def _dotted_name(path: Path) -> tuple[str, str] | None:
+    """(folder to import from, dotted module name) of a .py file inside a package; None for a loose file."""
+    path = Path(path).resolve()
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return (str(folder), ".".join(parts)) if len(parts) > 1 else None
 
 
 def _tool(name: str) -> str:
@@ -241,12 +260,15 @@ def compile_config(index: int) -> dict:
               "hgmma_required": config["hgmma"], "error": None, "problems": []}
     t0 = time.perf_counter()
     try:
+        ones = set(config.get("equal_to_1", []))  # launched with the value 1: Triton makes them constexpr
         constexprs = {p.name: config["constexprs"][p.name] if p.name in config["constexprs"] else _default(kernel, p.name)
                       for p in kernel.params if p.is_constexpr}
-        signature = {p.name: "constexpr" if p.is_constexpr else config["signature"][p.name] for p in kernel.params}
+        constexprs.update({name: 1 for name in ones})
+        signature = {p.name: "constexpr" if p.is_constexpr or p.name in ones else config["signature"][p.name]
+                     for p in kernel.params}
         aligned = set(config.get("divisible_by_16", []))
         attrs = {(p.num,): [["tt.divisibility", 16]] for p in kernel.params
-                 if not p.is_constexpr and (signature[p.name].startswith("*") or p.name in aligned)}
+                 if signature[p.name] != "constexpr" and (signature[p.name].startswith("*") or p.name in aligned)}
         source = ASTSource(kernel, signature, constexprs, attrs)
         compiled = triton.compile(source, target=GPUTarget(*TARGET),
                                   options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})

@@ -360,6 +360,9 @@ def _launch_opts(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+CUDA_GRID_Y_LIMIT = 65_535
+
+
 def _check_inputs(where, q, k, v, q_gain) -> None:
     """Every shape, dtype and device rule the kernels rely on (the interpreter would not catch a violation)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("q_gain", q_gain)):
@@ -394,6 +397,10 @@ def _check_inputs(where, q, k, v, q_gain) -> None:
     if len(devices) != 1:
         raise ValueError(f"{where}: q, k, v, q_gain must be on one device, got q {q.device}, k {k.device}, "
                          f"v {v.device}, q_gain {q_gain.device}")
+    # Grid dimension 1 holds batch x heads (B·Hq programs), and CUDA caps that dimension at 65,535.
+    if B * Hq > CUDA_GRID_Y_LIMIT:
+        raise ValueError(f"{where}: batch x query heads = {B} x {Hq} = {B * Hq} (q {tuple(q.shape)}) exceeds CUDA's "
+                         f"{CUDA_GRID_Y_LIMIT:,} programs in grid dimension 1: split the batch")
     # Offsets past the batch are computed in int64; within one sequence they stay int32.
     if T * Hq * D >= 2 ** 31:
         raise ValueError(f"{where}: one sequence of q {tuple(q.shape)} has {T * Hq * D} elements, more than "

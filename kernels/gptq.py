@@ -57,7 +57,8 @@ def _gptq_block_kernel(w_ptr, u_ptr, scale_ptr, codes_ptr, err_ptr, rows, width,
     w = tl.load(w_ptr + row64[:, None] * stride_w + col0 + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0)
     s = tl.load(scale_ptr + offs_r, mask=r_ok, other=1.0)
-    u_rows = u_ptr + col0.to(tl.int64) * stride_u + col0
+    # tl.cast, not col0.to: Triton makes an int argument equal to 1 a constexpr, which has no .to
+    u_rows = u_ptr + tl.cast(col0, tl.int64) * stride_u + col0
     for j in range(0, width):
         is_j = cols == j
         w_j = tl.sum(tl.where(is_j[None, :], w, 0.0), axis=1)
@@ -180,13 +181,15 @@ def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: to
 
 
 def sm90_configs() -> list[dict]:
-    """The block kernel at every column tile a block_size in [1, 256] maps to (128: textbook, 64: the original)."""
+    """The block kernel at every column tile a block_size in [1, 256] maps to (128: textbook, 64: the original),
+    and block_size=1, whose launches pass col0 = 1 (and width = 1), which Triton compiles as constexprs."""
     return [{
-        "name": f"gptq_block_r{_BLOCK_R}_c{block_c}",
+        "name": f"gptq_block_r{_BLOCK_R}_c{block_c}" + ("_block_size1" if ones else ""),
         "kernel": _gptq_block_kernel,
         "signature": {"w_ptr": "*fp32", "u_ptr": "*fp32", "scale_ptr": "*fp32", "codes_ptr": "*i8", "err_ptr": "*fp32",
                       "rows": "i32", "width": "i32", "col0": "i32", "stride_w": "i32", "stride_u": "i32",
                       "stride_codes": "i32", "stride_err": "i32"},
         "constexprs": {"BLOCK_R": _BLOCK_R, "BLOCK_C": block_c},
         "num_warps": _NUM_WARPS, "num_stages": 1, "hgmma": False,
-    } for block_c in (16, 32, 64, 128, 256)]
+        "equal_to_1": ["col0", "width"] if ones else [],
+    } for block_c, ones in ((16, True), (16, False), (32, False), (64, False), (128, False), (256, False))]

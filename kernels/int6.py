@@ -141,7 +141,7 @@ def _int6_matmul_kernel(x_ptr, packed_ptr, scale_ptr, out_ptr,
     n_ok = offs_n < N
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
     w_rows = packed_ptr + offs_n[:, None].to(tl.int64) * R
-    plane = N.to(tl.int64) * R
+    plane = tl.cast(N, tl.int64) * R  # tl.cast: N == 1 (one output feature) arrives as a constexpr
     dtype = x_ptr.dtype.element_ty
 
     slot_begin = pid_split * slots_per_split
@@ -190,7 +190,7 @@ def _int6_matmul_dx_kernel(dy_ptr, packed_ptr, scale_ptr, dx_ptr,
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_ok = offs_m < M
     j_ok = offs_j < R
-    plane = N.to(tl.int64) * R
+    plane = tl.cast(N, tl.int64) * R  # tl.cast: N == 1 (one output feature) arrives as a constexpr
     dtype = dy_ptr.dtype.element_ty
     acc0 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
@@ -471,6 +471,9 @@ def sm90_configs() -> list[dict]:
                     "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "hgmma": hgmma,
                     "divisible_by_16": aligned,
                 })
+    # One output feature (N = 1) or one token (M = 1): Triton compiles an int argument equal to 1 as a constexpr.
+    for base in [c for c in configs if c["name"].endswith("_outfp32_kodd")][:1]:
+        configs.append(dict(base, name=base["name"] + "_m1n1", equal_to_1=["M", "N"]))
     for dtype, cfg in _DX.items():
         x_t = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
         configs.append({
@@ -483,4 +486,5 @@ def sm90_configs() -> list[dict]:
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "hgmma": False,
             "divisible_by_16": ["R"],
         })
+        configs.append(dict(configs[-1], name=configs[-1]["name"] + "_m1n1", equal_to_1=["M", "N"]))
     return configs

@@ -109,7 +109,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, act_ptr, slope, M, N, K, k_per_split, lda,
     elif EPILOGUE == 2:
         act = tl.load(act_ptr + offs_m[:, None] * ld_act + offs_n[None, :], mask=mask_c, other=0.0).to(tl.float32)
         acc = acc * (2.0 * act * tl.where(act > 0, 1.0, slope))
-    c_ptr += split * split_stride
+    c_ptr += split.to(tl.int64) * split_stride  # int64: splits x M x N can pass 2**31
     if C_T:
         c_ptrs = c_ptr + offs_m[:, None] + offs_n[None, :] * ldc
     else:

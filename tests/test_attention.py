@@ -194,6 +194,14 @@ def test_bad_inputs_raise_clear_errors(change, message):
         attention_triton(q, k, v, q_gain, True)
 
 
+def test_batch_times_heads_over_the_cuda_grid_limit_is_refused_on_the_host():
+    """B·Hq programs sit in grid dimension 1, which CUDA caps at 65,535: a clear error, not a launch failure."""
+    q = torch.zeros(8192, 1, 8, 64, device=DEVICE)  # 65,536 (batch, head) pairs
+    k = torch.zeros(8192, 1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch x query heads = 8192 x 8 = 65536 .* exceeds CUDA's 65,535"):
+        attention_triton(q, k, k, torch.ones(8, device=DEVICE), False)
+
+
 def test_sm90_configs_cover_every_launch():
     configs = sm90_configs()
     names = [c["name"] for c in configs]

@@ -39,6 +39,18 @@ def row_scale_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, x / tl.sum(x * x))
 
 
+@triton.jit
+def offset_by_method(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + n.to(tl.int64) * BLOCK + offs, offs)  # n == 1 arrives as a constexpr: no .to
+
+
+@triton.jit
+def offset_by_cast(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + tl.cast(n, tl.int64) * BLOCK + offs, offs)
+
+
 def gemm(a, b, c, block_m, block_n, block_k):
     gemm_kernel[(a.shape[0] // block_m, b.shape[1] // block_n)](a, b, c, a.shape[0], b.shape[1], a.shape[1],
                                                                   block_m, block_n, block_k)
@@ -59,7 +71,10 @@ def sm90_configs():
         _gemm("gemm_128x128x128_5_stages", 128, 128, 128, 5, True),
         {"name": "row_scale_16k_1warp", "kernel": row_scale_kernel, "signature": {"x_ptr": "*fp32", "out_ptr": "*fp32"},
          "constexprs": {"BLOCK": 16384}, "num_warps": 1, "num_stages": 1, "hgmma": False},
-    ]
+    ] + [{"name": f"{kernel.__name__}_{tag}", "kernel": kernel, "signature": {"x_ptr": "*i32", "n": "i32"},
+          "constexprs": {"BLOCK": 128}, "num_warps": 4, "num_stages": 1, "hgmma": False,
+          "equal_to_1": ["n"] if tag == "n1" else []}
+         for kernel in (offset_by_method, offset_by_cast) for tag in ("n1", "n7")]
 '''
 
 NO_CONFIGS = '''
@@ -148,6 +163,34 @@ def test_check_fails_missing_hgmma_too_much_shared_memory_and_spills(report):
     assert spill["stack"] > 0 and spill["local_memory_instructions"] > 0
     assert any(p.startswith("register spills") for p in spill["problems"])
     assert not report["ok"]
+
+
+def test_an_int_argument_equal_to_1_is_compiled_as_the_constexpr_triton_makes_it(report):
+    ex = _examples(report)
+    assert "does not compile" in " ".join(ex["offset_by_method_n1"]["problems"])  # `.to` on a constexpr
+    assert not ex["offset_by_method_n7"]["problems"] and not ex["offset_by_cast_n1"]["problems"]
+    names = {r["name"] for r in report["configs"]}
+    assert "gptq_block_r16_c16_block_size1" in names  # block_size=1: col0 = 1 and width = 1
+    assert any(n.startswith("int6_matmul_") and n.endswith("_m1n1") for n in names)  # one token, one feature
+    assert any(n.startswith("int6_matmul_dx_") and n.endswith("_m1n1") for n in names)
+
+
+def test_module_files_inside_the_package_import_with_their_relative_imports():
+    """`python -m bench.sm90 --module kernels/norm.py` (norm.py imports kernels._runtime relatively)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = sm90.Path(sm90.__file__).resolve().parents[1]
+    script = ("import json, sys; from bench import sm90; reports, configs = sm90.discover(None, tuple(sys.argv[1:])); "
+              "print(json.dumps([[r['module'], r['error'], r['configs']] for r in reports]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real @triton.jit kernels, as the check
+    out = subprocess.run([sys.executable, "-c", script, str(repo / "kernels/norm.py"), str(repo / "kernels/gptq.py")],
+                         cwd="/", env=env, capture_output=True, text=True, check=True).stdout
+    (norm, norm_error, norm_configs), (gptq, gptq_error, gptq_configs) = json.loads(out)
+    assert (norm, norm_error, gptq, gptq_error) == ("kernels.norm", None, "kernels.gptq", None)
+    assert norm_configs > 0 and gptq_configs > 0
 
 
 def test_check_rejects_modules_that_would_be_silently_skipped(report):
