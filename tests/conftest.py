@@ -36,8 +36,8 @@ def prepared_corpus():
 
 # Source files whose contents decide what the tiny_run fixture trains: any change retrains it.
 _TINY_RUN_SOURCES = ("model/config.py", "model/gpt.py", "kernels/__init__.py", "kernels/mlp.py", "kernels/norm.py",
-                     "kernels/attention.py", "kernels/head.py", "train/trainer.py", "train/muon.py", "train/data.py",
-                     "train/evaluate.py")
+                     "kernels/attention.py", "kernels/head.py", "train/trainer.py", "train/step.py", "train/muon.py",
+                     "train/data.py", "train/evaluate.py")
 TINY_RUN_STEPS = 40  # enough that the weights leave their init and quantization gaps mean something
 
 
