@@ -21,7 +21,6 @@ attention 2·applications·T·d, times window·windows tokens (every window is p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -33,9 +32,11 @@ if not torch.cuda.is_available():  # kernel modules read this when imported
 
 import kernels  # noqa: E402
 import model  # noqa: E402
+from bench.flops import model_flops_per_token  # noqa: E402
 from bench.registry import Case, register  # noqa: E402
 from model.io import synchronize  # noqa: E402
-from train.evaluate import evaluate_bpb, sliding_windows  # noqa: E402
+from train.evaluate import sliding_windows  # noqa: E402
+from train.step import validate  # noqa: E402
 
 VAL_TARGETS = 62_021_632     # FineWeb's val shard kept at L = 2048, minus one (SPEC 2)
 WORLD_SIZE = 8
@@ -72,8 +73,6 @@ def targets_for(windows: int, window: int, stride: int) -> int:
 
 def eval_flops(cfg: model.Config, windows: int, window: int) -> float:
     """Forward FLOPs of `windows` padded windows: tokens x (2·applied matmul params + 2·applications·T·d)."""
-    from bench.ledger import model_flops_per_token
-
     # model_flops_per_token is forward + backward (6·P + 6·A·T·d): the forward is a third of each term.
     return windows * window * model_flops_per_token(cfg, window) / 3.0
 
@@ -116,12 +115,9 @@ class EvalRun:
     def run(self, tokens: torch.Tensor | None = None) -> tuple[float, float]:
         """(val_loss, val_bpb) over the windows, under KERNELS=backend (bf16 autocast on CUDA)."""
         kernels.set_backend(self.backend)
-        try:
-            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                        else contextlib.nullcontext())
-            with torch.no_grad(), autocast:
-                return evaluate_bpb(self.forward, self.tokens if tokens is None else tokens, self.luts, self.window,
-                                    stride=self.stride, batch_seqs=self.batch_seqs, device=self.device)
+        try:  # the trainer's validation pass
+            return validate(self.forward, self.net, self.tokens if tokens is None else tokens, self.luts,
+                            seq_len=self.window, stride=self.stride, batch_seqs=self.batch_seqs, device=self.device)
         finally:
             kernels.set_backend(None)
 

@@ -3,7 +3,8 @@
 What one rank does per step in `torchrun --nproc_per_node=8` with the `ouroboros` preset: forward and
 backward of one 48 x 2048-token micro-batch (786,432 tokens / 8 GPUs, grad accumulation 8 // 8 = 1),
 the global grad-norm clip, AdamW, and Muon with this rank's round-robin share of the matrices (1/8:
-Newton-Schulz on every 8th matrix, then the flat-buffer all-reduce and every matrix's update). The
+Newton-Schulz on every 8th matrix, then the flat-buffer all-reduce and every matrix's update). What
+runs is the trainer's own step function (train/step.py's TrainStep) on one fixed synthetic batch; the
 model is torch.compile'd as in the trainer; KERNELS=triton and KERNELS=torch are the two providers.
 
     python -m bench step                       # through the registry (do_bench; raise --rep-ms for more steps)
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -39,13 +38,12 @@ if not torch.cuda.is_available():  # kernel modules read this when imported (pyt
 
 import kernels  # noqa: E402
 import model  # noqa: E402
+from bench.flops import analytic_ledger
 from bench.registry import Case, register
 from model.io import synchronize
-from train.muon import Muon
-from train.trainer import DistEnv, Optimizers
+from train.step import Optimizers, TrainingDiverged, TrainStep
 
 WORLD_SIZE = 8            # the challenge's 8 x H100; one rank is benchmarked
-SCOPE_PREFIX = "ledger::"  # record_function ranges the ledger groups by (bench/ledger.py)
 
 # CPU smoke shapes: the tiny preset at a batch the Triton interpreter gets through in seconds. The
 # interpreted kernels cost ~1 s per MLP call on a loaded 2-core machine, so the triton provider also
@@ -100,11 +98,11 @@ def release_process_group() -> None:
 # ---------------------------------------------------------------- one training step
 
 @dataclass
-class TrainingStep:
+class BenchStep:
     """A model, the trainer's optimizers and one fixed synthetic batch; `run()` is one training step.
 
-    Every phase runs inside a record_function range named ledger::<phase> so that the profiler ledger can
-    tell the optimizers apart without guessing from op names (a range costs microseconds).
+    The step is the trainer's own (train/step.py's TrainStep), fed the same batch every time; it opens the
+    ledger's record_function ranges itself.
     """
     cfg: model.Config
     backend: str
@@ -114,10 +112,8 @@ class TrainingStep:
     muon_world_size: int
     compiled: bool
     net: torch.nn.Module = field(repr=False)
-    forward: object = field(repr=False)
     optimizers: Optimizers = field(repr=False)
-    inputs: torch.Tensor = field(repr=False)
-    targets: torch.Tensor = field(repr=False)
+    train_step: TrainStep = field(repr=False)
     steps_run: int = 0
 
     @property
@@ -125,34 +121,16 @@ class TrainingStep:
         return self.batch_seqs * self.seq_len
 
     def run(self) -> float:
-        """Forward, backward, clip, Muon + AdamW, zero_grad under the chosen KERNELS backend; returns the loss.
+        """One training step under the chosen KERNELS backend at the full LR; returns the loss.
 
         Like the trainer, it reads the loss and grad norm back to the host once per step (that sync is part
         of the real step: it decides whether the step diverged).
         """
         kernels.set_backend(self.backend)
         try:
-            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                        else contextlib.nullcontext())
-            with torch.profiler.record_function(SCOPE_PREFIX + "step"):
-                with torch.profiler.record_function(SCOPE_PREFIX + "forward"), autocast:
-                    loss = self.forward(self.inputs, self.targets)
-                with torch.profiler.record_function(SCOPE_PREFIX + "backward"):
-                    loss.backward()
-                with torch.profiler.record_function(SCOPE_PREFIX + "clip"):
-                    clip = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm > 0 else float("inf")  # as the trainer
-                    norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
-                    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
-                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                    raise FloatingPointError(f"bench step {self.steps_run}: loss={loss_value} grad_norm={norm_value} "
-                                             f"({self.backend}, {self.cfg.preset})")
-                self.optimizers.set_schedule(self.steps_run, 1.0)
-                for opt in self.optimizers.all:
-                    phase = "muon" if isinstance(opt, Muon) else "adamw"
-                    with torch.profiler.record_function(SCOPE_PREFIX + phase):
-                        opt.step()
-                with torch.profiler.record_function(SCOPE_PREFIX + "zero_grad"):
-                    self.optimizers.zero_grad()
+            loss_value, _ = self.train_step(self.steps_run, 1.0)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"bench step ({self.backend}, {self.cfg.preset}) {err}") from err
         finally:
             kernels.set_backend(None)
         self.steps_run += 1
@@ -161,7 +139,7 @@ class TrainingStep:
 
 def build_step(cfg: model.Config, backend: str, device: str | torch.device, batch_seqs: int | None = None,
                seq_len: int | None = None, muon_share: str = "rank", compile_model: bool | None = None,
-               seed: int = 0) -> TrainingStep:
+               seed: int = 0) -> BenchStep:
     """One rank's training step for `cfg` with KERNELS=`backend`.
 
     batch_seqs, seq_len: the micro-batch (default: one rank's share of TRAIN_BATCH_TOKENS at TRAIN_SEQ_LEN).
@@ -186,11 +164,13 @@ def build_step(cfg: model.Config, backend: str, device: str | torch.device, batc
     torch.manual_seed(seed)
     net = model.build_model(cfg).to(device)
     forward = torch.compile(net, dynamic=False, fullgraph=cfg.compile_fullgraph) if compile_model else net
-    optimizers = Optimizers(net, cfg, DistEnv(0, muon_world, 0, device))
+    optimizers = Optimizers(net, cfg, device, world_size=muon_world)
     gen = torch.Generator(device="cpu").manual_seed(seed)  # synthetic tokens: the GPU machine has no data
     ids = torch.randint(0, cfg.vocab_size, (batch_seqs, seq_len + 1), generator=gen).to(device)
-    return TrainingStep(cfg, backend, device, batch_seqs, seq_len, muon_world, compile_model, net, forward,
-                        optimizers, ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    train_step = TrainStep(forward, net, optimizers, lambda: batch, grad_clip_norm=cfg.grad_clip_norm)
+    return BenchStep(cfg, backend, device, batch_seqs, seq_len, muon_world, compile_model, net, optimizers,
+                     train_step)
 
 
 
@@ -200,7 +180,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
-def time_steps(step: TrainingStep, steps: int, warmup_steps: int) -> dict:
+def time_steps(step: BenchStep, steps: int, warmup_steps: int) -> dict:
     """Run `warmup_steps` untimed steps (torch.compile happens here), then time `steps` steps one by one.
 
     On CUDA each step is timed with CUDA events; on CPU with perf_counter. Returns median and p20/p80 ms,
@@ -239,9 +219,7 @@ def time_steps(step: TrainingStep, steps: int, warmup_steps: int) -> dict:
 # ---------------------------------------------------------------- the registry entry
 
 def step_flops(cfg: model.Config, batch_seqs: int, seq_len: int, muon_share: str) -> float:
-    """Analytical FLOPs of one step (bench/ledger.py states the formulas)."""
-    from bench.ledger import analytic_ledger
-
+    """Analytical FLOPs of one step (bench/flops.py states the formulas)."""
     return analytic_ledger(cfg, batch_seqs, seq_len, muon_world_size=WORLD_SIZE if muon_share == "rank" else 1).flops
 
 

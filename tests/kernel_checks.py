@@ -87,16 +87,24 @@ def spread_projections(net):
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
 
 
+class _FixedSGD(torch.optim.SGD):
+    """SGD as TrainStep drives an optimizer, with no schedule: the LR stays fixed."""
+
+    def set_schedule(self, step, multiplier):
+        pass
+
+
 def train_tiny_losses(backend, cfg=None, *, steps=3, optimizer="trainer", init=None, token_seed=1, sgd_lr=0.05):
     """The loss before each of `steps` optimizer steps of the tiny model (seed 0) on 2 random sequences of
     64 tokens (generator seed token_seed), with kernels.set_backend(backend) for the whole run.
 
     cfg: the model config (default reduced_tiny_config(steps)). init(net), if given, runs under no_grad
-    after the build. optimizer "trainer": the trainer's Muon + AdamW with its clipping and step schedule;
-    "sgd": plain SGD at sgd_lr, so no optimizer state can amplify rounding.
+    after the build. Every step is the trainer's (train/step.py's TrainStep, without autocast): optimizer
+    "trainer" with its Muon + AdamW, clipping and step schedule; "sgd" with plain SGD at sgd_lr and no
+    clip, so no optimizer state can amplify rounding.
     """
     from model import build_model
-    from train.trainer import DistEnv, Optimizers, lr_multiplier
+    from train.step import Optimizers, TrainStep, lr_multiplier
 
     if optimizer not in ("trainer", "sgd"):
         raise ValueError(f"train_tiny_losses: optimizer={optimizer!r} must be 'trainer' or 'sgd'")
@@ -109,22 +117,17 @@ def train_tiny_losses(backend, cfg=None, *, steps=3, optimizer="trainer", init=N
             with torch.no_grad():
                 init(net)
         if optimizer == "trainer":
-            optimizers = Optimizers(net, cfg, DistEnv(0, 1, 0, torch.device(DEVICE)))
+            optimizers, clip = Optimizers(net, cfg, DEVICE), cfg.grad_clip_norm
         else:
-            optimizers = torch.optim.SGD(net.parameters(), lr=sgd_lr)
+            optimizers, clip = _FixedSGD(net.parameters(), lr=sgd_lr), 0.0
         gen = torch.Generator().manual_seed(token_seed)
         tokens = torch.randint(0, cfg.vocab_size, (steps, 2, 65), generator=gen).to(DEVICE)
+        batches = zip(tokens[:, :, :-1], tokens[:, :, 1:])
+        train_step = TrainStep(net, net, optimizers, lambda: next(batches), grad_clip_norm=clip, autocast=False)
         losses = []
         for step in range(steps):
-            loss = net(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            if optimizer == "trainer":
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip_norm)
-                optimizers.set_schedule(step, lr_multiplier(step, 0.0, iterations=steps, warmdown_iters=2,
-                                                            max_wallclock_ms=None))
-            optimizers.step()
-            optimizers.zero_grad()  # both drop the gradients (set_to_none)
-            losses.append(loss.item())
+            multiplier = lr_multiplier(step, 0.0, iterations=steps, warmdown_iters=2, max_wallclock_ms=None)
+            losses.append(train_step(step, multiplier)[0])
     finally:
         kernels.set_backend(None)
     return losses

@@ -411,3 +411,45 @@ def test_gpu_check_step_stage_runs_bench_step(tmp_path, monkeypatch):
     assert run["ms_median"] > 0 and run["tokens_per_s"] == pytest.approx(data["tokens_per_step"] / (run["ms_median"] * 1e-3))
     assert result.summary.startswith(f"{data['tokens_per_step']} tokens/step") and "torch: " in result.summary
     assert f"| torch | {run['ms_median']:.2f} | {run['ms_p20']:.2f}-{run['ms_p80']:.2f} |" in result.details
+
+
+# ---------------------------------------------------------------- bench/'s own import graph
+
+def _bench_imports() -> dict[str, set[str]]:
+    """bench module -> the bench modules it imports anywhere in its source (function bodies included)."""
+    import ast
+
+    folder = Path(registry.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1 or module == "bench":  # from . import x / from bench import x
+                    found |= {a.name for a in node.names if a.name in names} | ({module} & names)
+                elif module.startswith("bench."):
+                    found.add(module.split(".")[1])
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    graph = _bench_imports()
+    assert graph["step"] >= {"flops", "registry"} and "step" in graph["ledger"]  # the parser sees imports
+    assert graph["flops"] == set(), "bench/flops.py must import nothing from bench/"
+    state = {}  # module -> "open" while on the DFS path, "done" after
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != "open", f"import cycle in bench/: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -1,15 +1,17 @@
-"""The training-step bench (bench/step.py), the step ledger (bench/ledger.py) and the eval timing entry
-(bench/eval_timing.py): analytical counts against hand-computed numbers, the profiler grouping on the
-tiny preset, and the step itself (Muon's 1/8 share, timing, bad input)."""
+"""The training-step bench (bench/step.py), the step ledger (bench/ledger.py, bench/flops.py) and the eval
+timing entry (bench/eval_timing.py): analytical counts against hand-computed numbers, the profiler grouping
+on the tiny preset, and the step itself (Muon's 1/8 share, timing, bad input)."""
 import math
 
 import pytest
 import torch
 
+import kernels
 import model
-from bench import eval_timing, ledger, step as bench_step
-from bench.ledger import GROUPS
+from bench import eval_timing, flops, ledger, step as bench_step
+from bench.flops import GROUPS
 from conftest import DEVICE
+from train.step import TrainStep
 
 REAL = model.from_env(environ={}, preset="ouroboros")
 B, T, D = 48, 2048, 512
@@ -38,10 +40,10 @@ def test_model_flops_are_6N_plus_causal_attention_by_hand():
     assert params == 29_753_344
     attention_per_token = 6 * 11 * T * D  # causal: half of the 12·L·T·d non-causal figure
     expected = 6 * params * TOKENS + attention_per_token * TOKENS
-    led = ledger.analytic_ledger(REAL, B, T)
+    led = flops.analytic_ledger(REAL, B, T)
     model_flops = led.flops - led.groups["muon"].flops
     assert model_flops == pytest.approx(expected, rel=1e-12)
-    assert ledger.model_flops_per_token(REAL, T) * TOKENS == pytest.approx(expected, rel=1e-12)
+    assert flops.model_flops_per_token(REAL, T) * TOKENS == pytest.approx(expected, rel=1e-12)
     assert led.groups["mlp"].flops == pytest.approx(12 * TOKENS * D * (9 * 1536 + 2 * 3072), rel=1e-12)
     assert led.groups["attention"].flops == pytest.approx(11 * 6 * B * 8 * T * T * 64, rel=1e-12)
     assert led.groups["embed_head_ce"].flops == pytest.approx(6 * TOKENS * D * 1024, rel=1e-12)
@@ -57,22 +59,22 @@ def test_muon_newton_schulz_flops_by_hand_and_the_rank_share():
     def ns(r, c):
         m, n = min(r, c), max(r, c)
         return 5 * (4 * m * m * n + 2 * m ** 3)
-    every = ledger.analytic_ledger(REAL, B, T, muon_world_size=1)
-    assert sorted(ledger.matrix_shapes(REAL)) == sorted(shapes)
+    every = flops.analytic_ledger(REAL, B, T, muon_world_size=1)
+    assert sorted(flops.matrix_shapes(REAL)) == sorted(shapes)
     assert every.groups["muon"].flops == pytest.approx(sum(ns(r, c) for r, c in shapes), rel=1e-12)
-    share = ledger.analytic_ledger(REAL, B, T, muon_world_size=8)
-    mine = [s for i, s in enumerate(ledger.matrix_shapes(REAL)) if i % 8 == 0]
+    share = flops.analytic_ledger(REAL, B, T, muon_world_size=8)
+    mine = [s for i, s in enumerate(flops.matrix_shapes(REAL)) if i % 8 == 0]
     assert len(mine) == 8
     assert share.groups["muon"].flops == pytest.approx(sum(ns(r, c) for r, c in mine), rel=1e-12)
     # 8 GPUs at once: NVLink all-reduce of fp32 grads and the bf16 Muon buffer, 2·7/8 of each per GPU.
-    counts = ledger.parameter_counts(REAL)
+    counts = flops.parameter_counts(REAL)
     expected_link = 2 * 7 / 8 * (4 * sum(counts.values()) + 2 * counts["matrix"])
     assert share.groups["communication"].link_bytes == pytest.approx(expected_link, rel=1e-12)
     assert every.groups["communication"].link_bytes == pytest.approx(2 * 7 / 8 * 4 * sum(counts.values()), rel=1e-12)
 
 
 def test_ideal_time_is_the_roofline_of_each_group():
-    led = ledger.analytic_ledger(REAL, B, T)
+    led = flops.analytic_ledger(REAL, B, T)
     mlp = led.groups["mlp"]
     hand_bytes = sum(3 * 2 * (TOKENS * k + k * m + TOKENS * m)
                      for h in 9 * [1536] + 2 * [3072] for k, m in ((D, h), (h, D)))
@@ -117,24 +119,38 @@ def test_profiler_grouping_covers_every_op_and_attributes_backward(process_group
     assert groups_of("scaled_dot_product") == {"attention"}       # SDPA forward and its backward
     assert groups_of("nll_loss") == {"embed_head_ce"}
     assert groups_of("embedding") == {"embed_head_ce"}
+    # every kernels op's range, and each op that runs inside it, lands in that op's group
+    names = {e.name for e in events}
+    for op, group in ledger.KERNEL_GROUPS.items():
+        assert kernels.PROFILE_PREFIX + op in names, f"no kernels::{op} range in the profile"
+        inside = {g for e, g in assigned if e.name == kernels.PROFILE_PREFIX + op
+                  or (e.cpu_parent is not None and e.cpu_parent.name == kernels.PROFILE_PREFIX + op)}
+        assert inside == {group}, (op, inside)
     assert groups_of("all_reduce") | groups_of("allreduce") == {"communication"}
     assert {g for e, g in assigned if e.name.startswith("Optimizer.step#Muon")} == {"muon"}
 
     measured = ledger.MeasuredLedger({g: t / 1e3 for g, t in times.items()}, 1, "CPU time")
     assert sum(measured.percent().values()) == pytest.approx(100.0, abs=1e-9)
-    text = ledger.markdown(measured, "tiny", ledger.analytic_ledger(REAL, B, T), "ouroboros")
+    text = ledger.markdown(measured, "tiny", flops.analytic_ledger(REAL, B, T), "ouroboros")
     for grp in GROUPS:
         assert ledger.GROUP_LABELS[grp] in text
 
 
-def test_instrumented_removes_its_hooks_and_restores_the_dispatch():
-    import kernels
+def test_every_kernels_op_has_a_ledger_group():
+    dispatching = {name for name in dir(kernels) if not name.startswith("_")
+                   and callable(getattr(kernels, name)) and hasattr(getattr(kernels, name), "__wrapped__")}
+    assert dispatching == set(ledger.KERNEL_GROUPS)  # kernels._profiled wraps each one
+    assert set(ledger.KERNEL_GROUPS.values()) <= set(GROUPS)
+    with pytest.raises(KeyError, match="kernels op 'new_op' no group"):
+        ledger._range_scope(kernels.PROFILE_PREFIX + "new_op")
 
+
+def test_instrumented_removes_its_hooks_and_patches_nothing():
     net = model.build_model(bench_step.smoke_config())
     dispatch = kernels.attention
     with ledger.instrumented(net):
-        assert kernels.attention is not dispatch
-    assert kernels.attention is dispatch
+        assert kernels.attention is dispatch  # the kernels' own profiler ranges are used
+        assert any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
     with pytest.raises(TypeError, match="eager CrawlerGPT"):
         with ledger.instrumented(torch.nn.Linear(2, 2)):
@@ -150,6 +166,7 @@ def test_step_runs_rank_share_of_muon_and_learns(process_group):
     assert result["ms_p20"] <= result["ms_median"] <= result["ms_p80"]
     assert result["tokens_per_s"] == pytest.approx(64 / (result["ms_median"] * 1e-3))
     assert result["loss"] < math.log(cfg.vocab_size)  # 4 steps on one fixed batch: below the uniform loss
+    assert isinstance(run.train_step, TrainStep)  # the trainer's own step function is what is timed
     matrices = model.param_groups(run.net)["matrix"]
     with_momentum = [i for i, p in enumerate(matrices) if "momentum_buffer" in run.optimizers.muon.state[p]]
     assert with_momentum == list(range(0, len(matrices), 8))  # round robin: rank 0 of 8
@@ -163,7 +180,7 @@ def test_step_runs_rank_share_of_muon_and_learns(process_group):
 def test_step_registry_cases_and_bad_input():
     cases = bench_step.cases("cpu", smoke=True)
     assert [c.provider for c in cases] == ["torch", "triton"]
-    expected = ledger.analytic_ledger(bench_step.smoke_config(), 2, 64).flops
+    expected = flops.analytic_ledger(bench_step.smoke_config(), 2, 64).flops
     assert cases[0].flops == pytest.approx(expected) and cases[0].shape["muon"] == "1/8"
     with pytest.raises(ValueError, match="muon_share='half'"):
         bench_step.build_step(bench_step.smoke_config(), "torch", "cpu", 1, 16, muon_share="half")
@@ -184,9 +201,9 @@ def test_eval_window_counts_and_flops():
     assert eval_timing.total_windows() == (62_021_632 - 2048) // 64 + 1
     share = eval_timing.share_windows()
     assert share == eval_timing.total_windows() // 8
-    flops = eval_timing.eval_flops(REAL, share, 2048)
-    assert flops == pytest.approx(share * 2048 * (2 * 29_753_344 + 2 * 11 * 2048 * 512), rel=1e-12)
-    assert 1.8e16 < flops < 2.2e16  # the issue's "about 2e16 FLOP per GPU"
+    forward_flops = eval_timing.eval_flops(REAL, share, 2048)
+    assert forward_flops == pytest.approx(share * 2048 * (2 * 29_753_344 + 2 * 11 * 2048 * 512), rel=1e-12)
+    assert 1.8e16 < forward_flops < 2.2e16  # the issue's "about 2e16 FLOP per GPU"
 
 
 def test_eval_run_scores_every_window_of_a_random_model():

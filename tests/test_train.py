@@ -18,7 +18,8 @@ import kernels
 from model import build_model, count_parameters, from_env, load_checkpoint
 from train import trainer
 from train.data import load_shard, shard_paths, write_shard
-from train.trainer import SnapshotAverage, TrainingDiverged, grad_accum_steps_for, lr_multiplier, train
+from train.step import Optimizers, TrainingDiverged, lr_multiplier
+from train.trainer import SnapshotAverage, grad_accum_steps_for, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def test_optimizers_use_the_spec_hyperparameters():
     1500 steps); AdamW betas 0.9/0.95, eps 1e-8, wd 0.04, lr 0.035 embeddings / 0.025 the rest; one multiplier."""
     cfg = from_env(environ={}, preset="ouroboros", **SMALL)
     net = build_model(cfg)
-    opts = trainer.Optimizers(net, cfg, trainer.DistEnv(0, 1, 0, torch.device("cpu")))
+    opts = Optimizers(net, cfg, "cpu")
     (muon,) = opts.muon.param_groups
     assert {id(p) for p in muon["params"]} == {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Linear)}
     assert (muon["lr"], muon["weight_decay"], muon["momentum"], muon["nesterov"], muon["backend_steps"]) == \

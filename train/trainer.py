@@ -1,6 +1,7 @@
 """The training loop (SPEC 4): DDP, Muon + AdamW, grad clip, warmdown, SWA, validation, the run folder.
 
-`train(cfg)` runs one training run as configured and returns its summary. It works in one process and
+`train(cfg)` runs one training run as configured and returns its summary; the step itself (forward,
+backward, clip, optimizers) and the validation pass are train/step.py's. It works in one process and
 under torchrun (NCCL on CUDA, gloo on CPU). Timing excludes compile warmup and validation, as in the
 challenge. Every file that matters in the run folder (runs/<id>/) is written atomically.
 
@@ -9,10 +10,9 @@ Post-training work that belongs to quant/ (calibration, GPTQ, the artifact) runs
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
+import functools
 import json
-import math
 import os
 import resource
 import time
@@ -24,45 +24,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ConfigError, build_model, count_parameters, param_groups, save_checkpoint
+from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import synchronize, write_atomic
 from train.data import DistributedTokenLoader, load_val_tokens, shard_paths
-from train.evaluate import build_byte_luts, evaluate_bpb
-from train.muon import Muon, momentum_at
+from train.evaluate import build_byte_luts
+from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier, validate
 
 SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls below this
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the message says where the last good weights are."""
-
-
 # ----------------------------------------------------------------------------------------------
-# Pieces with no state: the schedule, distributed setup
-
-
-def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
-                  max_wallclock_ms: float | None) -> float:
-    """The LR multiplier before step `step` (0-based), after `elapsed_ms` of timed training.
-
-    Wall clock (max_wallclock_ms set): 1 until the time left is at most warmdown_iters average
-    steps, then time_left / (warmdown_iters * avg_step_ms), reaching 0 at the cap. Step schedule
-    (max_wallclock_ms None): 1, then linear to 0 over the last warmdown_iters of `iterations`.
-    """
-    if warmdown_iters <= 0:
-        return 1.0
-    if max_wallclock_ms is None:
-        start = max(iterations - warmdown_iters, 0)
-        if step < start:
-            return 1.0
-        return max(iterations - step, 0) / warmdown_iters
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = warmdown_iters * step_ms
-    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
-    if warmdown_ms <= 0 or remaining_ms > warmdown_ms:
-        return 1.0
-    return remaining_ms / warmdown_ms
+# Pieces with no state: the GPTQ reserve, distributed setup
 
 
 def default_gptq_reserve_seconds(cfg: Config, on_cuda: bool) -> float:
@@ -156,59 +129,6 @@ class SnapshotAverage:
         avg = self.average()
         state = model.state_dict()
         model.load_state_dict({k: avg[k].to(state[k].dtype) for k in state})
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizers
-
-
-class Optimizers:
-    """Muon for the matrices, AdamW for embeddings and for scalars/vectors; one schedule for all."""
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv):
-        groups = param_groups(model)
-        missing = {"matrix", "embed", "scalar"} - set(groups)
-        if missing:
-            raise ValueError(f"model.param_groups() lacks the groups {sorted(missing)}")
-        seen = [id(p) for g in groups.values() for p in g]
-        total = [id(p) for p in model.parameters() if p.requires_grad]
-        if len(seen) != len(set(seen)) or set(seen) != set(total):
-            raise ValueError(f"model.param_groups() must cover every trainable parameter exactly once "
-                             f"({len(seen)} listed, {len(set(seen))} distinct, {len(total)} trainable)")
-        self.cfg = cfg
-        self.muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
-                         weight_decay=cfg.muon_weight_decay, backend_steps=cfg.muon_backend_steps,
-                         rank=env.rank, world_size=env.world_size)
-        adam_groups = [dict(params=groups["embed"], lr=cfg.tied_embed_lr, base_lr=cfg.tied_embed_lr),
-                       dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
-        adam_groups = [g for g in adam_groups if g["params"]]
-        self.adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                      weight_decay=cfg.adam_weight_decay, fused=env.device.type == "cuda")
-        for g in self.muon.param_groups:
-            g["base_lr"] = cfg.matrix_lr
-        self.all = (self.muon, self.adam)
-
-    def set_schedule(self, step: int, multiplier: float) -> None:
-        self.muon.param_groups[0]["momentum"] = momentum_at(
-            step, self.cfg.muon_momentum_warmup_start, self.cfg.muon_momentum, self.cfg.muon_momentum_warmup_steps)
-        for opt in self.all:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * multiplier
-
-    def step(self) -> None:
-        for opt in self.all:
-            opt.step()
-
-    def zero_grad(self) -> None:
-        for opt in self.all:
-            opt.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> list:
-        return [opt.state_dict() for opt in self.all]
-
-    def load_state_dict(self, states: list) -> None:
-        for opt, s in zip(self.all, states):
-            opt.load_state_dict(s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,9 +242,10 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     compiled = torch.compile(base_model, dynamic=False, fullgraph=cfg.compile_fullgraph) if on_cuda else base_model
     model = DDP(compiled, device_ids=[env.local_rank] if on_cuda else None,
                 broadcast_buffers=False) if env.distributed else compiled
-    optimizers = Optimizers(base_model, cfg, env)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda
-                else contextlib.nullcontext())
+    optimizers = Optimizers(base_model, cfg, device, rank=env.rank, world_size=env.world_size)
+    run_step = TrainStep(model, base_model, optimizers,
+                         functools.partial(loader.next_batch, cfg.train_batch_tokens, cfg.train_seq_len, accum),
+                         accum=accum, grad_clip_norm=cfg.grad_clip_norm, world_size=env.world_size)
 
     reserve_s = default_gptq_reserve_seconds(cfg, on_cuda)
     max_wallclock_ms = None
@@ -346,33 +267,6 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     log(f"lrs: matrix {cfg.matrix_lr} embed {cfg.tied_embed_lr} scalar {cfg.scalar_lr}  "
         f"grad_clip:{cfg.grad_clip_norm}  swa_every:{cfg.swa_every}  seed:{cfg.seed}")
 
-    def run_step(step: int, multiplier: float) -> tuple[float, float]:
-        """One optimizer step over accum micro batches; returns (mean loss, grad norm) or raises
-        TrainingDiverged before touching the weights."""
-        train_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
-            if env.distributed:  # all-reduce gradients only on the last micro batch
-                model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
-                loss = model(x, y)
-            (loss / accum).backward()
-            train_loss += loss.detach().float()
-        train_loss /= accum
-        if env.distributed:  # so every rank sees the same number and takes the same decision
-            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-            train_loss /= env.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            base_model.parameters(), cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf"))
-        loss_value, norm_value = torch.stack([train_loss, grad_norm.float()]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            optimizers.zero_grad()
-            raise TrainingDiverged(f"step {step + 1}: train_loss={loss_value} grad_norm={norm_value}")
-        optimizers.set_schedule(step, multiplier)
-        optimizers.step()
-        optimizers.zero_grad()
-        return loss_value, norm_value
-
     # --- compile warmup: run real steps, then put weights, optimizer state and data back ---
     if cfg.warmup_steps > 0:
         initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -388,14 +282,9 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
             "state and data stream reset")
         del initial_model, initial_opt
 
-    def validate(stride):
-        """(val_loss, val_bpb) of the current weights; stride None = non-overlapping windows."""
-        base_model.eval()
-        with torch.no_grad(), autocast:  # `compiled` is the model itself on CPU; called without targets: logits
-            result = evaluate_bpb(compiled, val_tokens, luts, cfg.eval_seq_len, stride=stride,
-                                  batch_seqs=cfg.eval_batch_seqs, device=device)
-        base_model.train()
-        return result
+    def validate_now(stride):  # `compiled` is the model itself on CPU
+        return validate(compiled, base_model, val_tokens, luts, seq_len=cfg.eval_seq_len, stride=stride,
+                        batch_seqs=cfg.eval_batch_seqs, device=device)
 
     swa = SnapshotAverage()
     losses: list[float] = []
@@ -413,7 +302,7 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
         if (cfg.val_loss_every > 0 and step > 0 and step % cfg.val_loss_every == 0) or (last_step and step > 0):
             synchronize(device)
             training_time_ms += 1000.0 * (time.perf_counter() - t0)
-            val_loss, val_bpb = validate(None)
+            val_loss, val_bpb = validate_now(None)
             val_history.append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb))
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
@@ -480,7 +369,7 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
 
     # --- the final score of the float model: sliding window ---
     t_eval = time.perf_counter()
-    val_loss, val_bpb = validate(cfg.eval_stride)
+    val_loss, val_bpb = validate_now(cfg.eval_stride)
     eval_ms = 1000.0 * (time.perf_counter() - t_eval)
     log(f"final_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"seq_len:{cfg.eval_seq_len} stride:{cfg.eval_stride} eval_time:{eval_ms:.0f}ms")
