@@ -5,10 +5,10 @@
     net = model.build_model(preset="tiny")         # or a preset, with field overrides
     loss = net(ids, targets); logits = net(ids)
 """
-from .config import Config, ConfigError, PRESETS, from_env
+from .config import PRESETS, QUANT_METHODS, Config, ConfigError, from_env
 from .gpt import (CheckpointError, CrawlerGPT, build_model, calibration_mode, count_parameters,
                   from_seed_state_dict, load_checkpoint, param_groups, save_checkpoint)
 
-__all__ = ["Config", "ConfigError", "PRESETS", "from_env", "CheckpointError", "CrawlerGPT", "build_model",
-           "calibration_mode", "count_parameters", "from_seed_state_dict", "load_checkpoint", "param_groups",
-           "save_checkpoint"]
+__all__ = ["Config", "ConfigError", "PRESETS", "QUANT_METHODS", "from_env", "CheckpointError", "CrawlerGPT",
+           "build_model", "calibration_mode", "count_parameters", "from_seed_state_dict", "load_checkpoint",
+           "param_groups", "save_checkpoint"]

@@ -25,7 +25,7 @@ from .export import export_run
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="runs/<id>/final_model.pt (model.save_checkpoint format)")
-    parser.add_argument("--method", choices=METHODS, help="override the run's SKIP_GPTQ / LOOP_AWARE_GPTQ")
+    parser.add_argument("--method", choices=METHODS, help="override the run's QUANT_METHOD")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                         help="also quantize with the other two methods and print the three gaps "
                              "(default: only when the val set is small)")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         net = load_checkpoint(args.checkpoint, map_location=device)
         cfg = net.config
         if args.method:
-            cfg = cfg.replace(skip_gptq=args.method == "rtn", loop_aware_gptq=args.method == "loop_aware")
+            cfg = cfg.replace(quant_method=args.method)
         data_path = args.data_path or cfg.data_path
         tokenizer_path = Path(args.tokenizer_path or cfg.tokenizer_path)
         if not tokenizer_path.is_file():
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return 2
 
     print(f"quant: {args.checkpoint} on {device}: {val_tokens.numel() - 1:,} val targets, "
-          f"method {'rtn' if cfg.skip_gptq else 'loop_aware' if cfg.loop_aware_gptq else 'gptq'}", flush=True)
+          f"method {cfg.quant_method}", flush=True)
     try:
         export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                    compare=args.compare, log=lambda line: print(line, flush=True))

@@ -39,13 +39,6 @@ COMPARE_MAX_VAL_TOKENS = 2_000_000
 CALIBRATION_BATCH_TOKENS = 65_536  # tokens per calibration forward: bounds activation memory
 
 
-def method_for(config) -> str:
-    """SKIP_GPTQ=1: round-to-nearest; else LOOP_AWARE_GPTQ picks loop-aware or plain GPTQ."""
-    if config.skip_gptq:
-        return "rtn"
-    return "loop_aware" if config.loop_aware_gptq else "gptq"
-
-
 def calibration_tokens(train_paths, config) -> torch.Tensor:
     """GPTQ_CAL_SAMPLES sequences of GPTQ_CAL_SEQ_LEN training tokens, int64 [samples, seq_len]."""
     n, length = config.gptq_cal_samples, config.gptq_cal_seq_len
@@ -111,7 +104,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
     """
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    method = method_for(cfg)
+    method = cfg.quant_method
     main = not _distributed() or dist.get_rank() == 0
     compare = val_tokens.numel() <= COMPARE_MAX_VAL_TOKENS if compare is None else compare
     path = run_dir / ARTIFACT_NAME

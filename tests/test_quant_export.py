@@ -189,7 +189,7 @@ def test_over_budget_fails_the_run_and_keeps_the_artifact(exported, trained):
     path = out / art.ARTIFACT_NAME
     before = path.read_bytes()
     with pytest.raises(art.OverBudgetError, match=r"over budget by [\d,]+ bytes"):
-        export_run(net, cfg.replace(skip_gptq=True), out, val_tokens=val, luts=luts, train_paths=train_paths,
+        export_run(net, cfg.replace(quant_method="rtn"), out, val_tokens=val, luts=luts, train_paths=train_paths,
                    compare=False, limit=result["total_bytes"] // 2, log=lambda line: None)
     assert path.read_bytes() == before
 
