@@ -109,6 +109,16 @@ def test_unusable_stored_config_names_the_file_and_field(tiny, tmp_path):
         load.load_model(path)
 
 
+def test_artifact_stored_before_quant_method_still_loads(tiny, tmp_path):
+    """Artifacts written before QUANT_METHOD store skip_gptq / loop_aware_gptq in their config."""
+    cfg, _, quantized = tiny
+    path = tmp_path / art.ARTIFACT_NAME
+    stored = {k: v for k, v in cfg.to_dict().items() if k != "quant_method"}
+    art.write_artifact(path, quantized, dict(stored, skip_gptq=False, loop_aware_gptq=False))
+    _, loaded = load.load_model(path)
+    assert loaded == cfg.replace(quant_method="gptq")
+
+
 def test_int6_codes_out_of_range_are_refused(tiny):
     cfg, net, _ = tiny
     bad = lambda name, w: (torch.full(w.shape, 32, dtype=torch.int8), torch.ones(w.shape[0]))  # noqa: E731
