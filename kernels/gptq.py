@@ -22,6 +22,8 @@ import triton.language as tl
 from ._runtime import INTERPRET, input_policy
 
 CODE_LIMIT = 31
+# GPTQ's column orders and inverse variants, defined here once: model/config.py (GPTQ_ORDER, GPTQ_INVERSE)
+# and the reference quant/gptq.py import them.
 ORDERS = ("descending", "ascending", "none")
 INVERSES = ("cholesky", "plain")
 MAX_BLOCK = 256            # the block's slice of W lives in registers

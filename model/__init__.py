@@ -6,10 +6,10 @@
     loss = net(ids, targets); logits = net(ids)
     for slot in net.schedule: ...                  # the block applications in forward order (block_schedule)
 """
-from .config import Config, ConfigError, PRESETS, from_env
+from .config import PRESETS, QUANT_METHODS, Config, ConfigError, from_env
 from .gpt import (CheckpointError, CrawlerGPT, Slot, block_schedule, build_model, calibration_mode,
                   count_parameters, from_seed_state_dict, load_checkpoint, param_groups, save_checkpoint)
 
-__all__ = ["Config", "ConfigError", "PRESETS", "from_env", "CheckpointError", "CrawlerGPT", "Slot",
+__all__ = ["Config", "ConfigError", "PRESETS", "QUANT_METHODS", "from_env", "CheckpointError", "CrawlerGPT", "Slot",
            "block_schedule", "build_model", "calibration_mode", "count_parameters", "from_seed_state_dict",
            "load_checkpoint", "param_groups", "save_checkpoint"]

@@ -1,101 +1,119 @@
 """One typed configuration for the model, training, evaluation and quantization.
 
-Resolution order: dataclass defaults (the original's defaults) < the preset (PRESET=ouroboros |
-ouroboros-as-run | tiny) < environment variables named as in the seed's reproduce command
-(field `matrix_lr` <- MATRIX_LR). A bad value stops at start-up with the variable named.
-With no PRESET the default is `ouroboros` when CUDA is present and `tiny` otherwise.
+Resolution order: dataclass defaults (the seed's reproduce command) < the preset (PRESET=ouroboros |
+ouroboros-as-run | tiny, each only what it changes) < environment variables named as in the seed's
+reproduce command (field `matrix_lr` <- MATRIX_LR) < keyword overrides. A bad value stops at start-up
+with the variable named. With no PRESET the default is `ouroboros` when CUDA is present and `tiny` otherwise.
+
+Checks sit on the fields (`setting(default, bound=..., choices=..., fixed=...)`); the checks that relate
+fields to each other are in `_validated`. The seed's SKIP_GPTQ / LOOP_AWARE_GPTQ pair is read as the one
+QUANT_METHOD it means (`_quant_method_from_env`), and configs stored with the pair still load (`from_dict`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from kernels.gptq import INVERSES as GPTQ_INVERSES, ORDERS as GPTQ_ORDERS
+
+# quant/methods.py registers one class under each of these names (a new method adds its name here too).
+QUANT_METHODS = ("rtn", "gptq", "loop_aware")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
 
 
+def setting(default, *, bound: str = "", choices: tuple = (), fixed: bool = False):
+    """A Config field with its check: bound ">0" or ">=0", one of `choices`, or `fixed` (only the default is
+    accepted: a switch of the original for a feature this project does not have)."""
+    if bound not in ("", ">0", ">=0"):
+        raise ValueError(f"setting: bound={bound!r} must be '>0' or '>=0'")
+    return field(default=default, metadata={"bound": bound, "choices": tuple(choices), "fixed": fixed})
+
+
 @dataclass(frozen=True)
 class Config:
+    """The defaults are the seed's reproduce command (SPEC 3); a preset lists only what it changes."""
     preset: str = "ouroboros"
     # --- model (SPEC 3) ---
-    vocab_size: int = 1024
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    num_flat_layers: int = 9            # U-Net: num_flat_layers // 2 encoder blocks, the rest decoder
-    crawler_loops: int = 2
+    vocab_size: int = setting(1024, bound=">0")
+    model_dim: int = setting(512, bound=">0")
+    num_heads: int = setting(8, bound=">0")
+    num_kv_heads: int = setting(4, bound=">0")
+    num_flat_layers: int = setting(9, bound=">=0")   # U-Net: num_flat_layers // 2 encoder blocks, the rest decoder
+    crawler_loops: int = setting(2, bound=">0")
     crawler_loop_rope_scales: tuple = (9.0, 1.0, 1.0)   # values beyond crawler_loops are ignored
-    mlp_mult: float = 3.0
-    crawler_mlp_mult: float = 6.0
-    mlp_leaky_slope: float = 0.5        # 0 = relu^2
-    crawler_mlp_leaky_slope: float = 0.5
-    qk_gain_init: float = 4.0
-    xsa_last_n: int = 11                # last N of the distinct blocks in forward order (enc.., crawler, dec..)
-    xsa_blocks: str = ""                # "crawler": the original's crawler-only placement (overrides xsa_last_n)
-    inst_dim: int = 32                  # per-loop instruction bottleneck; 0 = off
-    bigram_vocab_size: int = 2048
-    bigram_dim: int = 128
-    rope_dims: int = 16
+    mlp_mult: float = setting(3.0, bound=">0")
+    crawler_mlp_mult: float = setting(6.0, bound=">0")
+    mlp_leaky_slope: float = setting(0.5, bound=">=0")  # 0 = relu^2
+    crawler_mlp_leaky_slope: float = setting(0.5, bound=">=0")
+    qk_gain_init: float = setting(4.0, bound=">=0")
+    xsa_last_n: int = setting(11, bound=">=0")  # last N of the distinct blocks in forward order (enc.., crawler, dec..)
+    xsa_blocks: str = setting("", choices=("", "crawler"))  # "crawler": the original's crawler-only placement
+                                                            # (overrides xsa_last_n)
+    inst_dim: int = setting(32, bound=">=0")         # per-loop instruction bottleneck; 0 = off
+    bigram_vocab_size: int = setting(2048, bound=">0")
+    bigram_dim: int = setting(128, bound=">0")
+    rope_dims: int = setting(16, bound=">=0")
     rope_base: float = 10000.0
-    logit_softcap: float = 30.0
+    logit_softcap: float = setting(30.0, bound=">0")
     tied_embed_init_std: float = 0.005
-    train_seq_len: int = 2048           # also fixes the flat blocks' NTK RoPE base
+    train_seq_len: int = setting(2048, bound=">0")   # also fixes the flat blocks' NTK RoPE base
     # --- training (SPEC 4) ---
-    seed: int = 1337
-    iterations: int = 20000
+    seed: int = 444
+    iterations: int = setting(20000, bound=">0")
     max_wallclock_seconds: float = 600.0   # <= 0: step schedule over `iterations`
-    warmdown_iters: int = 2000
-    warmup_steps: int = 20              # compile warmup, then weights/optimizer/data are reset
-    train_batch_tokens: int = 786432
-    grad_accum_steps: int = 0           # 0: 8 // world_size, as the original
-    val_loss_every: int = 1000          # 0: only at the end
-    train_log_every: int = 200
-    matrix_lr: float = 0.03
-    tied_embed_lr: float = 0.035
-    scalar_lr: float = 0.025
+    warmdown_iters: int = setting(2000, bound=">=0")
+    warmup_steps: int = setting(20, bound=">=0")     # compile warmup, then weights/optimizer/data are reset
+    train_batch_tokens: int = setting(786432, bound=">0")
+    grad_accum_steps: int = setting(0, bound=">=0")  # 0: 8 // world_size, as the original
+    val_loss_every: int = setting(1000, bound=">=0")  # 0: only at the end
+    train_log_every: int = setting(200, bound=">=0")
+    matrix_lr: float = setting(0.03, bound=">=0")
+    tied_embed_lr: float = setting(0.035, bound=">=0")
+    scalar_lr: float = setting(0.025, bound=">=0")
     muon_momentum: float = 0.99
     muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
-    muon_weight_decay: float = 0.04
-    adam_weight_decay: float = 0.04
+    muon_momentum_warmup_steps: int = setting(1500, bound=">=0")
+    muon_backend_steps: int = setting(5, bound=">0")
+    muon_weight_decay: float = setting(0.04, bound=">=0")
+    adam_weight_decay: float = setting(0.04, bound=">=0")
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3
-    swa_every: int = 50                 # 0 = off; snapshots once the LR multiplier < 0.2
+    grad_clip_norm: float = setting(0.3, bound=">=0")
+    swa_every: int = setting(50, bound=">=0")        # 0 = off; snapshots once the LR multiplier < 0.2
     compile_fullgraph: bool = True      # torch.compile(fullgraph=True) on CUDA
     # --- evaluation (SPEC 2) ---
-    eval_seq_len: int = 2048
-    eval_stride: int = 64
-    eval_batch_seqs: int = 32
+    eval_seq_len: int = setting(2048, bound=">0")
+    eval_stride: int = setting(64, bound=">0")
+    eval_batch_seqs: int = setting(32, bound=">0")
     # --- quantization (SPEC 5) ---
-    skip_gptq: bool = False             # True: round-to-nearest
-    loop_aware_gptq: bool = True
-    gptq_cal_samples: int = 128
-    gptq_cal_seq_len: int = 2048
+    quant_method: str = setting("loop_aware", choices=QUANT_METHODS)  # the seed's SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
+    gptq_cal_samples: int = setting(128, bound=">0")
+    gptq_cal_seq_len: int = setting(2048, bound=">0")
     gptq_reserve_seconds: float = -1.0  # < 0: an estimate for the machine at hand
-    gptq_block_size: int = 128
-    gptq_damping: float = 0.01
-    gptq_order: str = "descending"      # descending | ascending | none
-    gptq_inverse: str = "cholesky"      # cholesky | plain (the original's never-downdated inverse)
-    quant_small_numel: int = 65536      # tensors with at most this many elements are stored fp16
+    gptq_block_size: int = setting(128, bound=">0")
+    gptq_damping: float = setting(0.01, bound=">=0")
+    gptq_order: str = setting("descending", choices=GPTQ_ORDERS)
+    gptq_inverse: str = setting("cholesky", choices=GPTQ_INVERSES)  # plain: the original's never-downdated inverse
+    quant_small_numel: int = setting(65536, bound=">=0")  # tensors with at most this many elements are stored fp16
     # --- paths and run control ---
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
     runs_dir: str = "runs"
     run_id: str = ""                    # "": a timestamp
     dry_run: bool = False
-    # --- accepted only at the value shown: features this project does not have ---
-    use_crawler: int = 1
-    num_crawler_layers: int = 1
-    skip_ema: int = 1
-    crawler_tap_dim: int = 0
-    anchor_dim: int = 0
-    crawler_mlp_choke_dim: int = 0
+    # --- the original's switches for features this project does not have ---
+    use_crawler: int = setting(1, fixed=True)
+    num_crawler_layers: int = setting(1, fixed=True)
+    skip_ema: int = setting(1, fixed=True)
+    crawler_tap_dim: int = setting(0, fixed=True)
+    anchor_dim: int = setting(0, fixed=True)
+    crawler_mlp_choke_dim: int = setting(0, fixed=True)
 
     # ---- derived values ----
     @property
@@ -131,6 +149,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        """Inverse of to_dict; a dict stored before QUANT_METHOD (skip_gptq, loop_aware_gptq) loads too."""
+        values = dict(values)
+        legacy = {k: values.pop(k) for k in _LEGACY_QUANT if k in values}
+        if legacy:
+            method = _legacy_quant_method(legacy.get("skip_gptq", False), legacy.get("loop_aware_gptq", True))
+            stored = values.setdefault("quant_method", method)
+            if stored != method:
+                raise ConfigError(f"QUANT_METHOD={stored!r} contradicts the stored "
+                                  f"{', '.join(f'{k}={v!r}' for k, v in legacy.items())} (which mean {method!r})")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -142,50 +169,42 @@ class Config:
         return _validated(dataclasses.replace(self, **changes))
 
 
-# Values a preset sets before the environment is read.
+# What each preset changes from the defaults (a test keeps every entry different from its default).
 PRESETS: dict[str, dict] = {
-    # The seed's reproduce command, every knob live, on FineWeb.
-    "ouroboros": dict(seed=444, max_wallclock_seconds=600.0, warmdown_iters=2000, num_flat_layers=9,
-                      crawler_loops=2, qk_gain_init=4.0, gptq_cal_samples=128, gptq_cal_seq_len=2048,
-                      crawler_loop_rope_scales=(9.0, 1.0, 1.0), model_dim=512, inst_dim=32,
-                      crawler_mlp_mult=6.0, xsa_last_n=11, bigram_vocab_size=2048, rope_dims=16,
-                      swa_every=50, matrix_lr=0.03, mlp_leaky_slope=0.5, crawler_mlp_leaky_slope=0.5),
+    # The seed's reproduce command, every knob live, on FineWeb: the defaults.
+    "ouroboros": {},
     # The original exactly as it ran: its dead knobs dead (relu^2, XSA on the crawler only, no INST, no SWA).
-    "ouroboros-as-run": dict(seed=444, max_wallclock_seconds=600.0, warmdown_iters=2000, num_flat_layers=9,
-                             crawler_loops=2, qk_gain_init=4.0, crawler_loop_rope_scales=(9.0, 1.0, 1.0),
-                             model_dim=512, inst_dim=0, crawler_mlp_mult=6.0, xsa_blocks="crawler",
-                             bigram_vocab_size=2048, rope_dims=16, swa_every=0, matrix_lr=0.03,
-                             mlp_leaky_slope=0.0, crawler_mlp_leaky_slope=0.0,
+    "ouroboros-as-run": dict(inst_dim=0, xsa_blocks="crawler", swa_every=0, mlp_leaky_slope=0.0,
+                             crawler_mlp_leaky_slope=0.0,
                              gptq_block_size=64, gptq_damping=0.002, gptq_order="ascending", gptq_inverse="plain"),
     # The CPU default: trains on the embedded corpus in under 3 minutes on 2 idle cores (~0.38 s/step), fp32:
     # 400 steps of 2,048 tokens, the last third as warmdown. Unigram val_bpb on this corpus is 3.221; the
     # bar (25% lower) is 2.416. Measured (idle 2 cores): 138 s of training, val_bpb 2.432 / 2.258 / 2.179 at
     # steps 100 / 200 / 300, 2.004 sliding at the end (38% below the unigram); 200 steps would end at 2.141.
-    "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, num_flat_layers=9, crawler_loops=2,
-                 bigram_vocab_size=2048, bigram_dim=64, inst_dim=16, train_seq_len=256,
+    "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
                  train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400, max_wallclock_seconds=0.0,
                  warmdown_iters=130, warmup_steps=0, val_loss_every=100, train_log_every=25, swa_every=10,
                  muon_momentum_warmup_steps=100, compile_fullgraph=False,
-                 eval_seq_len=256, eval_stride=64, eval_batch_seqs=64,
+                 eval_seq_len=256, eval_batch_seqs=64,
                  gptq_cal_samples=32, gptq_cal_seq_len=256, quant_small_numel=4096,
                  data_path="data/datasets/embedded_sp1024", tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
 }
 
 # Accepted only at these values (the original's switches for features this project does not have).
-FIXED = {"use_crawler": 1, "num_crawler_layers": 1, "skip_ema": 1, "crawler_tap_dim": 0, "anchor_dim": 0,
-         "crawler_mlp_choke_dim": 0}
+FIXED = {f.name: f.default for f in fields(Config) if f.metadata.get("fixed")}
 
-_CHOICES = {"xsa_blocks": ("", "crawler"), "gptq_order": ("descending", "ascending", "none"),
-            "gptq_inverse": ("cholesky", "plain"), "preset": tuple(PRESETS)}
-_POSITIVE = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "crawler_loops", "mlp_mult",
-             "crawler_mlp_mult", "bigram_vocab_size", "bigram_dim", "train_seq_len", "iterations",
-             "train_batch_tokens", "eval_seq_len", "eval_stride", "eval_batch_seqs", "gptq_cal_samples",
-             "gptq_cal_seq_len", "gptq_block_size", "muon_backend_steps", "logit_softcap")
-_NON_NEGATIVE = ("num_flat_layers", "xsa_last_n", "inst_dim", "rope_dims", "warmdown_iters", "warmup_steps",
-                 "grad_accum_steps", "val_loss_every", "train_log_every", "swa_every", "mlp_leaky_slope",
-                 "crawler_mlp_leaky_slope", "qk_gain_init", "matrix_lr", "tied_embed_lr", "scalar_lr",
-                 "muon_weight_decay", "adam_weight_decay", "grad_clip_norm", "gptq_damping",
-                 "quant_small_numel", "muon_momentum_warmup_steps")
+# The seed's two quantization switches, read only to set quant_method.
+_LEGACY_QUANT = ("skip_gptq", "loop_aware_gptq")
+
+
+def _legacy_quant_method(skip: bool | None, loop_aware: bool | None) -> str | None:
+    """The method the seed's SKIP_GPTQ / LOOP_AWARE_GPTQ select (an unset one at the seed's default: 0 / 1).
+    None when only SKIP_GPTQ=0 is given: any GPTQ method fits."""
+    if skip:
+        return "rtn"
+    if loop_aware is None:
+        return None
+    return "loop_aware" if loop_aware else "gptq"
 
 
 def _parse(name: str, kind, text: str):
@@ -221,18 +240,18 @@ def _validated(cfg: Config) -> Config:
     def bad(name, why):
         raise ConfigError(f"{name.upper()}={getattr(cfg, name)!r}: {why}")
 
-    for name, allowed in FIXED.items():
-        if getattr(cfg, name) != allowed:
-            bad(name, f"only {allowed} is supported (this project does not implement that feature of the original)")
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            bad(name, f"must be one of {', '.join(repr(c) for c in choices)}")
-    for name in _POSITIVE:
-        if not getattr(cfg, name) > 0:
-            bad(name, "must be > 0")
-    for name in _NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            bad(name, "must be >= 0")
+    if cfg.preset not in PRESETS:
+        bad("preset", f"must be one of {', '.join(repr(c) for c in PRESETS)}")
+    for f in fields(cfg):
+        value, check = getattr(cfg, f.name), f.metadata
+        if check.get("fixed") and value != f.default:
+            bad(f.name, f"only {f.default} is supported (this project does not implement that feature of the original)")
+        if check.get("choices") and value not in check["choices"]:
+            bad(f.name, f"must be one of {', '.join(repr(c) for c in check['choices'])}")
+        if check.get("bound") == ">0" and not value > 0:
+            bad(f.name, "must be > 0")
+        if check.get("bound") == ">=0" and value < 0:
+            bad(f.name, "must be >= 0")
     if cfg.model_dim % cfg.num_heads:
         bad("model_dim", f"must be divisible by NUM_HEADS={cfg.num_heads}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -260,6 +279,32 @@ def _field_kinds() -> dict:
     return kinds
 
 
+def _env_value(environ, name: str, kind):
+    """The parsed value of variable NAME, or None when it is unset or blank."""
+    text = environ.get(name.upper())
+    if text is None or text.strip() == "":
+        return None
+    return _parse(name, kind, text)
+
+
+def _quant_method_from_env(environ, current: str) -> str:
+    """QUANT_METHOD, or the method the seed's SKIP_GPTQ / LOOP_AWARE_GPTQ select; both given must agree."""
+    method = _env_value(environ, "quant_method", str)
+    skip, loop_aware = (_env_value(environ, name, bool) for name in _LEGACY_QUANT)
+    if skip is None and loop_aware is None:
+        return current if method is None else method
+    legacy = _legacy_quant_method(skip, loop_aware)
+    given = " ".join(f"{name.upper()}={int(v)}" for name, v in zip(_LEGACY_QUANT, (skip, loop_aware)) if v is not None)
+    if method is not None:
+        if legacy is None and method == "rtn" or legacy is not None and method != legacy:
+            meaning = "a GPTQ method" if legacy is None else f"QUANT_METHOD={legacy}"
+            raise ConfigError(f"QUANT_METHOD={method!r} contradicts {given} (which means {meaning})")
+        return method
+    if legacy is None:  # SKIP_GPTQ=0 alone: keep the preset's method unless it is round-to-nearest
+        return current if current != "rtn" else "loop_aware"
+    return legacy
+
+
 def default_preset() -> tuple[str, str]:
     """(preset, why) when PRESET is not set."""
     import torch
@@ -278,11 +323,12 @@ def from_env(environ=None, **overrides) -> Config:
     values = dict(PRESETS[preset], preset=preset)
     kinds = _field_kinds()
     for name, kind in kinds.items():
-        if name == "preset":
+        if name in ("preset", "quant_method"):
             continue
-        text = environ.get(name.upper())
-        if text is not None and text.strip() != "":
-            values[name] = _parse(name, kind, text)
+        value = _env_value(environ, name, kind)
+        if value is not None:
+            values[name] = value
+    values["quant_method"] = _quant_method_from_env(environ, values.get("quant_method", Config.quant_method))
     for name, value in overrides.items():
         if name not in kinds:
             raise ConfigError(f"unknown configuration field {name!r}")

@@ -4,12 +4,17 @@
                       quantize_layer(weight, hessian, scale, *, block_size=128, damping=0.01,
                                      order="descending", inverse="cholesky") -> int8 codes in [-31, 31]
                       quantize_rtn, int8_row_quantize, dequantize, layer_objective
+    quant.scheme      tensor_kind(name, numel, small_numel) -> "int6" | "int8" | "fp16", QuantizedTensor,
+                      quantize_state_dict(state, small_numel, int6_codes=None), dequantize_state_dict
+    quant.methods     METHODS {name: QuantMethod}: RoundToNearest "rtn", GPTQ "gptq", LoopAwareGPTQ
+                      "loop_aware" (QUANT_METHOD); @register adds one
     quant.calibrate   collect_hessians(model, forward, batches, layers); Calibrator(...).quantize(method)
-                      with method "rtn" | "gptq" | "loop_aware"
-    quant.artifact    quantize_state_dict, write_artifact (atomic; OverBudgetError over 16,000,000 B),
-                      read_artifact (ArtifactError on a bad file), load_model(path, device, quant_linear=None)
-                      -> (fresh model, config), int6 layers as kernels.int6.QuantLinear by default on CUDA,
-                      pack_int6 / unpack_int6, code_bytes
+                      for any name in METHODS, sharing Hessians and GPTQ codes between methods
+    quant.artifact    the file format: write_artifact (atomic; OverBudgetError over 16,000,000 B),
+                      read_artifact (ArtifactError on a bad file), pack_int6_stream / unpack_int6_stream
+                      (the optional 6-bit encoding), code_bytes
+    quant.load        load_model(path, device, quant_linear=None) -> (fresh model, config), int6 layers as
+                      kernels.int6.QuantLinear by default on CUDA (use_quant_linear)
     quant.ledger      build_ledger(path), format_ledger(ledger): bytes per category, projection
     quant.export      export_run(model, cfg, run_dir, *, val_tokens, luts, train_paths | calib_tokens,
                                  log=print, reserve_seconds=None, float_val=None, compare=None) -> dict

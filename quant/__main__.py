@@ -2,7 +2,7 @@
 
 Calibrates on the run's training shards, quantizes as the run's config says (or --method), writes
 runs/<id>/final_model.int6.ptz next to the checkpoint, reads it back and prints the round-trip
-sliding-window val_bpb next to the float one (and, with --compare, all three methods' gaps).
+sliding-window val_bpb next to the float one (and, with --compare, every method's gap).
 Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed), 2 bad input.
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
 
 from .artifact import ArtifactError, OverBudgetError
-from .calibrate import METHODS
 from .export import export_run
+from .methods import METHODS
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="runs/<id>/final_model.pt (model.save_checkpoint format)")
-    parser.add_argument("--method", choices=METHODS, help="override the run's SKIP_GPTQ / LOOP_AWARE_GPTQ")
+    parser.add_argument("--method", choices=tuple(METHODS), help="override the run's QUANT_METHOD")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
-                        help="also quantize with the other two methods and print the three gaps "
+                        help="also quantize with the other methods and print every method's gap "
                              "(default: only when the val set is small)")
     parser.add_argument("--data-path", help="shard folder (default: the run's DATA_PATH)")
     parser.add_argument("--tokenizer-path", help="sentencepiece model (default: the run's TOKENIZER_PATH)")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         net = load_checkpoint(args.checkpoint, map_location=device)
         cfg = net.config
         if args.method:
-            cfg = cfg.replace(skip_gptq=args.method == "rtn", loop_aware_gptq=args.method == "loop_aware")
+            cfg = cfg.replace(quant_method=args.method)
         data_path = args.data_path or cfg.data_path
         tokenizer_path = Path(args.tokenizer_path or cfg.tokenizer_path)
         if not tokenizer_path.is_file():
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return 2
 
     print(f"quant: {args.checkpoint} on {device}: {val_tokens.numel() - 1:,} val targets, "
-          f"method {'rtn' if cfg.skip_gptq else 'loop_aware' if cfg.loop_aware_gptq else 'gptq'}", flush=True)
+          f"method {cfg.quant_method}", flush=True)
     try:
         export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                    compare=args.compare, log=lambda line: print(line, flush=True))

@@ -1,12 +1,5 @@
-"""The 16 MB artifact: the mixed quantization scheme, its on-disk encoding, atomic write and checked read.
-
-Scheme (SPEC 5), by tensor:
-- attention and MLP matrices (`*.attn.c_q|c_k|c_v|proj.weight`, `*.mlp.fc|proj.weight`) above
-  config.quant_small_numel elements: int6 codes in [-31, 31] (GPTQ or round-to-nearest, decided by the
-  caller) with one fp16 step per row;
-- every other tensor above the threshold (token embedding, bigram table and projection, instruction
-  projections): int8 per row with the 99.99984th-percentile clip;
-- everything at or below the threshold: fp16.
+"""The 16 MB artifact's file format: the encoding of quantized tensors (quant/scheme.py), the atomic write
+within the size budget (model + code bytes), and the checked read.
 
 File layout (all integers little-endian):
     MAGIC (8 bytes) | format version u32 | payload length u64 | sha256(payload) (32 bytes) | payload
@@ -34,12 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import brotli
 import numpy as np
@@ -47,7 +37,7 @@ import torch
 
 from model.io import write_atomic
 
-from . import gptq
+from .scheme import KIND_FP16, KIND_INT6, KIND_INT8, ArtifactError, QuantizedTensor
 
 MAGIC = b"OUROPTZ\x00"
 FORMAT_VERSION = 1
@@ -55,19 +45,11 @@ SIZE_LIMIT = 16_000_000
 BROTLI_QUALITY = 11
 _PREFIX = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of payload
 
-KIND_INT6, KIND_INT8, KIND_FP16 = "int6", "int8", "fp16"
 # How codes and fp16 data are laid out before compression (see the module docstring for the numbers).
 CODE_ENCODINGS = ("int8", "packed6", "packed6-shuffled")
 FP16_ENCODINGS = ("raw", "shuffled")
 DEFAULT_ENCODING = {"codes": "int8", "fp16": "shuffled"}
 ARTIFACT_NAME = "final_model.int6.ptz"
-
-_INT6_NAME = re.compile(r"(^|\.)(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be read or written as asked; the message names the file and what is wrong."""
-
 
 class OverBudgetError(RuntimeError):
     """The artifact (compressed model + code) is over the 16,000,000-byte limit."""
@@ -77,73 +59,10 @@ class OverBudgetError(RuntimeError):
         self.total_bytes, self.limit, self.path = total_bytes, limit, path
 
 
-@dataclass
-class QuantizedTensor:
-    """One state-dict entry as stored: int6/int8 codes with fp16-precision row steps, or fp16 values."""
-    kind: str
-    shape: tuple
-    codes: torch.Tensor | None = None   # int8 [rows, cols]
-    scale: torch.Tensor | None = None   # fp32 [rows], values representable in fp16
-    values: torch.Tensor | None = None  # fp16, original shape
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
-
-    def dequantize(self) -> torch.Tensor:
-        if self.kind == KIND_FP16:
-            return self.values.float().reshape(self.shape)
-        return gptq.dequantize(self.codes, self.scale).reshape(self.shape)
-
-
-def tensor_kind(name: str, numel: int, small_numel: int) -> str:
-    """Which of the three stored forms a state-dict entry takes (SPEC 5)."""
-    if numel <= small_numel:
-        return KIND_FP16
-    return KIND_INT6 if _INT6_NAME.search(name) else KIND_INT8
-
-
-def quantize_state_dict(state_dict: dict, small_numel: int,
-                        int6_codes: Callable[[str, torch.Tensor], tuple] | None = None) -> dict:
-    """Apply the mixed scheme. int6_codes(name, weight) -> (codes, scale) quantizes one attention/MLP
-    matrix (GPTQ with its Hessian); by default it is round-to-nearest with O's row scales."""
-    out = {}
-    for name, t in state_dict.items():
-        if not torch.is_floating_point(t):
-            raise ArtifactError(f"state dict entry {name!r} has dtype {t.dtype}: only floating tensors can be stored")
-        on_device = t.detach().float()  # GPTQ runs where the model is
-        t = on_device.cpu()
-        if not torch.isfinite(t).all():  # fp16 would store NaN silently; the quantizers' errors lack the name
-            raise ArtifactError(f"state dict entry {name!r} (shape {tuple(t.shape)}) contains NaN or inf: "
-                                f"it cannot be stored")
-        kind = tensor_kind(name, t.numel(), small_numel)
-        if kind == KIND_FP16:
-            out[name] = QuantizedTensor(kind, tuple(t.shape), values=t.to(torch.float16))
-        elif kind == KIND_INT8:
-            codes, scale = gptq.int8_row_quantize(t)
-            out[name] = QuantizedTensor(kind, tuple(t.shape), codes=codes, scale=scale)
-        else:
-            if t.dim() != 2:
-                raise ArtifactError(f"{name!r}: int6 matrices must be 2-D, got shape {tuple(t.shape)}")
-            if int6_codes is None:
-                scale = gptq.row_scales(t)
-                codes = gptq.quantize_rtn(t, scale)
-            else:
-                codes, scale = int6_codes(name, on_device)
-            codes, scale = codes.cpu(), scale.float().cpu()
-            if codes.dtype != torch.int8 or codes.shape != t.shape or int(codes.abs().max()) > gptq.INT6_MAX:
-                raise ArtifactError(f"{name!r}: int6 codes must be int8 {tuple(t.shape)} in [-31, 31]")
-            out[name] = QuantizedTensor(kind, tuple(t.shape), codes=codes, scale=scale)
-    return out
-
-
-def dequantize_state_dict(quantized: dict) -> dict:
-    return {name: q.dequantize() for name, q in quantized.items()}
-
-
 # ---------------------------------------------------------------- encodings
-def pack_int6(codes: np.ndarray) -> np.ndarray:
-    """6-bit two's complement, 4 codes in 3 bytes (little-endian 24-bit groups); any code in [-32, 31]."""
+def pack_int6_stream(codes: np.ndarray) -> np.ndarray:
+    """6-bit two's complement, 4 codes in 3 bytes (little-endian 24-bit groups) over one flat stream of codes
+    (not kernels.int6's row layout); any code in [-32, 31]."""
     flat = np.asarray(codes, dtype=np.int8).reshape(-1)
     pad = (-flat.size) % 4
     u = (np.concatenate([flat, np.zeros(pad, np.int8)]).astype(np.uint32) & 0x3F).reshape(-1, 4)
@@ -151,8 +70,8 @@ def pack_int6(codes: np.ndarray) -> np.ndarray:
     return np.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], axis=1).astype(np.uint8).reshape(-1)
 
 
-def unpack_int6(packed: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of pack_int6: the first `count` codes as int8 (sign-extended from 6 bits)."""
+def unpack_int6_stream(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of pack_int6_stream: the first `count` codes as int8 (sign-extended from 6 bits)."""
     b = np.asarray(packed, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
     word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
     u = np.stack([(word >> shift) & 0x3F for shift in (0, 6, 12, 18)], axis=1).reshape(-1)[:count]
@@ -172,7 +91,7 @@ def _encode_codes(codes: torch.Tensor, encoding: str) -> bytes:
     arr = codes.numpy().astype(np.int8).reshape(-1)
     if encoding == "int8":
         return arr.tobytes()
-    packed = pack_int6(arr).tobytes()
+    packed = pack_int6_stream(arr).tobytes()
     return _shuffle(packed, 3) if encoding == "packed6-shuffled" else packed
 
 
@@ -181,7 +100,7 @@ def _decode_codes(raw: bytes, count: int, encoding: str) -> np.ndarray:
         return np.frombuffer(raw, np.int8, count=count)
     if encoding == "packed6-shuffled":
         raw = _unshuffle(raw, 3)
-    return unpack_int6(np.frombuffer(raw, np.uint8), count)
+    return unpack_int6_stream(np.frombuffer(raw, np.uint8), count)
 
 
 def _encode_fp16(t: torch.Tensor, encoding: str) -> bytes:
@@ -374,55 +293,3 @@ def read_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{path}: payload does not decompress ({exc})") from None
     config, tensors, encoding = decode(body, where=str(path))
     return Artifact(config, tensors, encoding, len(data))
-
-
-def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None):
-    """Rebuild a fresh model from an artifact. Returns (model, config).
-
-    quant_linear (default: on when `device` is CUDA): every int6 nn.Linear becomes a
-    kernels.int6.QuantLinear holding the stored codes (6 bits per weight in memory, the fused
-    dequant-matmul kernel on the triton backend), and MLPs whose fc/proj were replaced run unfused,
-    through those modules. Off: the weights dequantized to fp32 in plain nn.Linear (the reference path).
-    """
-    import model as model_lib
-    from model.config import Config, ConfigError
-
-    device = torch.device(device)
-    if quant_linear is None:
-        quant_linear = device.type == "cuda"
-    artifact = read_artifact(path)
-    try:
-        config = Config.from_dict(artifact.config)
-    except (ConfigError, TypeError) as err:  # ConfigError names the field but not the file
-        raise ArtifactError(f"{path}: its stored config cannot be used: {err}") from None
-    net = model_lib.build_model(config)
-    state = dequantize_state_dict(artifact.tensors)
-    expected = set(net.state_dict())
-    if set(state) != expected:
-        raise ArtifactError(f"{path}: tensors do not match the model built from its config: missing "
-                            f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
-    net.load_state_dict(state, strict=True)
-    if quant_linear:
-        use_quant_linear(net, artifact.tensors)
-    return net.to(device), config
-
-
-def use_quant_linear(net: torch.nn.Module, tensors: dict) -> list[str]:
-    """Swap every nn.Linear whose weight is stored int6 in `tensors` for QuantLinear.from_codes(codes, scale)
-    and mark the MLPs that hold one unfused (their fused path would dequantize `.weight` on every call).
-    Returns the swapped layers' names."""
-    from kernels.int6 import QuantLinear
-    from model.gpt import MLP
-
-    swapped = []
-    for name, module in list(net.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            stored = tensors.get(f"{full}.weight")
-            if isinstance(child, torch.nn.Linear) and stored is not None and stored.kind == KIND_INT6:
-                layer = QuantLinear.from_codes(stored.codes, stored.scale)
-                setattr(module, child_name, layer.to(child.weight.device))
-                swapped.append(full)
-        if isinstance(module, MLP) and (isinstance(module.fc, QuantLinear) or isinstance(module.proj, QuantLinear)):
-            module.unfused = True
-    return swapped

@@ -1,15 +1,9 @@
-"""Hessians from calibration inputs, and the quantization of a whole model: round-to-nearest, GPTQ, or
-loop-aware GPTQ (SPEC 5).
+"""Hessians from calibration inputs, and the Calibrator every quantization method (quant/methods.py) runs on.
 
 H = XᵀX / n for each int6 matrix, X its inputs over every calibration token, collected by forward
 pre-hooks on the uncompiled model inside `model.calibration_mode` (there each MLP runs fc and proj
 through their own forward instead of the fused kernel, so their hooks fire). The shared crawler block
 runs once per loop, so its hooks fire once per loop: its Hessians accumulate over every loop.
-
-Loop-aware calibration: phase 1 collects every Hessian; the flat blocks are quantized with them and
-their dequantized weights put in temporarily; phase 2 re-collects the crawler block's Hessians, whose
-inputs now come from quantized flat blocks (as they will at evaluation); the float weights come back;
-everything is quantized with its phase-1 Hessian except the crawler, which uses phase 2's.
 """
 from __future__ import annotations
 
@@ -22,10 +16,8 @@ import torch
 from model import calibration_mode
 
 from . import gptq
-from .artifact import KIND_INT6, quantize_state_dict, tensor_kind
-
-CRAWLER_PREFIX = "crawler_blocks."
-METHODS = ("rtn", "gptq", "loop_aware")
+from .methods import method_named
+from .scheme import KIND_INT6, tensor_kind
 
 
 class HessianAccumulator:
@@ -81,7 +73,7 @@ def collect_hessians(model: torch.nn.Module, forward: Callable[[torch.Tensor], o
 
 
 class Calibrator:
-    """Quantizes one model by any of METHODS, sharing the phase-1 Hessians and GPTQ results between them.
+    """Quantizes one model by any registered method, sharing the phase-1 Hessians and GPTQ results between them.
 
     forward(batch) runs the model on one calibration batch (e.g. under autocast); batches are reused
     by every phase. Each method's `seconds` counts only the work that method would do on its own.
@@ -89,24 +81,34 @@ class Calibrator:
 
     def __init__(self, model: torch.nn.Module, config, forward: Callable[[torch.Tensor], object], batches: list):
         self.model, self.config, self.forward, self.batches = model, config, forward, list(batches)
-        self.layers = int6_layer_names(model, config.quant_small_numel)
+        self.small_numel = config.quant_small_numel
+        self.layers = int6_layer_names(model, self.small_numel)
         self.options = dict(block_size=config.gptq_block_size, damping=config.gptq_damping,
                             order=config.gptq_order, inverse=config.gptq_inverse)
         self._phase1: dict | None = None
-        self._phase1_seconds = 0.0
+        self.phase1_seconds = 0.0
         self._codes: dict[tuple, tuple] = {}  # (layer, phase) -> (codes, scale, seconds)
 
-    def _state(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # phase 2 edits weights in place
+    def quantize(self, method: str) -> tuple[dict, dict]:
+        """({name: QuantizedTensor}, stats): the method's stats (QuantMethod) with its name as stats["method"]."""
+        handler = method_named(method)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # phase 2 edits weights in place
+        quantized, stats = handler.quantize(self, state)
+        return quantized, {"method": method, **stats}
+
+    def collect(self, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        return collect_hessians(self.model, self.forward, self.batches, layers)
 
     def phase1(self) -> dict:
+        """Every int6 layer's Hessian over the float model (computed once, `phase1_seconds` records how long)."""
         if self._phase1 is None:
             t0 = time.perf_counter()
-            self._phase1 = collect_hessians(self.model, self.forward, self.batches, self.layers)
-            self._phase1_seconds = time.perf_counter() - t0
+            self._phase1 = self.collect(self.layers)
+            self.phase1_seconds = time.perf_counter() - t0
         return self._phase1
 
-    def _gptq(self, layer: str, weight: torch.Tensor, hessian: torch.Tensor, phase: int) -> tuple:
+    def gptq_codes(self, layer: str, weight: torch.Tensor, hessian: torch.Tensor, phase: int) -> tuple:
+        """(codes, scale, seconds) of GPTQ for `layer` with the Hessian of `phase`, computed once per (layer, phase)."""
         key = (layer, phase)
         if key not in self._codes:
             t0 = time.perf_counter()
@@ -118,56 +120,8 @@ class Calibrator:
             self._codes[key] = (codes, scale, time.perf_counter() - t0)
         return self._codes[key]
 
-    def quantize(self, method: str) -> tuple[dict, dict]:
-        """({name: QuantizedTensor}, stats). stats: method, seconds, and per int6 layer its objective
-        ||(W-Q)X||²/n under GPTQ and under round-to-nearest (same Hessian, same steps)."""
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}: must be one of {METHODS}")
-        t0 = time.perf_counter()
-        state = self._state()
-        small = self.config.quant_small_numel
-        if method == "rtn":
-            quantized = quantize_state_dict(state, small)
-            return quantized, {"method": method, "seconds": time.perf_counter() - t0, "objective": {}}
-
-        hessians = dict(self.phase1())
-        seconds = self._phase1_seconds
-        phase_of = {n: 1 for n in self.layers}
-        counted = set()  # (layer, phase) whose GPTQ time is already in `seconds`
-        crawler = [n for n in self.layers if n.startswith(CRAWLER_PREFIX)]
-        if method == "loop_aware" and crawler:
-            flat = [n for n in self.layers if n not in crawler]
-            codes = {n: self._gptq(n, state[f"{n}.weight"].float(), hessians[n], 1) for n in flat}
-            seconds += sum(c[2] for c in codes.values())
-            counted.update((n, 1) for n in flat)
-            t1 = time.perf_counter()
-            with self._dequantized_weights({n: gptq.dequantize(c[0], c[1]) for n, c in codes.items()}):
-                hessians.update(collect_hessians(self.model, self.forward, self.batches, crawler))
-            seconds += time.perf_counter() - t1
-            phase_of.update({n: 2 for n in crawler})
-
-        objective = {}
-
-        def int6(name: str, weight: torch.Tensor):
-            nonlocal seconds
-            layer = name[:-len(".weight")]
-            codes, scale, took = self._gptq(layer, weight, hessians[layer], phase_of[layer])
-            if (layer, phase_of[layer]) not in counted:
-                seconds += took
-                counted.add((layer, phase_of[layer]))
-            h = hessians[layer].to(weight.device)
-            objective[layer] = {
-                "gptq": gptq.layer_objective(weight, gptq.dequantize(codes, scale), h),
-                "rtn": gptq.layer_objective(weight, gptq.dequantize(gptq.quantize_rtn(weight, scale), scale), h),
-                "phase": phase_of[layer],
-            }
-            return codes, scale
-
-        quantized = quantize_state_dict(state, small, int6)
-        return quantized, {"method": method, "seconds": seconds, "objective": objective}
-
     @contextlib.contextmanager
-    def _dequantized_weights(self, weights: dict):
+    def dequantized_weights(self, weights: dict):
         """Temporarily replace layers' weights (phase 2 of loop-aware calibration); always restores them."""
         modules = dict(self.model.named_modules())
         originals = {n: modules[n].weight.detach().clone() for n in weights}
@@ -183,11 +137,11 @@ class Calibrator:
 
 
 def objective_summary(stats: dict) -> str:
-    """One line: the GPTQ / round-to-nearest layer-objective ratio in total and its range over layers."""
+    """One line: the method's / round-to-nearest's layer-objective ratio in total and its range over layers."""
     obj = stats.get("objective") or {}
     if not obj:
-        return f"{stats['method']}: no GPTQ layers"
-    ratios = [v["gptq"] / v["rtn"] for v in obj.values() if v["rtn"] > 0]
-    total = sum(v["gptq"] for v in obj.values()) / max(sum(v["rtn"] for v in obj.values()), 1e-30)
-    return (f"{stats['method']}: layer objective ||(W-Q)X||^2 GPTQ/RTN total {total:.3f}, per layer "
+        return f"{stats['method']}: no layer objectives (no Hessians)"
+    ratios = [v["quantized"] / v["rtn"] for v in obj.values() if v["rtn"] > 0]
+    total = sum(v["quantized"] for v in obj.values()) / max(sum(v["rtn"] for v in obj.values()), 1e-30)
+    return (f"{stats['method']}: layer objective ||(W-Q)X||^2 {stats['method']}/rtn total {total:.3f}, per layer "
             f"{min(ratios):.3f}..{max(ratios):.3f} over {len(obj)} int6 matrices")

@@ -12,9 +12,10 @@ An over-budget artifact raises OverBudgetError on every rank, after writing noth
 runs/<id>/final_model.int6.ptz (the blob is kept beside it as final_model.int6.ptz.over-budget).
 
 With `compare` (default: when the val set holds at most COMPARE_MAX_VAL_TOKENS tokens, so always on the
-tiny preset), the two other methods are quantized too, written to runs/<id>/quant_compare/<method>.ptz,
-read back and evaluated, and the three quantization gaps (round-trip val_bpb minus float val_bpb) are
-logged with their ratios. GPTQ / round-to-nearest is the number this project tracks and pushes down.
+tiny preset), every other registered method (quant/methods.py) is quantized too, written to
+runs/<id>/quant_compare/<method>.ptz, read back and evaluated, and every method's quantization gap
+(round-trip val_bpb minus float val_bpb) is logged with the ratio of each pair, later method over earlier
+("gptq/rtn", ...). GPTQ / round-to-nearest is the number this project tracks and pushes down.
 """
 from __future__ import annotations
 
@@ -31,19 +32,14 @@ from model.io import synchronize
 from train.data import TokenStream
 from train.evaluate import evaluate_bpb
 
-from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, load_model, write_artifact
-from .calibrate import METHODS, Calibrator, objective_summary
+from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, write_artifact
+from .calibrate import Calibrator, objective_summary
 from .ledger import build_ledger, format_ledger
+from .load import load_model
+from .methods import METHODS, method_named
 
 COMPARE_MAX_VAL_TOKENS = 2_000_000
 CALIBRATION_BATCH_TOKENS = 65_536  # tokens per calibration forward: bounds activation memory
-
-
-def method_for(config) -> str:
-    """SKIP_GPTQ=1: round-to-nearest; else LOOP_AWARE_GPTQ picks loop-aware or plain GPTQ."""
-    if config.skip_gptq:
-        return "rtn"
-    return "loop_aware" if config.loop_aware_gptq else "gptq"
 
 
 def calibration_tokens(train_paths, config) -> torch.Tensor:
@@ -57,8 +53,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":  # as in training and evaluation: matrices in bf16
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
 
 
 def _distributed() -> bool:
@@ -106,12 +100,13 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
     GPTQ_CAL_SEQ_LEN tokens of `train_paths`. float_val: the float model's (val_loss, val_bpb) if already
     known (else evaluated here). Returns artifact_path, model_bytes, code_bytes, total_bytes, limit,
     method, calibration_seconds, reserve_seconds, float_val_loss/bpb, roundtrip_val_loss/bpb, quant_gap_bpb,
-    objective_ratio (GPTQ/RTN layer objective, total), and with compare: gaps {method: gap} and
-    gap_ratios. Raises OverBudgetError (every rank) when model + code > limit.
+    objective_ratio (the method's / round-to-nearest's layer objective, total), and with compare: gaps
+    {method: gap} and gap_ratios {"later/earlier": ratio}. Raises OverBudgetError (every rank) when
+    model + code > limit.
     """
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    method = method_for(cfg)
+    method = cfg.quant_method
     main = not _distributed() or dist.get_rank() == 0
     compare = val_tokens.numel() <= COMPARE_MAX_VAL_TOKENS if compare is None else compare
     path = run_dir / ARTIFACT_NAME
@@ -121,7 +116,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
         synchronize(device)
         t0 = time.perf_counter()
         batches = []
-        if method != "rtn" or compare:
+        if any(method_named(m).calibrated for m in (METHODS if compare else [method])):
             if calib_tokens is None:
                 if train_paths is None:
                     raise ValueError("export_run: pass calib_tokens or train_paths for GPTQ calibration")
@@ -186,11 +181,17 @@ def _objective_ratio(stats: dict) -> float | None:
     obj = stats.get("objective") or {}
     if not obj:
         return None
-    return _ratio(sum(v["gptq"] for v in obj.values()), sum(v["rtn"] for v in obj.values()))
+    return _ratio(sum(v["quantized"] for v in obj.values()), sum(v["rtn"] for v in obj.values()))
+
+
+def gap_ratios(gaps: dict) -> dict:
+    """{"later/earlier": gap ratio} for every pair of registered methods, in registration order."""
+    names = [m for m in METHODS if m in gaps]
+    return {f"{a}/{b}": _ratio(gaps[a], gaps[b]) for i, a in enumerate(names) for b in names[:i]}
 
 
 def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val, val_tokens, luts, device, log) -> dict:
-    """Round trips of the other two methods, and the three gaps with their ratios."""
+    """Round trips of the other registered methods, and every method's gap with the ratio of each pair."""
     folder = run_dir / "quant_compare"
     others = [m for m in METHODS if m != method]
     if calibrator is not None:  # rank 0
@@ -206,8 +207,7 @@ def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val,
     for m in others:
         net, _ = load_model(folder / f"{m}.ptz", device)
         gaps[m] = evaluate_sliding(net, cfg, val_tokens, luts, device)[1] - float_val[1]
-    ratios = {"gptq/rtn": _ratio(gaps["gptq"], gaps["rtn"]), "loop_aware/rtn": _ratio(gaps["loop_aware"], gaps["rtn"]),
-              "loop_aware/gptq": _ratio(gaps["loop_aware"], gaps["gptq"])}
+    ratios = gap_ratios(gaps)
     log("quant gaps (round-trip minus float val_bpb): " + "  ".join(f"{m} {gaps[m]:+.4f}" for m in METHODS))
     log("quant gap ratios: " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     return {"gaps": gaps, "gap_ratios": ratios}

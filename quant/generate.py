@@ -26,7 +26,8 @@ from model import ConfigError
 from model.decode import KVCache, decode_step
 from model.io import synchronize
 
-from .artifact import ArtifactError, load_model
+from .artifact import ArtifactError
+from .load import load_model
 
 
 def _check_sampling(temperature: float, top_k: int) -> None:

@@ -1,9 +1,9 @@
 """The PyTorch reference quantizer (SPEC 5): O's per-row int6 scale rule, round-to-nearest, textbook GPTQ
 with the original's variant as an option, and int8 per-row quantization for the other large tensors.
 
-Everything here runs in fp32 on whatever device the inputs are on. The later Triton versions of the hot
-loops keep these entry points and are checked against them (at most 0.1% of codes off by one, the layer
-objective within 1%).
+Everything here runs in fp32 on whatever device the inputs are on. kernels/gptq.py is the Triton version
+of quantize_layer; tests/test_gptq.py checks it against this reference (at most 0.1% of codes off by one,
+the layer objective within 1%).
 
 Conventions: a weight is [rows, cols] = [out, in] (nn.Linear), a Hessian is [cols, cols] = XᵀX/n over
 the layer's calibration inputs X [n, cols], codes are int8 in [-31, 31] for int6 and [-127, 127] for
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from kernels.gptq import INVERSES, ORDERS
+
 INT6_MAX = 31
 INT8_MAX = 127
 # O's candidates for the per-row clip: quantiles of |W_r| (1.0 = the row max).
 SCALE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 INT8_CLIP_QUANTILE = 0.9999984
-ORDERS = ("descending", "ascending", "none")
-INVERSES = ("cholesky", "plain")
 
 
 def _check_matrix(name: str, t: torch.Tensor) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .artifact import (KIND_FP16, KIND_INT6, KIND_INT8, SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode,
-                       read_artifact, section_bytes, tensor_kind)
+from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode, read_artifact, section_bytes
+from .scheme import KIND_FP16, KIND_INT6, KIND_INT8, tensor_kind
 
 # (category key, label, what a "value" is)
 CATEGORIES = (("int6_codes", "int6 matrices: codes", KIND_INT6), ("int6_steps", "int6 matrices: row steps", KIND_INT6),

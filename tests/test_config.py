@@ -1,11 +1,14 @@
-"""model/config.py: presets resolve, the seed's reproduce command is accepted as pasted, bad values stop
-at start-up with the variable named, and the original's fixed-only switches reject other values."""
+"""model/config.py: presets resolve (to the values they had before presets listed only their changes), the
+seed's reproduce command is accepted as pasted, bad values stop at start-up with the variable named, the
+original's fixed-only switches reject other values, and SKIP_GPTQ / LOOP_AWARE_GPTQ map to QUANT_METHOD."""
+import dataclasses
 import shlex
 
 import pytest
 import torch
 
-from model.config import FIXED, PRESETS, Config, ConfigError, from_env
+import kernels.gptq
+from model.config import FIXED, PRESETS, QUANT_METHODS, Config, ConfigError, from_env
 
 # SPEC 3, "The seed's reproduce command", as users paste it.
 REPRODUCE_COMMAND = """
@@ -29,10 +32,124 @@ LIVE = {"SEED": ("7", "seed", 7), "MAX_WALLCLOCK_SECONDS": ("300", "max_wallcloc
         "BIGRAM_VOCAB_SIZE": ("4096", "bigram_vocab_size", 4096), "ROPE_DIMS": ("32", "rope_dims", 32),
         "SWA_EVERY": ("0", "swa_every", 0), "MATRIX_LR": ("0.02", "matrix_lr", 0.02),
         "MLP_LEAKY_SLOPE": ("0", "mlp_leaky_slope", 0.0), "CRAWLER_MLP_LEAKY_SLOPE": ("0.25", "crawler_mlp_leaky_slope", 0.25),
-        "SKIP_GPTQ": ("1", "skip_gptq", True), "LOOP_AWARE_GPTQ": ("0", "loop_aware_gptq", False),
+        "SKIP_GPTQ": ("1", "quant_method", "rtn"), "LOOP_AWARE_GPTQ": ("0", "quant_method", "gptq"),
         "COMPILE_FULLGRAPH": ("0", "compile_fullgraph", False)}
 FIXED_ENV = {"USE_CRAWLER": "0", "NUM_CRAWLER_LAYERS": "2", "SKIP_EMA": "0", "CRAWLER_TAP_DIM": "32",
              "ANCHOR_DIM": "16", "CRAWLER_MLP_CHOKE_DIM": "128"}
+
+
+# Config.to_dict() of the `ouroboros` preset as commit cc7cd17 (before presets listed only their changes and
+# before QUANT_METHOD) wrote it into checkpoints, artifacts and config.json.
+STORED_OUROBOROS = {
+    'preset': 'ouroboros', 'vocab_size': 1024, 'model_dim': 512, 'num_heads': 8, 'num_kv_heads': 4,
+    'num_flat_layers': 9, 'crawler_loops': 2, 'crawler_loop_rope_scales': (9.0, 1.0, 1.0), 'mlp_mult': 3.0,
+    'crawler_mlp_mult': 6.0, 'mlp_leaky_slope': 0.5, 'crawler_mlp_leaky_slope': 0.5, 'qk_gain_init': 4.0,
+    'xsa_last_n': 11, 'xsa_blocks': '', 'inst_dim': 32, 'bigram_vocab_size': 2048, 'bigram_dim': 128,
+    'rope_dims': 16, 'rope_base': 10000.0, 'logit_softcap': 30.0, 'tied_embed_init_std': 0.005,
+    'train_seq_len': 2048, 'seed': 444, 'iterations': 20000, 'max_wallclock_seconds': 600.0,
+    'warmdown_iters': 2000, 'warmup_steps': 20, 'train_batch_tokens': 786432, 'grad_accum_steps': 0,
+    'val_loss_every': 1000, 'train_log_every': 200, 'matrix_lr': 0.03, 'tied_embed_lr': 0.035, 'scalar_lr': 0.025,
+    'muon_momentum': 0.99, 'muon_momentum_warmup_start': 0.92, 'muon_momentum_warmup_steps': 1500,
+    'muon_backend_steps': 5, 'muon_weight_decay': 0.04, 'adam_weight_decay': 0.04, 'beta1': 0.9, 'beta2': 0.95,
+    'adam_eps': 1e-08, 'grad_clip_norm': 0.3, 'swa_every': 50, 'compile_fullgraph': True, 'eval_seq_len': 2048,
+    'eval_stride': 64, 'eval_batch_seqs': 32, 'skip_gptq': False, 'loop_aware_gptq': True, 'gptq_cal_samples': 128,
+    'gptq_cal_seq_len': 2048, 'gptq_reserve_seconds': -1.0, 'gptq_block_size': 128, 'gptq_damping': 0.01,
+    'gptq_order': 'descending', 'gptq_inverse': 'cholesky', 'quant_small_numel': 65536,
+    'data_path': 'data/datasets/fineweb10B_sp1024', 'tokenizer_path': 'data/tokenizers/fineweb_1024_bpe.model',
+    'runs_dir': 'runs', 'run_id': '', 'dry_run': False, 'use_crawler': 1, 'num_crawler_layers': 1, 'skip_ema': 1,
+    'crawler_tap_dim': 0, 'anchor_dim': 0, 'crawler_mlp_choke_dim': 0,
+}
+# The other presets as cc7cd17 resolved them: what each differed in from its `ouroboros`.
+STORED = {
+    "ouroboros": STORED_OUROBOROS,
+    "ouroboros-as-run": dict(STORED_OUROBOROS, preset="ouroboros-as-run", mlp_leaky_slope=0.0,
+                             crawler_mlp_leaky_slope=0.0, xsa_blocks="crawler", inst_dim=0, swa_every=0,
+                             gptq_block_size=64, gptq_damping=0.002, gptq_order="ascending", gptq_inverse="plain"),
+    "tiny": dict(STORED_OUROBOROS, preset="tiny", model_dim=128, num_heads=2, num_kv_heads=1, inst_dim=16,
+                 bigram_dim=64, train_seq_len=256, seed=1337, iterations=400, max_wallclock_seconds=0.0,
+                 warmdown_iters=130, warmup_steps=0, train_batch_tokens=2048, grad_accum_steps=1,
+                 val_loss_every=100, train_log_every=25, muon_momentum_warmup_steps=100, swa_every=10,
+                 compile_fullgraph=False, eval_seq_len=256, eval_batch_seqs=64, gptq_cal_samples=32,
+                 gptq_cal_seq_len=256, quant_small_numel=4096, data_path="data/datasets/embedded_sp1024",
+                 tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(STORED))
+def test_presets_resolve_to_the_values_they_had(preset):
+    want = {k: v for k, v in STORED[preset].items() if k not in ("skip_gptq", "loop_aware_gptq")}
+    want["quant_method"] = "loop_aware"  # SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
+    got = from_env({}, preset=preset).to_dict()
+    assert set(got) == set(want)
+    assert {k: got[k] for k in got if got[k] != want[k]} == {}, preset  # field by field
+
+
+@pytest.mark.parametrize("preset", sorted(STORED))
+def test_configs_stored_before_quant_method_still_load(preset):
+    """Checkpoints and artifacts keep skip_gptq / loop_aware_gptq in their stored config (JSON: lists)."""
+    stored = {k: list(v) if isinstance(v, tuple) else v for k, v in STORED[preset].items()}
+    assert Config.from_dict(stored) == from_env({}, preset=preset)
+    for skip, loop_aware, method in [(True, True, "rtn"), (True, False, "rtn"), (False, False, "gptq"),
+                                     (False, True, "loop_aware")]:
+        cfg = Config.from_dict(dict(stored, skip_gptq=skip, loop_aware_gptq=loop_aware))
+        assert cfg.quant_method == method
+    with pytest.raises(ConfigError, match=r"QUANT_METHOD='gptq' contradicts the stored skip_gptq=True"):
+        Config.from_dict(dict(stored, skip_gptq=True, quant_method="gptq"))
+
+
+def test_presets_hold_only_what_differs_from_the_defaults():
+    defaults = Config()
+    assert PRESETS["ouroboros"] == {}  # the defaults are the seed's reproduce command
+    for name, values in PRESETS.items():
+        same = [k for k, v in values.items() if getattr(defaults, k) == v]
+        assert not same, f"preset {name} repeats defaults {same}"
+
+
+@pytest.mark.parametrize("env, method", [
+    ({}, "loop_aware"),
+    ({"SKIP_GPTQ": "1"}, "rtn"), ({"SKIP_GPTQ": "1", "LOOP_AWARE_GPTQ": "1"}, "rtn"),
+    ({"SKIP_GPTQ": "0", "LOOP_AWARE_GPTQ": "1"}, "loop_aware"), ({"SKIP_GPTQ": "0"}, "loop_aware"),
+    ({"LOOP_AWARE_GPTQ": "0"}, "gptq"), ({"SKIP_GPTQ": "0", "LOOP_AWARE_GPTQ": "0"}, "gptq"),
+    ({"QUANT_METHOD": "rtn"}, "rtn"), ({"QUANT_METHOD": "gptq"}, "gptq"),
+    ({"QUANT_METHOD": "gptq", "SKIP_GPTQ": "0"}, "gptq"), ({"QUANT_METHOD": "gptq", "LOOP_AWARE_GPTQ": "0"}, "gptq"),
+    ({"QUANT_METHOD": "rtn", "SKIP_GPTQ": "1"}, "rtn"), ({"SKIP_GPTQ": " "}, "loop_aware"),
+])
+def test_quant_method_from_the_seeds_switches(env, method):
+    assert from_env(dict(env, PRESET="tiny")).quant_method == method
+
+
+def test_skip_gptq_alone_keeps_a_gptq_method():
+    assert from_env({"SKIP_GPTQ": "0"}, preset="tiny", quant_method="gptq").quant_method == "gptq"  # override last
+    assert from_env({"SKIP_GPTQ": "0", "QUANT_METHOD": "gptq"}, preset="tiny").quant_method == "gptq"
+
+
+@pytest.mark.parametrize("env, pattern", [
+    ({"QUANT_METHOD": "gptq", "SKIP_GPTQ": "1"},
+     r"^QUANT_METHOD='gptq' contradicts SKIP_GPTQ=1 \(which means QUANT_METHOD=rtn\)"),
+    ({"QUANT_METHOD": "rtn", "SKIP_GPTQ": "0"}, r"^QUANT_METHOD='rtn' contradicts SKIP_GPTQ=0"),
+    ({"QUANT_METHOD": "gptq", "SKIP_GPTQ": "0", "LOOP_AWARE_GPTQ": "1"},
+     r"^QUANT_METHOD='gptq' contradicts SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1 \(which means QUANT_METHOD=loop_aware\)"),
+    ({"QUANT_METHOD": "loop_aware", "LOOP_AWARE_GPTQ": "0"},
+     r"^QUANT_METHOD='loop_aware' contradicts LOOP_AWARE_GPTQ=0"),
+    ({"QUANT_METHOD": "awq"}, r"^QUANT_METHOD='awq': must be one of 'rtn', 'gptq', 'loop_aware'"),
+    ({"SKIP_GPTQ": "maybe"}, r"^SKIP_GPTQ='maybe': expected 0 or 1"),
+])
+def test_quant_method_contradictions_name_both_variables(env, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_env(dict(env, PRESET="tiny"))
+
+
+def test_checks_are_field_metadata():
+    checks = {f.name: f.metadata for f in dataclasses.fields(Config) if f.metadata}
+    assert checks["gptq_order"]["choices"] == kernels.gptq.ORDERS  # defined once, in kernels/gptq.py
+    assert checks["gptq_inverse"]["choices"] == kernels.gptq.INVERSES
+    assert checks["quant_method"]["choices"] == QUANT_METHODS
+    assert FIXED == {k: getattr(Config(), k) for k, m in checks.items() if m["fixed"]}
+    for name, check in checks.items():
+        if check["bound"]:
+            bad, message = (-1, "must be >= 0") if check["bound"] == ">=0" else (0, "must be > 0")
+            with pytest.raises(ConfigError, match=rf"^{name.upper()}={bad}: {message}$"):
+                from_env({}, preset="tiny", **{name: bad})
 
 
 def test_reproduce_command_parses_to_every_variable():
@@ -45,7 +162,8 @@ def test_reproduce_command_is_accepted_on_every_preset(preset):
     cfg = from_env(dict(REPRODUCE_ENV, PRESET=preset))
     assert cfg.preset == preset
     assert (cfg.seed, cfg.model_dim, cfg.inst_dim, cfg.xsa_last_n, cfg.mlp_leaky_slope) == (444, 512, 32, 11, 0.5)
-    assert cfg.crawler_loop_rope_scales == (9.0, 1.0, 1.0) and cfg.skip_gptq is False and cfg.compile_fullgraph is True
+    assert cfg.crawler_loop_rope_scales == (9.0, 1.0, 1.0) and cfg.quant_method == "loop_aware"
+    assert cfg.compile_fullgraph is True
 
 
 def test_ouroboros_preset_is_the_reproduce_command():

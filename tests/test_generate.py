@@ -18,6 +18,8 @@ from model.decode import KVCache, decode_step
 from model.gpt import MLP
 from quant import artifact as art
 from quant import generate as gen
+from quant.load import load_model
+from quant.scheme import quantize_state_dict
 
 # fp32 decode vs fp32 forward: the only difference is the summation order of the softmax and matmuls
 # (measured max |diff| ~1e-5 on logits of magnitude ~10); a wrong position, mask or previous token is O(1).
@@ -125,7 +127,7 @@ def test_decode_refuses_bad_input(small):
 # ---------------------------------------------------------------- the artifact's int6 layers as QuantLinear
 
 def _artifact(net, cfg, path, config_dict=None):
-    quantized = art.quantize_state_dict(net.state_dict(), cfg.quant_small_numel)  # round-to-nearest
+    quantized = quantize_state_dict(net.state_dict(), cfg.quant_small_numel)  # round-to-nearest
     art.write_artifact(path, quantized, config_dict or cfg.to_dict(), quality=5)  # a scratch file: size irrelevant
     return quantized
 
@@ -138,8 +140,8 @@ def test_quant_linear_model_matches_the_dequantized_model(small, tmp_path):
     cfg, net = small
     path = tmp_path / "small.ptz"
     quantized = _artifact(net, cfg, path)
-    dequantized, _ = art.load_model(path)  # CPU default: the fp32 reference
-    swapped, _ = art.load_model(path, quant_linear=True)
+    dequantized, _ = load_model(path)  # CPU default: the fp32 reference
+    swapped, _ = load_model(path, quant_linear=True)
     assert not any(isinstance(m, QuantLinear) for m in dequantized.modules())
     layers = {name: m for name, m in swapped.named_modules() if isinstance(m, QuantLinear)}
     assert len(layers) == _int6_layers(cfg)
@@ -166,8 +168,8 @@ def test_quant_linear_triton_kernel_matches_the_dequantized_model(tmp_path):
     net = _noisy(cfg, seed=4)
     path = tmp_path / "smallest.ptz"
     _artifact(net, cfg, path)
-    dequantized, _ = art.load_model(path)
-    swapped, _ = art.load_model(path, quant_linear=True)
+    dequantized, _ = load_model(path)
+    swapped, _ = load_model(path, quant_linear=True)
     assert sum(isinstance(m, QuantLinear) for m in swapped.modules()) == _int6_layers(cfg)
     torch.manual_seed(5)
     ids = torch.randint(0, cfg.vocab_size, (1, 16))
@@ -185,7 +187,7 @@ def test_load_model_uses_quant_linear_by_default_on_cuda(small, tmp_path):
     cfg, net = small
     path = tmp_path / "small.ptz"
     _artifact(net, cfg, path)
-    swapped, _ = art.load_model(path, "cuda")
+    swapped, _ = load_model(path, "cuda")
     assert sum(isinstance(m, QuantLinear) for m in swapped.modules()) == _int6_layers(cfg)
 
 
@@ -223,7 +225,7 @@ def trained_artifact(request, tmp_path_factory):
     net = model.load_checkpoint(run_dir / "final_model.pt")
     path = tmp_path_factory.mktemp("generate") / art.ARTIFACT_NAME
     _artifact(net, net.config, path)
-    swapped, cfg = art.load_model(path, quant_linear=True)
+    swapped, cfg = load_model(path, quant_linear=True)
     return path, swapped.eval(), spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
 
 
@@ -284,8 +286,8 @@ def test_cuda_decode_on_quant_linear_is_within_the_bf16_forward_error(trained_ar
     """On CUDA the artifact decodes through QuantLinear's M = 1 kernel under bf16 autocast: its error against
     the fp32 dequantized forward is held to twice the error of the bf16 full forward (Triton kernels too)."""
     path, _, _ = trained_artifact
-    reference_net, cfg = art.load_model(path, "cpu", quant_linear=False)
-    net, _ = art.load_model(path, "cuda")
+    reference_net, cfg = load_model(path, "cpu", quant_linear=False)
+    net, _ = load_model(path, "cuda")
     torch.manual_seed(8)
     ids = torch.randint(0, cfg.vocab_size, (1, 64))
     with torch.no_grad():

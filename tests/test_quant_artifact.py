@@ -1,5 +1,5 @@
-"""The artifact: the mixed scheme, int6 packing, exact write/read round trips, corrupt files, the budget,
-code bytes and the size ledger. Synthetic weights (a tiny model with noise added), no training needed."""
+"""The artifact: the mixed scheme (quant/scheme.py), the 6-bit stream packing, exact write/read round trips
+and loading (quant/load.py), corrupt files, the budget, code bytes and the size ledger. Synthetic weights (a tiny model with noise added), no training needed."""
 import hashlib
 import os
 from pathlib import Path
@@ -11,7 +11,8 @@ import torch
 import model
 from model.config import Config, from_env
 from quant import artifact as art
-from quant import gptq, inspect as quant_inspect, ledger as quant_ledger
+from quant import inspect as quant_inspect, ledger as quant_ledger
+from quant import load, scheme
 
 ENCODINGS = [dict(codes=c, fp16=f) for c in art.CODE_ENCODINGS for f in art.FP16_ENCODINGS]
 
@@ -27,23 +28,23 @@ def tiny():
     with torch.no_grad():
         for p in net.parameters():  # zero-init and constant tensors would make the round trip trivial
             p.add_(torch.randn_like(p) * (0.3 if p.dim() == 2 else 0.05))
-    return cfg, net, art.quantize_state_dict(net.state_dict(), cfg.quant_small_numel)
+    return cfg, net, scheme.quantize_state_dict(net.state_dict(), cfg.quant_small_numel)
 
 
-def test_pack_int6_round_trips_all_64_codes():
+def test_pack_int6_stream_round_trips_all_64_codes():
     every = np.arange(-32, 32, dtype=np.int8)
     for n in (64, 63, 62, 61, 1):  # lengths that are not a multiple of 4 pad the last group
         codes = np.roll(every, n)[:n]
-        packed = art.pack_int6(codes)
+        packed = art.pack_int6_stream(codes)
         assert packed.dtype == np.uint8 and packed.size == 3 * -(-n // 4)
-        np.testing.assert_array_equal(art.unpack_int6(packed, n), codes)
+        np.testing.assert_array_equal(art.unpack_int6_stream(packed, n), codes)
 
 
-def test_pack_int6_bit_layout():
+def test_pack_int6_stream_bit_layout():
     """4 codes -> one little-endian 24-bit word, code i in bits 6i..6i+5, two's complement."""
-    np.testing.assert_array_equal(art.pack_int6(np.array([1, 0, 0, 0])), [1, 0, 0])
-    np.testing.assert_array_equal(art.pack_int6(np.array([0, 1, 0, 0])), [64, 0, 0])
-    np.testing.assert_array_equal(art.pack_int6(np.array([-1, 0, 0, -32])), [63, 0, 0x80])
+    np.testing.assert_array_equal(art.pack_int6_stream(np.array([1, 0, 0, 0])), [1, 0, 0])
+    np.testing.assert_array_equal(art.pack_int6_stream(np.array([0, 1, 0, 0])), [64, 0, 0])
+    np.testing.assert_array_equal(art.pack_int6_stream(np.array([-1, 0, 0, -32])), [63, 0, 0x80])
 
 
 def test_scheme_puts_every_attention_and_mlp_matrix_in_int6():
@@ -51,14 +52,14 @@ def test_scheme_puts_every_attention_and_mlp_matrix_in_int6():
         cfg = from_env(environ={}, preset=preset)
         with torch.device("meta"):
             state = model.build_model(cfg).state_dict()
-        kinds = {n: art.tensor_kind(n, t.numel(), cfg.quant_small_numel) for n, t in state.items()}
+        kinds = {n: scheme.tensor_kind(n, t.numel(), cfg.quant_small_numel) for n, t in state.items()}
         matrices = [n for n in state if any(f".{m}.weight" in n for m in
                                              ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"))]
         assert len(matrices) == 6 * (cfg.num_flat_layers + 1)
-        assert all(kinds[n] == art.KIND_INT6 for n in matrices), preset
-        assert kinds["tok_emb.weight"] == kinds["bigram.embed.weight"] == art.KIND_INT8
-        assert {n for n, k in kinds.items() if k == art.KIND_INT6} == set(matrices)
-        assert all(state[n].numel() <= cfg.quant_small_numel for n, k in kinds.items() if k == art.KIND_FP16)
+        assert all(kinds[n] == scheme.KIND_INT6 for n in matrices), preset
+        assert kinds["tok_emb.weight"] == kinds["bigram.embed.weight"] == scheme.KIND_INT8
+        assert {n for n, k in kinds.items() if k == scheme.KIND_INT6} == set(matrices)
+        assert all(state[n].numel() <= cfg.quant_small_numel for n, k in kinds.items() if k == scheme.KIND_FP16)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: f"{e['codes']}-{e['fp16']}")
@@ -73,7 +74,7 @@ def test_write_read_is_exact_to_the_stored_precision(tiny, tmp_path, encoding):
     for name, q in quantized.items():
         r = back.tensors[name]
         assert r.kind == q.kind and r.shape == q.shape
-        if q.kind == art.KIND_FP16:
+        if q.kind == scheme.KIND_FP16:
             assert torch.equal(r.values, state[name].half())
         else:
             assert torch.equal(r.codes, q.codes) and torch.equal(r.scale, q.scale)
@@ -86,9 +87,9 @@ def test_load_model_rebuilds_the_dequantized_model(tiny, tmp_path):
     cfg, net, quantized = tiny
     path = tmp_path / art.ARTIFACT_NAME
     art.write_artifact(path, quantized, cfg.to_dict())
-    fresh, fresh_cfg = art.load_model(path)
+    fresh, fresh_cfg = load.load_model(path)
     assert fresh is not net and fresh_cfg == cfg
-    expected = art.dequantize_state_dict(quantized)
+    expected = scheme.dequantize_state_dict(quantized)
     for name, t in fresh.state_dict().items():
         assert torch.equal(t, expected[name]), name
     ids = torch.randint(0, cfg.vocab_size, (1, 32))
@@ -102,17 +103,27 @@ def test_unusable_stored_config_names_the_file_and_field(tiny, tmp_path):
     path = tmp_path / art.ARTIFACT_NAME
     art.write_artifact(path, quantized, dict(cfg.to_dict(), model_dim=-64))
     with pytest.raises(art.ArtifactError, match=rf"{path}: its stored config cannot be used: MODEL_DIM=-64"):
-        art.load_model(path)
+        load.load_model(path)
     art.write_artifact(path, quantized, dict(cfg.to_dict(), no_such_knob=1))
     with pytest.raises(art.ArtifactError, match=r"unknown configuration fields \['no_such_knob'\]"):
-        art.load_model(path)
+        load.load_model(path)
+
+
+def test_artifact_stored_before_quant_method_still_loads(tiny, tmp_path):
+    """Artifacts written before QUANT_METHOD store skip_gptq / loop_aware_gptq in their config."""
+    cfg, _, quantized = tiny
+    path = tmp_path / art.ARTIFACT_NAME
+    stored = {k: v for k, v in cfg.to_dict().items() if k != "quant_method"}
+    art.write_artifact(path, quantized, dict(stored, skip_gptq=False, loop_aware_gptq=False))
+    _, loaded = load.load_model(path)
+    assert loaded == cfg.replace(quant_method="gptq")
 
 
 def test_int6_codes_out_of_range_are_refused(tiny):
     cfg, net, _ = tiny
     bad = lambda name, w: (torch.full(w.shape, 32, dtype=torch.int8), torch.ones(w.shape[0]))  # noqa: E731
     with pytest.raises(art.ArtifactError, match=r"int6 codes must be int8 .* in \[-31, 31\]"):
-        art.quantize_state_dict(net.state_dict(), cfg.quant_small_numel, bad)
+        scheme.quantize_state_dict(net.state_dict(), cfg.quant_small_numel, bad)
 
 
 @pytest.mark.parametrize("name", ["tok_emb.weight", "smear.gate", "flat_blocks.0.attn.c_q.weight"])
@@ -122,7 +133,7 @@ def test_non_finite_weights_are_refused_by_name(tiny, name):
     state = {k: v.clone() for k, v in net.state_dict().items()}
     state[name].view(-1)[3] = float("nan")
     with pytest.raises(art.ArtifactError, match=rf"state dict entry '{name}' \(shape .*\) contains NaN or inf"):
-        art.quantize_state_dict(state, cfg.quant_small_numel)
+        scheme.quantize_state_dict(state, cfg.quant_small_numel)
 
 
 def _corrupt(path: Path, how: str) -> None:
@@ -154,7 +165,7 @@ def test_bad_files_fail_clearly_and_nothing_is_overwritten(tiny, tmp_path, how, 
     _corrupt(path, how)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(art.ArtifactError, match=message) as err:
-        art.load_model(path)
+        load.load_model(path)
     assert str(path) in str(err.value)  # the message names the file
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [art.ARTIFACT_NAME]
@@ -196,8 +207,8 @@ def test_ledger_accounts_for_every_byte_and_parameter(tiny, tmp_path, capsys):
     art.write_artifact(path, quantized, cfg.to_dict())
     led = quant_ledger.build_ledger(path)
     assert sum(led.params.values()) == sum(t.numel() for t in net.state_dict().values())
-    assert led.values["int6_codes"] == led.params[art.KIND_INT6]
-    assert led.values["int6_steps"] == sum(q.shape[0] for q in quantized.values() if q.kind == art.KIND_INT6)
+    assert led.values["int6_codes"] == led.params[scheme.KIND_INT6]
+    assert led.values["int6_steps"] == sum(q.shape[0] for q in quantized.values() if q.kind == scheme.KIND_INT6)
     assert led.file_bytes == path.stat().st_size and led.total_bytes == led.file_bytes + led.code_bytes
     assert led.code_bytes > 50_000 and led.code_files > 10  # the package sources are counted
     # each category compressed alone: within a few percent of the one-stream file

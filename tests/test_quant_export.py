@@ -1,5 +1,6 @@
 """The export step on the trained `tiny` model (the tiny_run fixture): real Hessians, the three quantization
-gaps (round-to-nearest, GPTQ, loop-aware GPTQ), the budget failure and the standalone CLI.
+gaps (round-to-nearest, GPTQ, loop-aware GPTQ), the budget failure and the standalone CLI; and the
+registry of quantization methods (quant/methods.py) that the calibration and the comparison read.
 
 The gaps are measured with the run's own eval settings (the fixture evaluates non-overlapping windows of
 256 to stay cheap) on the whole val shard (~46 k tokens), the same tokens for every method, so the
@@ -17,9 +18,13 @@ import torch
 import model
 from quant import artifact as art
 from quant import gptq
+from quant.load import load_model
 from quant.__main__ import main as quant_main
+from quant import methods
 from quant.calibrate import Calibrator, collect_hessians
-from quant.export import calibration_tokens, export_run
+from quant.export import calibration_tokens, export_run, gap_ratios
+from quant.methods import METHODS, QuantMethod, method_named, register
+from quant.scheme import quantize_state_dict
 from train.data import load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
 
@@ -119,6 +124,52 @@ def test_loop_aware_calibration_against_its_phases_done_by_hand(small):
         assert torch.equal(plain[f"{n}.weight"].codes, gptq.quantize_layer(w, h1[n], gptq.row_scales(w), **opts)), n
 
 
+def test_methods_are_registered_under_the_config_names():
+    assert tuple(METHODS) == model.QUANT_METHODS
+    assert {name: m.calibrated for name, m in METHODS.items()} == {"rtn": False, "gptq": True, "loop_aware": True}
+    with pytest.raises(ValueError, match=r"method='awq': must be one of \('rtn', 'gptq', 'loop_aware'\)"):
+        method_named("awq")
+    with pytest.raises(ValueError, match=r"quantization method 'awq': add it to model.config.QUANT_METHODS"):
+        register(type("AWQ", (QuantMethod,), {"name": "awq"}))
+    assert "awq" not in METHODS
+
+
+def test_round_to_nearest_needs_no_hessians(small):
+    cfg, net, batches = small
+    got, stats = Calibrator(net, cfg, lambda b: net(b), batches).quantize("rtn")
+    want = quantize_state_dict(net.state_dict(), cfg.quant_small_numel)
+    assert stats["method"] == "rtn" and stats["objective"] == {} and set(got) == set(want)
+    for name, q in want.items():
+        assert torch.equal(got[name].dequantize(), q.dequantize()), name
+
+
+def test_a_new_method_is_one_registered_class(small, monkeypatch):
+    """A class registered under a QUANT_METHOD name is quantized by the Calibrator and compared in the gap ratios."""
+    cfg, net, batches = small
+
+    class Halved(QuantMethod):  # round-to-nearest of half the weights: only the plumbing matters here
+        name = "halved"
+        calibrated = False
+
+        def quantize(self, calibrator, state):
+            return quantize_state_dict({k: v / 2 for k, v in state.items()}, calibrator.small_numel), {
+                "seconds": 0.0, "objective": {}}
+
+    monkeypatch.setattr(methods, "QUANT_METHODS", methods.QUANT_METHODS + ("halved",))
+    try:
+        register(Halved)
+        got, stats = Calibrator(net, cfg, lambda b: net(b), batches).quantize("halved")
+        assert stats["method"] == "halved"
+        w = "flat_blocks.0.mlp.fc.weight"
+        torch.testing.assert_close(got[w].dequantize(), net.state_dict()[w] / 2, atol=0.1, rtol=0)
+        ratios = gap_ratios({"rtn": 0.1, "gptq": 0.05, "loop_aware": 0.04, "halved": 0.2})
+        assert list(ratios) == ["gptq/rtn", "loop_aware/rtn", "loop_aware/gptq", "halved/rtn", "halved/gptq",
+                                "halved/loop_aware"]
+        assert ratios["halved/rtn"] == pytest.approx(2.0) and ratios["loop_aware/gptq"] == pytest.approx(0.8)
+    finally:
+        METHODS.pop("halved", None)
+
+
 def test_calibration_error_names_the_layer(small):
     cfg, net, batches = small
     broken = copy.deepcopy(net)
@@ -179,7 +230,7 @@ def test_exported_artifact_round_trip(exported, trained):
     assert result["roundtrip_val_bpb"] - result["float_val_bpb"] == pytest.approx(result["quant_gap_bpb"])
     assert result["gaps"]["loop_aware"] == result["quant_gap_bpb"]
     assert result["calibration_seconds"] > 0 and 0 < result["objective_ratio"] < 1
-    fresh, fresh_cfg = art.load_model(path)
+    fresh, fresh_cfg = load_model(path)
     assert fresh_cfg == cfg
 
 
@@ -189,7 +240,7 @@ def test_over_budget_fails_the_run_and_keeps_the_artifact(exported, trained):
     path = out / art.ARTIFACT_NAME
     before = path.read_bytes()
     with pytest.raises(art.OverBudgetError, match=r"over budget by [\d,]+ bytes"):
-        export_run(net, cfg.replace(skip_gptq=True), out, val_tokens=val, luts=luts, train_paths=train_paths,
+        export_run(net, cfg.replace(quant_method="rtn"), out, val_tokens=val, luts=luts, train_paths=train_paths,
                    compare=False, limit=result["total_bytes"] // 2, log=lambda line: None)
     assert path.read_bytes() == before
 

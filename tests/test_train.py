@@ -303,7 +303,7 @@ def test_over_budget_artifact_fails_the_run_with_the_overage(small_data, tmp_pat
 
     import train.__main__ as entry
 
-    cfg = small_config(small_data, tmp_path / "runs", "over", skip_gptq=True)
+    cfg = small_config(small_data, tmp_path / "runs", "over", quant_method="rtn")
     for key, value in env_vars(cfg).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PRESET", "tiny")

@@ -42,14 +42,14 @@ def default_gptq_reserve_seconds(cfg: Config, on_cuda: bool) -> float:
     """Seconds of the wall-clock budget kept for calibration + quantization when GPTQ_RESERVE_SECONDS < 0.
 
     On an H100 the original's loop-aware calibration and GPTQ of the full model took 11.6 s: 15 s leaves
-    margin; round-to-nearest (SKIP_GPTQ=1) needs no calibration, a few seconds of quantization. On CPU
+    margin; round-to-nearest (QUANT_METHOD=rtn) needs no calibration, a few seconds of quantization. On CPU
     (only with a wall clock set, the tiny preset runs by step) a tenth of the budget.
     """
     if cfg.gptq_reserve_seconds >= 0:
         return cfg.gptq_reserve_seconds
     if not on_cuda:
         return 0.1 * max(cfg.max_wallclock_seconds, 0.0)
-    return 5.0 if cfg.skip_gptq else 15.0
+    return 5.0 if cfg.quant_method == "rtn" else 15.0
 
 
 @dataclass(frozen=True)

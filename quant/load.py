@@ -1,0 +1,62 @@
+"""Loading an artifact as a model: the float model rebuilt from its stored config and dequantized tensors,
+or with its int6 layers as kernels.int6.QuantLinear (the model surgery lives here, not in the file format).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import model as model_lib
+from kernels.int6 import QuantLinear
+from model.config import Config, ConfigError
+from model.gpt import MLP
+
+from .artifact import read_artifact
+from .scheme import KIND_INT6, ArtifactError, dequantize_state_dict
+
+
+def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None):
+    """Rebuild a fresh model from an artifact. Returns (model, config).
+
+    quant_linear (default: on when `device` is CUDA): every int6 nn.Linear becomes a
+    kernels.int6.QuantLinear holding the stored codes (6 bits per weight in memory, the fused
+    dequant-matmul kernel on the triton backend), and MLPs whose fc/proj were replaced run unfused,
+    through those modules. Off: the weights dequantized to fp32 in plain nn.Linear (the reference path).
+    """
+    device = torch.device(device)
+    if quant_linear is None:
+        quant_linear = device.type == "cuda"
+    artifact = read_artifact(path)
+    try:
+        config = Config.from_dict(artifact.config)
+    except (ConfigError, TypeError) as err:  # ConfigError names the field but not the file
+        raise ArtifactError(f"{path}: its stored config cannot be used: {err}") from None
+    net = model_lib.build_model(config)
+    state = dequantize_state_dict(artifact.tensors)
+    expected = set(net.state_dict())
+    if set(state) != expected:
+        raise ArtifactError(f"{path}: tensors do not match the model built from its config: missing "
+                            f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
+    net.load_state_dict(state, strict=True)
+    if quant_linear:
+        use_quant_linear(net, artifact.tensors)
+    return net.to(device), config
+
+
+def use_quant_linear(net: torch.nn.Module, tensors: dict) -> list[str]:
+    """Swap every nn.Linear whose weight is stored int6 in `tensors` for QuantLinear.from_codes(codes, scale)
+    and mark the MLPs that hold one unfused (their fused path would dequantize `.weight` on every call).
+    Returns the swapped layers' names."""
+    swapped = []
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            stored = tensors.get(f"{full}.weight")
+            if isinstance(child, torch.nn.Linear) and stored is not None and stored.kind == KIND_INT6:
+                layer = QuantLinear.from_codes(stored.codes, stored.scale)
+                setattr(module, child_name, layer.to(child.weight.device))
+                swapped.append(full)
+        if isinstance(module, MLP) and (isinstance(module.fc, QuantLinear) or isinstance(module.proj, QuantLinear)):
+            module.unfused = True
+    return swapped

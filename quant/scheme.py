@@ -1,0 +1,95 @@
+"""The mixed quantization scheme (SPEC 5): which stored form each state-dict entry takes, and the entries as stored.
+
+- attention and MLP matrices (`*.attn.c_q|c_k|c_v|proj.weight`, `*.mlp.fc|proj.weight`) above
+  config.quant_small_numel elements: int6 codes in [-31, 31] (GPTQ or round-to-nearest, decided by the
+  quantization method, quant/methods.py) with one fp16 step per row;
+- every other tensor above the threshold (token embedding, bigram table and projection, instruction
+  projections): int8 per row with the 99.99984th-percentile clip;
+- everything at or below the threshold: fp16.
+
+quant/artifact.py stores these QuantizedTensors in a file; quant/load.py builds a model from them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import gptq
+
+KIND_INT6, KIND_INT8, KIND_FP16 = "int6", "int8", "fp16"
+
+_INT6_NAME = re.compile(r"(^|\.)(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read or written as asked (here: a state dict the scheme cannot store);
+    the message names the file or the entry and what is wrong."""
+
+
+@dataclass
+class QuantizedTensor:
+    """One state-dict entry as stored: int6/int8 codes with fp16-precision row steps, or fp16 values."""
+    kind: str
+    shape: tuple
+    codes: torch.Tensor | None = None   # int8 [rows, cols]
+    scale: torch.Tensor | None = None   # fp32 [rows], values representable in fp16
+    values: torch.Tensor | None = None  # fp16, original shape
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind == KIND_FP16:
+            return self.values.float().reshape(self.shape)
+        return gptq.dequantize(self.codes, self.scale).reshape(self.shape)
+
+
+def tensor_kind(name: str, numel: int, small_numel: int) -> str:
+    """Which of the three stored forms a state-dict entry takes (SPEC 5)."""
+    if numel <= small_numel:
+        return KIND_FP16
+    return KIND_INT6 if _INT6_NAME.search(name) else KIND_INT8
+
+
+def quantize_state_dict(state_dict: dict, small_numel: int,
+                        int6_codes: Callable[[str, torch.Tensor], tuple] | None = None) -> dict:
+    """Apply the mixed scheme. int6_codes(name, weight) -> (codes, scale) quantizes one attention/MLP
+    matrix (GPTQ with its Hessian); by default it is round-to-nearest with O's row scales."""
+    out = {}
+    for name, t in state_dict.items():
+        if not torch.is_floating_point(t):
+            raise ArtifactError(f"state dict entry {name!r} has dtype {t.dtype}: only floating tensors can be stored")
+        on_device = t.detach().float()  # GPTQ runs where the model is
+        t = on_device.cpu()
+        if not torch.isfinite(t).all():  # fp16 would store NaN silently; the quantizers' errors lack the name
+            raise ArtifactError(f"state dict entry {name!r} (shape {tuple(t.shape)}) contains NaN or inf: "
+                                f"it cannot be stored")
+        kind = tensor_kind(name, t.numel(), small_numel)
+        if kind == KIND_FP16:
+            out[name] = QuantizedTensor(kind, tuple(t.shape), values=t.to(torch.float16))
+        elif kind == KIND_INT8:
+            codes, scale = gptq.int8_row_quantize(t)
+            out[name] = QuantizedTensor(kind, tuple(t.shape), codes=codes, scale=scale)
+        else:
+            if t.dim() != 2:
+                raise ArtifactError(f"{name!r}: int6 matrices must be 2-D, got shape {tuple(t.shape)}")
+            if int6_codes is None:
+                scale = gptq.row_scales(t)
+                codes = gptq.quantize_rtn(t, scale)
+            else:
+                codes, scale = int6_codes(name, on_device)
+            codes, scale = codes.cpu(), scale.float().cpu()
+            if codes.dtype != torch.int8 or codes.shape != t.shape or int(codes.abs().max()) > gptq.INT6_MAX:
+                raise ArtifactError(f"{name!r}: int6 codes must be int8 {tuple(t.shape)} in [-31, 31]")
+            out[name] = QuantizedTensor(kind, tuple(t.shape), codes=codes, scale=scale)
+    return out
+
+
+def dequantize_state_dict(quantized: dict) -> dict:
+    return {name: q.dequantize() for name, q in quantized.items()}
+
