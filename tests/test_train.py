@@ -332,3 +332,31 @@ def test_calibration_overrun_fails_only_past_the_wall_clock(small_data, tmp_path
         train(capped, export_fn=export_taking(0.3), echo=False)
     on_disk = json.loads((tmp_path / "capped" / "summary.json").read_text())
     assert on_disk["steps"] < 100_000 and on_disk["train_time_ms"] >= 800.0 and "overran" in on_disk["error"]
+
+
+def test_training_scopes_tf32_to_the_run(monkeypatch):
+    """On CUDA the run turns TF32 on for itself and hands the caller's flags back, also when it fails, so
+    later fp32 comparisons in the same process (a test worker that trained the cached tiny run) stay fp32."""
+    from train import trainer
+
+    seen = []
+
+    def fake_train(cfg, env, export_fn, echo):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if len(seen) == 2:
+            raise RuntimeError("planted failure")
+        return {}
+
+    monkeypatch.setattr(trainer, "setup_distributed", lambda: trainer.DistEnv(0, 1, 0, torch.device("cuda", 0)))
+    monkeypatch.setattr(trainer, "_train", fake_train)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    trainer.train(None)
+    assert seen == [(True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        trainer.train(None)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    monkeypatch.setattr(trainer, "setup_distributed", lambda: trainer.DistEnv(0, 1, 0, torch.device("cpu")))
+    seen.clear()
+    trainer.train(None)
+    assert seen == [(False, False)]  # a CPU run leaves them alone

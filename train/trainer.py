@@ -10,6 +10,7 @@ Post-training work that belongs to quant/ (calibration, GPTQ, the artifact) runs
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -199,6 +200,18 @@ def _load_tokenizer(cfg: Config):
     return sp
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """Inside, CUDA matmuls and cuDNN may use TF32 (if enabled); the previous flags come back on exit."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> dict:
     """Run one training run; returns the summary that is also written to runs/<id>/summary.json.
 
@@ -208,7 +221,10 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
     """
     env = setup_distributed()
     try:
-        return _train(cfg, env, export_fn, echo)
+        # TF32 for the fp32 paths that remain on CUDA (the matrices run bf16 under autocast), for this run
+        # only: a process that goes on after it (a test worker, a notebook) gets its own flags back.
+        with tf32_matmuls(env.device.type == "cuda"):
+            return _train(cfg, env, export_fn, echo)
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -221,9 +237,6 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     run_dir = resolve_run_dir(cfg, env)
     log = RunLog(run_dir / "train.log" if env.is_main else None, echo=echo and env.is_main)
 
-    if on_cuda:  # TF32 for the fp32 paths that remain; matrices run bf16 under autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     if on_cuda:
         torch.cuda.manual_seed_all(cfg.seed)
