@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# The one device definition every test module imports (`from conftest import DEVICE`): CUDA when present,
+# else the CPU, where Triton kernels run through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

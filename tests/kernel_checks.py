@@ -10,7 +10,7 @@ import torch
 
 import kernels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 
 
 def report_mismatches(name, got, ref, bad, limit=5):

@@ -15,7 +15,7 @@ from kernels.attention import (SUPPORTED_HEAD_DIMS, _launch_table, attention_ref
                                attention_triton, sm90_configs)
 from kernel_checks import check_close, tiny_config, train_tiny_losses
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 FP32_REL_RMS = 1e-4       # fp32 ("ieee" dots): summation order is the only difference
 FP32_MAX_REL = 2.0 ** -12  # max |err| against max |ref|
 BF16_FACTOR = 2.0         # bf16: at most this times the PyTorch bf16 path's error

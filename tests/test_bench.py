@@ -20,7 +20,7 @@ import triton.language as tl
 from bench import registry, report
 from bench.registry import Case, Registry, Result
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 
 
 @triton.jit

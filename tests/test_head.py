@@ -18,7 +18,7 @@ from kernels.head import (softcap_cross_entropy_backward, softcap_cross_entropy_
 from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch,
                            train_tiny_losses)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 SOFTCAP = 30.0             # LOGIT_SOFTCAP
 FP32_REL_RMS = 1e-5        # fp32 ("ieee" dots): summation order is the only difference
 FP32_MAX_REL = 2.0 ** -14  # max |err| against max |ref|
@@ -27,15 +27,6 @@ ABS_FLOOR = 1e-7           # for a reference error that happens to be ~0 (the sc
 NAMES = ("loss", "dh", "dweight")
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32_matmuls():
-    """fp32 references must be fp32 (no TF32 from an earlier CUDA test); one torch thread on a shared CPU."""
-    tf32, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(1)
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.set_num_threads(threads)
 
 
 def _inputs(n, d, vocab, seed, weight_std=None):

@@ -19,7 +19,7 @@ from kernels import _runtime
 attention_family, gptq_family, head_family, int6_family, mlp_family, norm_family = (
     importlib.import_module(f"kernels.{name}") for name in ("attention", "gptq", "head", "int6", "mlp", "norm"))
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # else the interpreter (tests/conftest.py)
+from conftest import DEVICE
 CHECKERS = {family._check_inputs.__code__: family.__name__
             for family in (attention_family, gptq_family, head_family, int6_family, mlp_family, norm_family)}
 

@@ -12,7 +12,7 @@ from kernels import int6
 from kernels.int6 import (QuantLinear, dequantize_int6, int6_matmul_reference, int6_matmul_torch, int6_matmul_triton,
                           pack_int6_planes, row_bytes, unpack_int6_planes)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # else the interpreter (tests/conftest.py)
+from conftest import DEVICE
 
 
 def _layer(n: int, k: int, seed: int, code_range: int = 31):

@@ -18,7 +18,7 @@ from kernels.mlp import mlp_backward, mlp_forward, mlp_reference, mlp_triton
 from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch, spread_projections,
                            train_tiny_losses)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 FP32_REL_RMS = 1e-5        # fp32 ("ieee" dots): summation order is the only difference
 FP32_MAX_REL = 2.0 ** -14  # max |err| against max |ref|
 BF16_FACTOR = 2.0          # bf16: at most this times the PyTorch bf16 path's error
@@ -26,16 +26,6 @@ ABS_FLOOR = 1e-6           # for gradients that are exactly zero in the referenc
 GRAD_NAMES = ("y", "dx", "dw_up", "dw_down")
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32_matmuls():
-    """fp32 references must be fp32: a CUDA run that enabled TF32 earlier (the trainer does) would blur them.
-    One torch thread: on a shared 2-core machine more only fight over the cores."""
-    tf32, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(1)
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.set_num_threads(threads)
 
 
 def _inputs(lead, d, hidden, seed):

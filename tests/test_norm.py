@@ -22,7 +22,7 @@ from kernels.norm import (add_norm_reference, add_norm_triton, mix_norm_referenc
 from kernel_checks import (assert_same_losses, check_close, compile_recording_graphs, hold_on_torch,
                            train_tiny_losses)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
 FP32_REL_RMS = 1e-6        # relative RMS error
 FP32_MAX_REL = 2.0 ** -18  # max |err| against max |ref|
 BF16_FACTOR = 2.0          # bf16: at most this times the PyTorch bf16 path's error
