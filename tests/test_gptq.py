@@ -10,7 +10,7 @@ import torch
 from kernels.gptq import gptq_block_reference, gptq_block_triton, quantize_layer_triton
 from quant.gptq import layer_objective, quantize_layer, quantize_rtn, row_scales
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # else the interpreter (tests/conftest.py)
+from conftest import DEVICE
 
 MAX_CODE_MISMATCH = 1e-3
 
