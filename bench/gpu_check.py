@@ -47,9 +47,9 @@ from model.io import write_atomic
 REPO = Path(__file__).resolve().parent.parent
 LIMIT_S = 480                     # one call ends inside 8 minutes (10 per command on the lent machine)
 INSTALL_ALLOWANCE_S = 50          # carried wheels + pip install --no-deps + writing the tables
-# The correctness part's default selection: every kernel family's test file (each covers small odd shapes;
-# under CUDA they also run the real shapes).
-KERNEL_TESTS = ("tests/test_mlp.py", "tests/test_attention.py", "tests/test_norm.py", "tests/test_head.py",
+# The correctness part's default selection: every op at the real run's shapes first, then every kernel
+# family's own test file (small odd shapes, the custom ops under compile, the wiring tests).
+KERNEL_TESTS = ("tests/test_real_shapes.py", "tests/test_mlp.py", "tests/test_attention.py", "tests/test_norm.py", "tests/test_head.py",
                 "tests/test_int6.py", "tests/test_gptq.py")
 KERNEL_BENCH = ("mlp", "attention", "norm", "head", "int6", "gptq")
 
