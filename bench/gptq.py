@@ -1,7 +1,7 @@
 """Bench entry `gptq`: GPTQ of every int6 matrix of the `ouroboros` preset (SPEC 5 textbook options).
 
-Providers: triton (kernels/gptq.py: in-block loop in Triton, lazy update on cuBLAS), eager (the
-PyTorch reference quant/gptq.py on the same device) and eager-cpu (the reference on the CPU, as a
+Providers: triton (kernels/gptq.py: in-block loop in Triton, lazy update on cuBLAS), eager (its
+PyTorch reference quantize_layer_reference on the same device) and eager-cpu (the reference on the CPU, as a
 run without a GPU would quantize). Inputs: random weights ~N(0, 1/fan_in) with the quantizer's row
 scales, and one Hessian per input width from correlated random activations (GPTQ's cost does not
 depend on the values). No flop or byte count: the in-block loop is latency-bound, neither
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from bench.registry import Case, register
-from kernels.gptq import quantize_layer_triton
+from kernels.gptq import quantize_layer_reference, quantize_layer_triton
 from model import build_model, from_env
 from quant.calibrate import int6_layer_names
-from quant.gptq import quantize_layer, row_scales
+from quant.gptq import row_scales
 
 PRESET = "ouroboros"
 CALIBRATION_ROWS = 4096
@@ -61,14 +61,14 @@ def cases(device: str, smoke: bool) -> list[Case]:
     layers = _layers(shapes, device)
     whole = {"model": label, "matrices": len(shapes), "block": block}
     out = [Case("gptq", "triton", "fwd", whole, lambda: _run_all(quantize_layer_triton, layers, block)),
-           Case("gptq", "eager", "fwd", whole, lambda: _run_all(quantize_layer, layers, block))]
+           Case("gptq", "eager", "fwd", whole, lambda: _run_all(quantize_layer_reference, layers, block))]
     if device == "cuda":
         cpu_layers = [tuple(t.cpu() for t in layer) for layer in layers]
-        out.append(Case("gptq", "eager-cpu", "fwd", whole, lambda: _run_all(quantize_layer, cpu_layers, block)))
+        out.append(Case("gptq", "eager-cpu", "fwd", whole, lambda: _run_all(quantize_layer_reference, cpu_layers, block)))
         # The largest single matrix (the crawler's MLP down-projection): where one layer's time goes.
         rows, cols = max(shapes, key=lambda s: s[0] * s[1])
         big = [layer for layer, shape in zip(layers, shapes) if shape == (rows, cols)][:1]
         one = {"model": label, "rows": rows, "cols": cols, "block": block}
         out += [Case("gptq", "triton", "fwd", one, lambda: _run_all(quantize_layer_triton, big, block)),
-                Case("gptq", "eager", "fwd", one, lambda: _run_all(quantize_layer, big, block))]
+                Case("gptq", "eager", "fwd", one, lambda: _run_all(quantize_layer_reference, big, block))]
     return out

@@ -6,7 +6,7 @@ switched on with TRITON_INTERPRET=1 before this package is imported. An op whose
 written yet falls back to its reference and says so once.
 
 Names, one rule: `kernels.<op>` is always an op's dispatching function (mlp, attention,
-softcap_cross_entropy, mix_norm, add_norm, rms_norm), and a kernel family's module is only ever
+softcap_cross_entropy, mix_norm, add_norm, rms_norm, gptq_quantize_layer), and a kernel family's module is only ever
 reached as `from kernels.<family> import ...` (mlp, attention, head, norm, int6, gptq). Two families
 share their op's name, so `kernels.mlp` and `kernels.attention` are the functions, never the modules;
 `kernels.rms_norm` is the op (fused on the triton backend); where the model wants the plain PyTorch
@@ -34,6 +34,7 @@ if INTERPRET:  # before any kernel runs: bf16 and autotune fixes for the CPU int
     _apply_autotune_fix()
 
 from . import attention as _attention  # noqa: E402
+from . import gptq as _gptq  # noqa: E402
 from . import head as _head  # noqa: E402
 from . import mlp as _mlp  # noqa: E402
 from . import norm as _norm  # noqa: E402
@@ -136,3 +137,10 @@ def rms_norm(x, scale: float = 1.0):
     """Weightless RMSNorm over the last dim times scale (eps: F.rms_norm's default)."""
     impl = _triton_impl(_norm, "rms_norm") or _norm.rms_norm_reference
     return impl(x, scale)
+
+
+@_profiled
+def gptq_quantize_layer(weight, hessian, scale, *, block_size: int, damping: float, order: str, inverse: str):
+    """GPTQ of one layer with fixed row steps -> int8 codes in [-31, 31]; weight [rows, cols], hessian [cols, cols], scale [rows]."""
+    impl = _triton_impl(_gptq, "quantize_layer") or _gptq.quantize_layer_reference
+    return impl(weight, hessian, scale, block_size=block_size, damping=damping, order=order, inverse=inverse)

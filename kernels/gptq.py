@@ -1,7 +1,8 @@
 """GPTQ on the GPU: the in-block column loop in Triton, the lazy block update as a GEMM.
 
-The math is the textbook GPTQ of the project's quantizer (quant/gptq.py holds the PyTorch reference;
-this file must not import it: kernels <- model <- quant). With per-row scales s fixed beforehand and U
+The math is the textbook GPTQ of the project's quantizer; `quantize_layer_reference` is its PyTorch
+definition and the KERNELS=torch path (quant/gptq.py keeps the scale rule, round-to-nearest and int8, and
+names the reference quantize_layer). With per-row scales s fixed beforehand and U
 the upper Cholesky factor of the damped, permuted H⁻¹ (or H⁻¹ itself for the original's "plain" variant):
     for each block of columns [b0, b1):
         for j in the block:   code_j = clamp(round(w_j / s), ±31)
@@ -23,12 +24,89 @@ from ._runtime import INTERPRET, input_policy
 
 CODE_LIMIT = 31
 # GPTQ's column orders and inverse variants, defined here once: model/config.py (GPTQ_ORDER, GPTQ_INVERSE)
-# and the reference quant/gptq.py import them.
+# and quant/gptq.py import them.
 ORDERS = ("descending", "ascending", "none")
 INVERSES = ("cholesky", "plain")
 MAX_BLOCK = 256            # the block's slice of W lives in registers
 _CODE_LIMIT = tl.constexpr(CODE_LIMIT)
 _RINT_MAGIC = tl.constexpr(12582912.0)   # 1.5 · 2^23: adding and subtracting it rounds |v| < 2^22 to nearest even
+
+
+def check_matrix(name: str, t: torch.Tensor) -> None:
+    """A 2-D, finite matrix, or a ValueError naming it (the reference's check; quant.gptq's scale rule uses it too)."""
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [rows, cols] tensor, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or inf (shape {tuple(t.shape)})")
+
+
+def quantize_layer_reference(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *,
+                             block_size: int = 128, damping: float = 0.01, order: str = "descending",
+                             inverse: str = "cholesky") -> torch.Tensor:
+    """GPTQ with per-row steps held fixed -> int8 codes [rows, cols] in [-31, 31], in fp32 on the inputs' device.
+
+    Textbook (the default): H += damping·mean(diag H)·I; columns visited in descending diag(H); U = the
+    upper Cholesky factor of H⁻¹ (the inverse downdated as columns are fixed); lazy updates in blocks of
+    `block_size` columns. inverse="plain" is the original's variant: it uses rows of the plain H⁻¹, never
+    downdated (with block_size=64, damping=0.002, order="ascending" it is the original exactly).
+    Dead columns (diag(H) = 0, the input never moves) get diag 1 and weight 0: they cannot matter.
+    """
+    check_matrix("weight", weight)
+    check_matrix("hessian", hessian)
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian: expected shape ({cols}, {cols}) for weight {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if scale.shape != (rows,):
+        raise ValueError(f"scale: expected shape ({rows},) for weight {tuple(weight.shape)}, got {tuple(scale.shape)}")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: must be one of {ORDERS}")
+    if inverse not in INVERSES:
+        raise ValueError(f"inverse={inverse!r}: must be one of {INVERSES}")
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size}: must be > 0")
+    if not (scale > 0).all():
+        raise ValueError("scale: every row step must be > 0")
+
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    s = scale.float()[:, None]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damping * torch.diagonal(h).mean() * torch.eye(cols, device=h.device, dtype=h.dtype)
+
+    if order == "none":
+        perm = torch.arange(cols, device=w.device)
+    else:
+        perm = torch.argsort(torch.diagonal(h), descending=(order == "descending"), stable=True)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    if inverse == "cholesky":
+        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        u = torch.linalg.cholesky(h_inv, upper=True)
+    else:
+        u = torch.linalg.inv(h)
+
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)  # the last block may be partial
+        wb = w[:, start:end].clone()
+        ub = u[start:end, start:end]
+        err = torch.zeros_like(wb)
+        for j in range(end - start):
+            col = wb[:, j]
+            q = torch.clamp(torch.round(col / s[:, 0]), -CODE_LIMIT, CODE_LIMIT)
+            codes[:, start + j] = q.to(torch.int8)
+            e = (col - q * s[:, 0]) / ub[j, j]
+            wb[:, j + 1:] -= e[:, None] * ub[j, j + 1:][None, :]
+            err[:, j] = e
+        w[:, end:] -= err @ u[start:end, end:]
+
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out
 
 
 def gptq_block_reference(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor):
@@ -146,7 +224,7 @@ def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: to
     """GPTQ of one layer with fixed per-row scales -> int8 codes [rows, cols] in [-31, 31].
 
     weight [rows, cols], hessian [cols, cols] (XᵀX/n), scale [rows]: the contract of
-    quant.gptq.quantize_layer. Runs wherever the tensors are (CUDA, or the interpreter on CPU).
+    quantize_layer_reference. Runs wherever the tensors are (CUDA, or the interpreter on CPU).
     """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()

@@ -4,6 +4,7 @@ H = XᵀX / n for each int6 matrix, X its inputs over every calibration token, c
 pre-hooks on the uncompiled model inside `model.calibration_mode` (there each MLP runs fc and proj
 through their own forward instead of the fused kernel, so their hooks fire). The shared crawler block
 runs once per loop, so its hooks fire once per loop: its Hessians accumulate over every loop.
+GPTQ runs through kernels.gptq_quantize_layer: the Triton kernel with KERNELS=triton, else the reference.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
+import kernels
 from model import calibration_mode
 
 from . import gptq
@@ -114,7 +116,7 @@ class Calibrator:
             t0 = time.perf_counter()
             try:
                 scale = gptq.row_scales(weight)
-                codes = gptq.quantize_layer(weight, hessian.to(weight.device), scale, **self.options)
+                codes = kernels.gptq_quantize_layer(weight, hessian.to(weight.device), scale, **self.options)
             except ValueError as err:  # gptq's messages name the argument; say which layer it was
                 raise ValueError(f"{layer} (phase {phase}): {err}") from None
             self._codes[key] = (codes, scale, time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""The Triton GPTQ (kernels/gptq.py) against the PyTorch reference quantizer (quant/gptq.py).
+"""The Triton GPTQ (kernels/gptq.py) against its PyTorch reference (quantize_layer_reference, the same file).
 
 Contract: codes equal the reference's except at most 0.1% off by one (float summation order near
 rounding ties), and the layer objective ||(W - Q)X||² within 1% of the reference's. On a machine
@@ -7,8 +7,8 @@ without CUDA the block kernel runs through the Triton interpreter, so the layers
 import pytest
 import torch
 
-from kernels.gptq import gptq_block_reference, gptq_block_triton, quantize_layer_triton
-from quant.gptq import layer_objective, quantize_layer, quantize_rtn, row_scales
+from kernels.gptq import gptq_block_reference, gptq_block_triton, quantize_layer_reference, quantize_layer_triton
+from quant.gptq import layer_objective, quantize_rtn, row_scales
 
 from conftest import DEVICE
 
@@ -32,7 +32,7 @@ def _weight(rows: int, cols: int, std: float, seed: int) -> torch.Tensor:
     return (torch.randn(rows, cols, generator=g) * std).to(DEVICE)
 
 
-def _compare_codes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def compare_codes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.dtype == torch.int8 and got.shape == want.shape, (got.dtype, got.shape, want.shape)
     assert int(got.abs().max()) <= 31, f"{what}: codes outside [-31, 31]"
     diff = (got.int() - want.int()).abs()
@@ -51,7 +51,7 @@ def test_block_kernel_matches_block_reference():
     scale = row_scales(w)
     codes, err = gptq_block_triton(w, u, scale)
     want_codes, want_err = gptq_block_reference(w, u, scale)
-    _compare_codes(codes, want_codes, "block codes")
+    compare_codes(codes, want_codes, "block codes")
     rel = ((err - want_err).norm() / want_err.norm()).item()
     assert torch.isfinite(err).all() and rel < 1e-5, f"block errors differ: relative {rel:.3g}"
 
@@ -74,8 +74,8 @@ def test_layer_matches_reference(spec):
     scale = row_scales(w)
     options = {k: spec[k] for k in ("block_size", "order", "inverse", "damping")}
     codes = quantize_layer_triton(w, h, scale, **options)
-    want = quantize_layer(w, h, scale, **options)
-    _compare_codes(codes, want, f"layer {spec}")
+    want = quantize_layer_reference(w, h, scale, **options)
+    compare_codes(codes, want, f"layer {spec}")
     assert torch.all(codes[:, dead] == 0), "dead columns must quantize to 0"
 
     objective = layer_objective(w, codes.float() * scale[:, None], h)

@@ -122,6 +122,8 @@ def test_profiler_grouping_covers_every_op_and_attributes_backward(process_group
     # every kernels op's range, and each op that runs inside it, lands in that op's group
     names = {e.name for e in events}
     for op, group in ledger.KERNEL_GROUPS.items():
+        if op == "gptq_quantize_layer":  # calibration's op: it runs after training, never in a step
+            continue
         assert kernels.PROFILE_PREFIX + op in names, f"no kernels::{op} range in the profile"
         inside = {g for e, g in assigned if e.name == kernels.PROFILE_PREFIX + op
                   or (e.cpu_parent is not None and e.cpu_parent.name == kernels.PROFILE_PREFIX + op)}
