@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from kernels.gptq import INVERSES as GPTQ_INVERSES, ORDERS as GPTQ_ORDERS
+from kernels.gptq import INVERSES as GPTQ_INVERSES, MAX_BLOCK as GPTQ_MAX_BLOCK, ORDERS as GPTQ_ORDERS
 
 # quant/methods.py registers one class under each of these names (a new method adds its name here too).
 QUANT_METHODS = ("rtn", "gptq", "loop_aware")
@@ -268,6 +268,9 @@ def _validated(cfg: Config) -> Config:
         bad("muon_momentum", "momenta must lie in [0, 1)")
     if cfg.eval_stride > cfg.eval_seq_len:
         bad("eval_stride", f"must be at most EVAL_SEQ_LEN={cfg.eval_seq_len}")
+    if cfg.gptq_block_size > GPTQ_MAX_BLOCK:  # checked at start-up, not after training, in calibration
+        bad("gptq_block_size", f"must be at most {GPTQ_MAX_BLOCK} (the Triton GPTQ kernel keeps a block's columns "
+                               "in registers)")
     return cfg
 
 

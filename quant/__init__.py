@@ -3,7 +3,9 @@
     quant.gptq        row_scales(weight) -> fp32 [rows]            O's int6 step per row (1/31 floor)
                       quantize_layer(weight, hessian, scale, *, block_size=128, damping=0.01,
                                      order="descending", inverse="cholesky") -> int8 codes in [-31, 31]
-                      quantize_rtn, int8_row_quantize, dequantize, layer_objective
+                      (kernels/gptq.py's reference; calibration calls kernels.gptq_quantize_layer, which
+                      runs the Triton kernel on the triton backend), quantize_rtn, int8_row_quantize,
+                      dequantize, layer_objective
     quant.scheme      tensor_kind(name, numel, small_numel) -> "int6" | "int8" | "fp16", QuantizedTensor,
                       quantize_state_dict(state, small_numel, int6_codes=None), dequantize_state_dict
     quant.methods     METHODS {name: QuantMethod}: RoundToNearest "rtn", GPTQ "gptq", LoopAwareGPTQ

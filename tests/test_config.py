@@ -199,6 +199,7 @@ def test_fixed_only_variables_reject_other_values(env_name):
     ({"CRAWLER_LOOPS": "4", "CRAWLER_LOOP_ROPE_SCALES": "9,1"}, r"^CRAWLER_LOOP_ROPE_SCALES=.*needs at least CRAWLER_LOOPS=4"),
     ({"CRAWLER_LOOP_ROPE_SCALES": "9,0"}, r"^CRAWLER_LOOP_ROPE_SCALES=.*every scale must be > 0"),
     ({"EVAL_STRIDE": "4096"}, r"^EVAL_STRIDE=4096: must be at most EVAL_SEQ_LEN=256"),
+    ({"GPTQ_BLOCK_SIZE": "512"}, r"^GPTQ_BLOCK_SIZE=512: must be at most 256 \(the Triton GPTQ kernel"),
 ])
 def test_bad_values_fail_fast_naming_the_variable(env, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -77,11 +77,11 @@ def test_int6(m, n, k):
 def test_gptq(block_size, order, inverse, damping):
     from kernels.gptq import quantize_layer_triton
     from quant.gptq import quantize_layer, row_scales
-    from test_gptq import _calibration, _compare_codes, _weight
+    from test_gptq import _calibration, _weight, compare_codes
 
     h = _calibration(1536, dead=[5, 700], seed=1)
     w = _weight(DIM, 1536, 0.05, seed=2)
     scale = row_scales(w)
     options = dict(block_size=block_size, order=order, inverse=inverse, damping=damping)
-    _compare_codes(quantize_layer_triton(w, h, scale, **options), quantize_layer(w, h, scale, **options),
+    compare_codes(quantize_layer_triton(w, h, scale, **options), quantize_layer(w, h, scale, **options),
                    f"GPTQ {DIM}x1536 {options}")
