@@ -183,3 +183,18 @@ def test_strict_failure_exits_1_with_one_line(monkeypatch, small_data, tmp_path,
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "error: kernels: mlp failed its start-up self-test in fp32: planted (KERNELS_STRICT=1)"
     assert not (tmp_path / "strict" / "summary.json").exists()
+
+
+def test_under_ddp_an_op_that_failed_on_any_rank_moves_on_every_rank(monkeypatch):
+    """Rank 0's kernels pass, rank 1's mlp failed: rank 0 moves mlp too, so every rank runs the same maths."""
+    theirs = {op: "triton" for op in selftest.TRAINING_OPS}
+    theirs["mlp"] = "torch (self-test: bf16: dx: rms error 1e-1 (bar 1e-3))"
+    monkeypatch.setattr(selftest, "run", lambda device, ops: selftest.record(ops))
+
+    def all_gather_object(every, mine):
+        every[:] = [mine, theirs]
+    monkeypatch.setattr(trainer.dist, "all_gather_object", all_gather_object)
+    paths = trainer.selftest_kernels(trainer.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device(DEVICE)))
+    assert paths["mlp"] == "torch (rank 1: self-test: bf16: dx: rms error 1e-1 (bar 1e-3))"
+    assert not kernels.uses_triton("mlp")
+    assert all(paths[op] == "triton" for op in selftest.TRAINING_OPS if op != "mlp")
