@@ -3,7 +3,8 @@
 KERNELS=torch|triton picks the implementation (default: triton with CUDA, torch without). On a
 machine without CUDA, KERNELS=triton runs the kernels through the Triton interpreter, which must be
 switched on with TRITON_INTERPRET=1 before this package is imported. An op whose kernel has not been
-written yet falls back to its reference and says so once.
+written yet falls back to its reference and says so once; so does, for the rest of the process, an op
+that fails the start-up self-test (kernels/selftest.py, through use_reference).
 
 Names, one rule: `kernels.<op>` is always an op's dispatching function (mlp, attention,
 softcap_cross_entropy, mix_norm, add_norm, rms_norm, gptq_quantize_layer), and a kernel family's module is only ever
@@ -47,6 +48,8 @@ PROFILE_PREFIX = "kernels::"
 _log = logging.getLogger(__name__)
 _backend = None
 _fallback_noted = set()
+# op -> why: ops that the start-up self-test (kernels/selftest.py) moved to their PyTorch path for this process.
+_on_reference: dict[str, str] = {}
 
 
 def _resolve(name: str) -> str:
@@ -72,10 +75,28 @@ def set_backend(name: str | None) -> None:
     _backend = None if name is None else _resolve(name)
 
 
+def use_reference(op: str, why: str | None) -> None:
+    """Run `op` on its PyTorch path from now on, whatever the backend (why None: back to the backend's choice)."""
+    if why is None:
+        _on_reference.pop(op, None)
+    else:
+        _on_reference[op] = why
+
+
+def uses_triton(op: str) -> bool:
+    """Whether `op` runs its Triton kernel: the triton backend, and no use_reference() for it."""
+    return backend() == "triton" and op not in _on_reference
+
+
+def op_path(op: str) -> str:
+    """Where `op` runs, for run logs: "triton", "torch", or "torch (<why use_reference() moved it>)"."""
+    return "triton" if uses_triton(op) else f"torch ({_on_reference[op]})" if op in _on_reference else "torch"
+
+
 def _triton_impl(module, op: str):
-    """The op's Triton entry point when the triton backend is active and the kernel exists, else None
-    (the dispatching function then calls the op's PyTorch path)."""
-    if backend() != "triton":
+    """The op's Triton entry point when the triton backend is active, the kernel exists and the self-test has
+    not moved the op to its reference; else None (the dispatching function then calls the op's PyTorch path)."""
+    if not uses_triton(op):
         return None
     impl = getattr(module, f"{op}_triton", None)
     if impl is None and op not in _fallback_noted:

@@ -433,10 +433,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The package's dispatch switch, looked up at call time so kernels/__init__ may import this module.
-        from . import backend
+        from . import uses_triton
 
         scale = self.scale.float()   # a no-op unless the module was cast (.half() casts float buffers too)
-        if backend() == "triton":
+        if uses_triton("int6_matmul"):
             return int6_matmul_triton(x, self.packed, scale, self.in_features)
         return int6_matmul_torch(x, self.packed, scale, self.in_features)
 

@@ -3,7 +3,9 @@
 Calibrates on the run's training shards, quantizes as the run's config says (or --method), writes
 runs/<id>/final_model.int6.ptz next to the checkpoint, reads it back and prints the round-trip
 sliding-window val_bpb next to the float one (and, with --compare, every method's gap).
-Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed), 2 bad input.
+On the triton backend the kernels it uses pass the start-up self-test first (kernels/selftest.py).
+Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed) or (KERNELS_STRICT=1)
+a Triton op failed its self-test, 2 bad input.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
@@ -59,9 +62,12 @@ def main(argv=None) -> int:
     print(f"quant: {args.checkpoint} on {device}: {val_tokens.numel() - 1:,} val targets, "
           f"method {cfg.quant_method}", flush=True)
     try:
+        # The round trip loads the artifact with QuantLinear on CUDA (quant/load.py), so int6 runs there too.
+        paths = selftest.run(device, selftest.TRAINING_OPS + (selftest.QUANT_OPS if device.type == "cuda" else ()))
+        print(selftest.record_line(paths), flush=True)
         export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                    compare=args.compare, log=lambda line: print(line, flush=True))
-    except OverBudgetError as err:
+    except (OverBudgetError, selftest.SelfTestFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ArtifactError as err:

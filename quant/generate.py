@@ -7,7 +7,9 @@ temperature 0 is greedy, otherwise softmax(logits / temperature) over the top-k 
 A BOS from the model ends its document, and the generation, unless --no-stop.
 
 Prints the prompt and its continuation, then the prefill time and the decode speed in tokens per second.
-Exit status: 0 done, 2 bad input (missing or corrupt artifact, missing tokenizer, bad option).
+On the triton backend the kernels it uses pass the start-up self-test first (kernels/selftest.py).
+Exit status: 0 done, 1 (KERNELS_STRICT=1) a Triton op failed its self-test, 2 bad input (missing or
+corrupt artifact, missing tokenizer, bad option).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from kernels import selftest
 from kernels.int6 import QuantLinear
 from model import ConfigError
 from model.decode import KVCache, decode_step
@@ -172,6 +175,12 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    quant_linear = any(isinstance(m, QuantLinear) for m in net.modules())
+    try:
+        selftest.run(device, selftest.TRAINING_OPS + (selftest.QUANT_OPS if quant_linear else ()))
+    except selftest.SelfTestFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     net.eval()
     bos = prompt[0]
     ids = torch.tensor([prompt], dtype=torch.int64, device=device)
@@ -188,7 +197,7 @@ def main(argv=None) -> int:
     # Decoded after the prompt's pieces: a continuation decoded alone would lose its leading space.
     shown = sp.decode(prompt[1:])
     print(args.prompt + sp.decode(prompt[1:] + new)[len(shown):])
-    weights = "int6 QuantLinear" if any(isinstance(m, QuantLinear) for m in net.modules()) else "dequantized fp32"
+    weights = "int6 QuantLinear" if quant_linear else "dequantized fp32"
     print(f"\n[{len(new)} tokens{' (stopped at BOS)' if result.stopped_at_bos else ''}; prompt of {len(prompt)} tokens "
           f"prefilled in {result.prefill_seconds * 1e3:.1f} ms; decode {result.tokens_per_second:.1f} tokens/s "
           f"on {device}, {weights} weights, kernels={kernels.backend()}]")

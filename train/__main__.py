@@ -2,8 +2,9 @@
 
 Configuration comes from PRESET and the seed command's environment variables (model/config.py).
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step and the data
-found, then exits without training. Exit status: 0 done, 1 training diverged or the artifact is over
-the 16,000,000-byte budget, 2 bad configuration or missing data.
+found, then exits without training. Exit status: 0 done, 1 training diverged, the artifact is over
+the 16,000,000-byte budget or (KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad
+configuration or missing data.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.selftest import SelfTestFailed
 from model import ConfigError, build_model, count_parameters, from_env
 from model.config import default_preset
 from quant.artifact import OverBudgetError
@@ -80,7 +82,7 @@ def main() -> int:
         _say(f"device: cpu ({torch.get_num_threads()} threads), fp32, no torch.compile")
     try:
         train(cfg, export_fn=export_run)
-    except (TrainingDiverged, OverBudgetError) as err:  # the message says what happened (and by how much)
+    except (TrainingDiverged, OverBudgetError, SelfTestFailed) as err:  # the message says what happened (how much)
         _say(f"error: {err}")
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ShardError) as err:

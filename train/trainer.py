@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import kernels
+from kernels import selftest
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import synchronize, write_atomic
@@ -97,6 +99,21 @@ def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of WORLD_SIZE x "
                          f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {accum} x {cfg.train_seq_len} = {micro}")
     return accum
+
+
+def selftest_kernels(env: DistEnv) -> dict[str, str]:
+    """The start-up self-test of the Triton ops training runs (kernels/selftest.py), returning where each op
+    runs. Under DDP an op that failed on any rank moves to its PyTorch path on every rank: all run the same maths."""
+    paths = selftest.run(env.device, selftest.TRAINING_OPS)
+    if env.distributed:
+        every = [None] * env.world_size
+        dist.all_gather_object(every, paths)
+        for rank, theirs in enumerate(every):
+            for op, path in theirs.items():
+                if path.startswith("torch (") and kernels.uses_triton(op):
+                    kernels.use_reference(op, f"rank {rank}: {path[len('torch ('):-1]}")
+        paths = selftest.record(paths)
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +296,9 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
                          f"by step: {cfg.iterations} iterations, warmdown over the last {cfg.warmdown_iters}"))
     log(f"lrs: matrix {cfg.matrix_lr} embed {cfg.tied_embed_lr} scalar {cfg.scalar_lr}  "
         f"grad_clip:{cfg.grad_clip_norm}  swa_every:{cfg.swa_every}  seed:{cfg.seed}")
+    t0 = time.perf_counter()
+    kernel_paths = selftest_kernels(env)  # before the first step traces or runs any kernel
+    log(selftest.record_line(kernel_paths) + f"  (self-test {time.perf_counter() - t0:.1f}s)")
 
     # --- compile warmup: run real steps, then put weights, optimizer state and data back ---
     if cfg.warmup_steps > 0:
@@ -356,7 +376,7 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
                    train_time_ms=round(training_time_ms, 1),
                    step_avg_ms=round(training_time_ms / max(step, 1), 3), params=n_params,
                    tokens_per_step=cfg.train_batch_tokens, world_size=env.world_size, grad_accum_steps=accum,
-                   device=str(device), train_losses=losses, val_history=val_history)
+                   device=str(device), kernels=kernel_paths, train_losses=losses, val_history=val_history)
 
     if status == "diverged":
         # The failing step was never applied: the weights in memory are those after the last good step.
