@@ -163,5 +163,6 @@ def rms_norm(x, scale: float = 1.0):
 @_profiled
 def gptq_quantize_layer(weight, hessian, scale, *, block_size: int, damping: float, order: str, inverse: str):
     """GPTQ of one layer with fixed row steps -> int8 codes in [-31, 31]; weight [rows, cols], hessian [cols, cols], scale [rows]."""
-    impl = _triton_impl(_gptq, "quantize_layer") or _gptq.quantize_layer_reference
+    # keyed by the dispatcher's name, so the self-test's record and use_reference() name the op as callers do
+    impl = _gptq.quantize_layer_triton if uses_triton("gptq_quantize_layer") else _gptq.quantize_layer_reference
     return impl(weight, hessian, scale, block_size=block_size, damping=damping, order=order, inverse=inverse)

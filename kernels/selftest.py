@@ -39,6 +39,7 @@ STRICT_ENV = "KERNELS_STRICT"
 # What training runs; evaluation and generation of a quantized artifact add QUANT_OPS when QuantLinear is used.
 TRAINING_OPS = ("mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm")
 QUANT_OPS = ("int6_matmul",)
+CALIBRATION_OPS = ("gptq_quantize_layer",)  # GPTQ in the export step (not for QUANT_METHOD=rtn)
 BF16_REL_FLOOR = 2.0 ** -8  # bf16: half an ulp at 1, relative to the result's max |ref|
 _log = logging.getLogger("kernels")
 
@@ -220,6 +221,29 @@ def check_case(case: Case, device, bf16: bool, seed: int = 0) -> str | None:
     return None
 
 
+def _gptq_failure(device, bf16: bool) -> str | None:
+    """GPTQ's codes from the kernel against the reference on one small layer, with tests/test_gptq.py's bar:
+    at most 0.1% of the codes off by one and none by more (fp32 only: calibration runs in fp32)."""
+    from kernels.gptq import quantize_layer_reference, quantize_layer_triton
+
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = (16, 40) if device.type != "cuda" else (64, 256)
+    x = _randn(gen, 4 * cols, cols) * torch.exp(0.5 * _randn(gen, cols))  # channels of different scales
+    hessian, weight = (x.T @ x / x.shape[0]).to(device), (0.05 * _randn(gen, rows, cols)).to(device)
+    scale = (weight.abs().amax(1) / 31).to(torch.float16).float()  # a stored (fp16) row step
+    options = dict(block_size=16, damping=0.01, order="descending", inverse="cholesky")
+    diff = (quantize_layer_triton(weight, hessian, scale, **options).int()
+            - quantize_layer_reference(weight, hessian, scale, **options).int()).abs()
+    off = int((diff > 0).sum())
+    if int(diff.max()) <= 1 and off <= 1e-3 * diff.numel():
+        return None
+    return f"codes: {off} of {diff.numel()} differ from the reference (max by {int(diff.max())})"
+
+
+# Ops whose result is codes, not a differentiable tensor: their own check instead of a Case.
+CODE_CHECKS = {"gptq_quantize_layer": _gptq_failure}
+
+
 # ------------------------------------------------------------------------------------------- the self-test
 
 def record(ops) -> dict[str, str]:
@@ -240,10 +264,10 @@ def run(device, ops=TRAINING_OPS, *, strict: bool | None = None) -> dict[str, st
     checked (bf16 autocast and fp32), TF32 off; on the CPU fp32 only. The global RNG is not touched."""
     device = torch.device(device)
     strict = os.environ.get(STRICT_ENV, "0") == "1" if strict is None else strict
-    unknown = set(ops) - {c.op for c in CASES}
+    known = {c.op for c in CASES} | set(CODE_CHECKS)
+    unknown = set(ops) - known
     if unknown:
-        raise ValueError(f"kernels.selftest.run: no self-test for {sorted(unknown)}; known: "
-                         f"{sorted({c.op for c in CASES})}")
+        raise ValueError(f"kernels.selftest.run: no self-test for {sorted(unknown)}; known: {sorted(known)}")
     modes = (("bf16", True), ("fp32", False)) if device.type == "cuda" else (("fp32", False),)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 references are fp32
@@ -251,7 +275,8 @@ def run(device, ops=TRAINING_OPS, *, strict: bool | None = None) -> dict[str, st
         for op in ops:
             if not kernels.uses_triton(op):
                 continue
-            failure = _first_failure([c for c in CASES if c.op == op], device, modes)
+            failure = _first_failure([c for c in CASES if c.op == op] or [op], device,
+                                     modes if op not in CODE_CHECKS else (("fp32", False),))
             if failure is None:
                 continue
             line = f"kernels: {op} failed its start-up self-test in {failure}"
@@ -268,9 +293,11 @@ def _first_failure(cases, device, modes) -> str | None:
     """'<dtype>[ <case>]: <what>' for the first case that raises or misses its bars, else None."""
     for dtype, bf16 in modes:
         for case in cases:
-            where = f"{dtype} ({case.label})" if case.label else dtype
+            label = case.label if isinstance(case, Case) else ""
+            where = f"{dtype} ({label})" if label else dtype
             try:
-                failure = check_case(case, device, bf16)
+                failure = (check_case(case, device, bf16) if isinstance(case, Case)
+                           else CODE_CHECKS[case](device, bf16))
             except Exception as err:  # a kernel that raises is as unusable as one that is wrong
                 failure = f"raised {type(err).__name__}: {err}"
             if failure is not None:

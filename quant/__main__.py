@@ -63,7 +63,8 @@ def main(argv=None) -> int:
           f"method {cfg.quant_method}", flush=True)
     try:
         # The round trip loads the artifact with QuantLinear on CUDA (quant/load.py), so int6 runs there too.
-        paths = selftest.run(device, selftest.TRAINING_OPS + (selftest.QUANT_OPS if device.type == "cuda" else ()))
+        paths = selftest.run(device, selftest.TRAINING_OPS + selftest.CALIBRATION_OPS
+                             + (selftest.QUANT_OPS if device.type == "cuda" else ()))
         print(selftest.record_line(paths), flush=True)
         export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                    compare=args.compare, log=lambda line: print(line, flush=True))

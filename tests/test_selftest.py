@@ -23,6 +23,7 @@ from test_train import SMALL, env_vars, small_config, small_data  # noqa: F401 (
 from conftest import DEVICE
 
 ALL_OPS = selftest.TRAINING_OPS + selftest.QUANT_OPS
+RUN_OPS = selftest.TRAINING_OPS + selftest.CALIBRATION_OPS  # what a training run with GPTQ checks
 # test_train.py's 2-block model, without its run settings.
 SMALL_MODEL = {k: SMALL[k] for k in ("model_dim", "num_heads", "num_kv_heads", "num_flat_layers", "crawler_loops",
                                      "bigram_vocab_size", "bigram_dim", "inst_dim")}
@@ -33,7 +34,7 @@ def triton_backend():
     """KERNELS=triton for the test; afterwards the environment's backend and no op moved to its reference."""
     kernels.set_backend("triton")
     yield
-    for op in {case.op for case in selftest.CASES}:
+    for op in {case.op for case in selftest.CASES} | set(selftest.CODE_CHECKS):
         kernels.use_reference(op, None)
     kernels.set_backend(None)
 
@@ -148,7 +149,8 @@ def test_tiny_model_with_broken_kernels_trains_as_torch_after_the_self_test(monk
 
 def _stub_failing(op):
     def run(device, ops=selftest.TRAINING_OPS, *, strict=None):
-        assert tuple(ops) == selftest.TRAINING_OPS and torch.device(device).type == DEVICE
+        # a calibrated QUANT_METHOD (the tiny preset's loop_aware) adds GPTQ for the export step
+        assert tuple(ops) == RUN_OPS and torch.device(device).type == DEVICE
         kernels.use_reference(op, "self-test: fp32: planted")
         return selftest.record(ops)
     return run
@@ -158,7 +160,7 @@ def test_trainer_runs_the_self_test_and_records_the_paths(monkeypatch, small_dat
     kernels.set_backend("torch")
     monkeypatch.setattr(selftest, "run", _stub_failing("rms_norm"))
     summary = trainer.train(small_config(small_data, tmp_path, "selftest", iterations=2, eval_stride=64), echo=False)
-    expected = {op: "torch" for op in selftest.TRAINING_OPS}
+    expected = {op: "torch" for op in RUN_OPS}
     expected["rms_norm"] = "torch (self-test: fp32: planted)"
     assert summary["kernels"] == expected
     assert json.loads((tmp_path / "selftest" / "summary.json").read_text())["kernels"] == expected
@@ -198,3 +200,26 @@ def test_under_ddp_an_op_that_failed_on_any_rank_moves_on_every_rank(monkeypatch
     assert paths["mlp"] == "torch (rank 1: self-test: bf16: dx: rms error 1e-1 (bar 1e-3))"
     assert not kernels.uses_triton("mlp")
     assert all(paths[op] == "triton" for op in selftest.TRAINING_OPS if op != "mlp")
+
+
+def test_gptq_is_checked_and_a_broken_gptq_kernel_falls_back(monkeypatch, caplog):
+    """Calibration's GPTQ (kernels.gptq_quantize_layer) passes the self-test; planted wrong codes move it to
+    the reference, which the dispatcher then runs."""
+    import kernels
+    from kernels import gptq, selftest
+
+    kernels.set_backend("triton")
+    try:
+        assert selftest.run(DEVICE, selftest.CALIBRATION_OPS) == {"gptq_quantize_layer": "triton"}
+        monkeypatch.setattr(gptq, "quantize_layer_triton", lambda w, h, s, **kw: torch.zeros_like(w, dtype=torch.int8))
+        with caplog.at_level("WARNING", logger="kernels"):
+            paths = selftest.run(DEVICE, selftest.CALIBRATION_OPS)
+        assert paths["gptq_quantize_layer"].startswith("torch (self-test: fp32: codes: ")
+        assert len([r for r in caplog.records if "gptq_quantize_layer failed" in r.getMessage()]) == 1
+        w = torch.randn(8, 16, device=DEVICE)
+        h = torch.eye(16, device=DEVICE)
+        scale = (w.abs().amax(1) / 31).half().float()
+        opts = dict(block_size=8, damping=0.01, order="none", inverse="cholesky")
+        assert torch.equal(kernels.gptq_quantize_layer(w, h, scale, **opts), gptq.quantize_layer_reference(w, h, scale, **opts))
+    finally:
+        kernels.set_backend(None)

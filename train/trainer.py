@@ -101,10 +101,10 @@ def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
     return accum
 
 
-def selftest_kernels(env: DistEnv) -> dict[str, str]:
-    """The start-up self-test of the Triton ops training runs (kernels/selftest.py), returning where each op
+def selftest_kernels(env: DistEnv, ops=selftest.TRAINING_OPS) -> dict[str, str]:
+    """The start-up self-test of the Triton ops the run uses (kernels/selftest.py), returning where each op
     runs. Under DDP an op that failed on any rank moves to its PyTorch path on every rank: all run the same maths."""
-    paths = selftest.run(env.device, selftest.TRAINING_OPS)
+    paths = selftest.run(env.device, ops)
     if env.distributed:
         every = [None] * env.world_size
         dist.all_gather_object(every, paths)
@@ -297,7 +297,9 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     log(f"lrs: matrix {cfg.matrix_lr} embed {cfg.tied_embed_lr} scalar {cfg.scalar_lr}  "
         f"grad_clip:{cfg.grad_clip_norm}  swa_every:{cfg.swa_every}  seed:{cfg.seed}")
     t0 = time.perf_counter()
-    kernel_paths = selftest_kernels(env)  # before the first step traces or runs any kernel
+    # Before the first step traces or runs any kernel; GPTQ too when the export step will calibrate.
+    kernel_paths = selftest_kernels(env, selftest.TRAINING_OPS
+                                    + (selftest.CALIBRATION_OPS if cfg.quant_method != "rtn" else ()))
     log(selftest.record_line(kernel_paths) + f"  (self-test {time.perf_counter() - t0:.1f}s)")
 
     # --- compile warmup: run real steps, then put weights, optimizer state and data back ---
