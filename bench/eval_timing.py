@@ -36,7 +36,7 @@ from bench.flops import model_flops_per_token  # noqa: E402
 from bench.registry import Case, register  # noqa: E402
 from model.io import synchronize  # noqa: E402
 from train.evaluate import sliding_windows  # noqa: E402
-from train.step import validate  # noqa: E402
+from train.evaluate import validate  # noqa: E402
 
 VAL_TARGETS = 62_021_632     # FineWeb's val shard kept at L = 2048, minus one (SPEC 2)
 WORLD_SIZE = 8

@@ -3,6 +3,7 @@
 INTERPRET is read once, when kernels/ is imported: TRITON_INTERPRET=1 must be set before that, because
 @triton.jit reads it when a kernel is defined. No Triton kernels here.
 """
+import contextlib
 import functools
 import inspect
 import os
@@ -18,6 +19,20 @@ def check_kernel_device(where: str, name: str, device: torch.device) -> None:
         return
     raise ValueError(f"{where}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
                      f"before kernels/ is imported), got {name} on {device}")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """Inside, CUDA matmuls and cuDNN use TF32 exactly when `enabled`; the previous flags come back on exit.
+
+    The trainer turns it on for its run; fp32 checks (the self-test, the test suite) turn it off, since an
+    fp32 reference computed in TF32 is not an fp32 reference."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def input_policy(op: str, check, *, autocast: tuple = (), contiguous: tuple = (), autocast_output: str | None = None):

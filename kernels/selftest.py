@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 import kernels
+from kernels._runtime import tf32_matmuls
 
 from kernels.attention import attention_reference, attention_sdpa
 from kernels.head import softcap_cross_entropy_reference
@@ -123,28 +124,29 @@ def _int6_inputs(gen, small):
     return [_randn(gen, m, k)], (pack_int6_planes(codes), scale, k)
 
 
-_MLP_BARS = Bars(1e-5, 2.0 ** -14, 1e-6)
-_ATTENTION_BARS = Bars(1e-4, 2.0 ** -12, 1e-5)
-_HEAD_BARS = Bars(1e-5, 2.0 ** -14, 1e-7)
-_NORM_BARS = Bars(1e-6, 2.0 ** -18, 1e-6)
-_INT6_BARS = Bars(1e-5, 2.0 ** -16, 1e-6)
+# Each family's accuracy bars, the one definition: tests/test_<family>.py reads its bars from here too.
+# fp32 ("ieee" dots) differs from the reference only in summation order; the floor covers values that are
+# exactly zero in the reference (relu² dead units, T = 1 attention gradients, a ~0 scalar loss).
+BARS = {"mlp": Bars(1e-5, 2.0 ** -14, 1e-6), "attention": Bars(1e-4, 2.0 ** -12, 1e-5),
+        "head": Bars(1e-5, 2.0 ** -14, 1e-7), "norm": Bars(1e-6, 2.0 ** -18, 1e-6),
+        "int6": Bars(1e-5, 2.0 ** -16, 1e-6)}
 
 CASES = [
     Case("mlp", "", "mlp", _mlp_inputs, mlp_reference, mlp_reference, ("y", "dx", "dw_up", "dw_down"),
-         _MLP_BARS, bf16_leaves=(0,)),
+         BARS["mlp"], bf16_leaves=(0,)),
     *(Case("attention", "xsa" if xsa else "no xsa", "attention", _attention_inputs(xsa), attention_sdpa,
-           attention_reference, ("y", "dq", "dk", "dv", "dq_gain"), _ATTENTION_BARS, bf16_leaves=(0, 1, 2))
+           attention_reference, ("y", "dq", "dk", "dv", "dq_gain"), BARS["attention"], bf16_leaves=(0, 1, 2))
       for xsa in (False, True)),
     Case("softcap_cross_entropy", "", "head", _head_inputs, softcap_cross_entropy_reference,
-         softcap_cross_entropy_reference, ("loss", "dh", "dweight"), _HEAD_BARS, bf16_leaves=(0,)),
+         softcap_cross_entropy_reference, ("loss", "dh", "dweight"), BARS["head"], bf16_leaves=(0,)),
     Case("mix_norm", "", "norm", _norm_inputs("mix_norm"), mix_norm_reference, mix_norm_reference,
-         ("x_in", "h", "dx", "dx0", "dmix"), _NORM_BARS),
+         ("x_in", "h", "dx", "dx0", "dmix"), BARS["norm"]),
     Case("add_norm", "", "norm", _norm_inputs("add_norm"), add_norm_reference, add_norm_reference,
-         ("x_new", "h", "dx", "dbranch", "dgain"), _NORM_BARS, bf16_leaves=(1,)),
+         ("x_new", "h", "dx", "dbranch", "dgain"), BARS["norm"], bf16_leaves=(1,)),
     Case("rms_norm", "", "norm", _norm_inputs("rms_norm"), rms_norm_reference, rms_norm_reference,
-         ("h", "dx"), _NORM_BARS),
+         ("h", "dx"), BARS["norm"]),
     Case("int6_matmul", "", "int6", _int6_inputs, int6_matmul_torch, int6_matmul_reference, ("y", "dx"),
-         _INT6_BARS, bf16_leaves=(0,)),
+         BARS["int6"], bf16_leaves=(0,)),
 ]
 
 
@@ -269,9 +271,7 @@ def run(device, ops=TRAINING_OPS, *, strict: bool | None = None) -> dict[str, st
     if unknown:
         raise ValueError(f"kernels.selftest.run: no self-test for {sorted(unknown)}; known: {sorted(known)}")
     modes = (("bf16", True), ("fp32", False)) if device.type == "cuda" else (("fp32", False),)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 references are fp32
-    try:
+    with tf32_matmuls(False):  # fp32 references are fp32
         for op in ops:
             if not kernels.uses_triton(op):
                 continue
@@ -284,8 +284,6 @@ def run(device, ops=TRAINING_OPS, *, strict: bool | None = None) -> dict[str, st
                 raise SelfTestFailed(f"{line} ({STRICT_ENV}=1)")
             _log.warning("%s; it runs on its PyTorch path for the rest of the process", line)
             kernels.use_reference(op, f"self-test: {failure}")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return record(ops)
 
 

@@ -19,7 +19,6 @@ runs/<id>/quant_compare/<method>.ptz, read back and evaluated, and every method'
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 from model.io import synchronize
 from train.data import TokenStream
-from train.evaluate import evaluate_bpb
+from train.evaluate import autocast_for, validate
 
 from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, write_artifact
 from .calibrate import Calibrator, objective_summary
@@ -49,12 +48,6 @@ def calibration_tokens(train_paths, config) -> torch.Tensor:
     return torch.from_numpy(tokens.astype(np.int64)).view(n, length)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":  # as in training and evaluation: matrices in bf16
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -69,20 +62,10 @@ def _from_rank0(obj):
 
 
 def evaluate_sliding(net: torch.nn.Module, config, val_tokens, luts, device) -> tuple[float, float]:
-    """(val_loss, val_bpb) with sliding windows (EVAL_SEQ_LEN, EVAL_STRIDE), as the challenge scores."""
-    was_training = net.training
-    net.eval()
-    autocast = _autocast(device)
-
-    def logits_fn(ids):
-        with autocast:
-            return net(ids)
-
-    try:
-        return evaluate_bpb(logits_fn, val_tokens, luts, config.eval_seq_len, stride=config.eval_stride,
-                            batch_seqs=config.eval_batch_seqs, device=device)
-    finally:
-        net.train(was_training)
+    """(val_loss, val_bpb) with sliding windows (EVAL_SEQ_LEN, EVAL_STRIDE), as the challenge scores: the
+    trainer's own validation pass (train.evaluate.validate), so float and round-trip scores compare alike."""
+    return validate(net, net, val_tokens, luts, seq_len=config.eval_seq_len, stride=config.eval_stride,
+                    batch_seqs=config.eval_batch_seqs, device=device)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -123,7 +106,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
                 calib_tokens = calibration_tokens(train_paths, cfg)
             per_batch = max(1, CALIBRATION_BATCH_TOKENS // calib_tokens.shape[1])
             batches = [b.to(device) for b in calib_tokens.split(per_batch)]
-        autocast = _autocast(device)
+        autocast = autocast_for(device)
 
         def forward(batch):
             with autocast:

@@ -39,11 +39,10 @@ def exact_fp32_matmuls(request):
     """fp32 references must be fp32: TF32 stays off in every test (restored after), unless the test is
     marked `tf32`. On a CPU-only machine the flags do nothing; on a GPU an earlier training run in the same
     worker would otherwise leave TF32 on and blur every later fp32 comparison."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    on = request.node.get_closest_marker("tf32") is not None
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    from kernels._runtime import tf32_matmuls
+
+    with tf32_matmuls(request.node.get_closest_marker("tf32") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ import torch
 from torch.profiler import profile
 
 from model import build_model, from_env
-from train.step import PROFILE_PREFIX, Optimizers, TrainingDiverged, TrainStep, validate
+from train.evaluate import validate
+from train.step import PROFILE_PREFIX, Optimizers, TrainingDiverged, TrainStep
 
 SMALL = dict(model_dim=64, num_heads=1, num_kv_heads=1, num_flat_layers=2, crawler_loops=1, bigram_vocab_size=256,
              bigram_dim=32, inst_dim=8)

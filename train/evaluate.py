@@ -6,7 +6,9 @@
 summed in float64 over every scored target and all-reduced across ranks. Two ways to cut the val
 stream into windows: non-overlapping (cheap, used while training) and sliding (the reported score:
 every target sees at least window - stride tokens of context). Both score every target exactly once,
-so a model that ignores context gets the same number from both.
+so a model that ignores context gets the same number from both. `validate(model, ...)` is the one
+evaluation pass of a model (eval mode, no_grad, bf16 autocast on CUDA) that training, the export step
+and the eval benchmark run.
 
 This module is a leaf: it imports nothing from the model, the training loop or quant/. The CLI
 `python -m train.evaluate --unigram` prints a reference val_bpb for a unigram model.
@@ -14,10 +16,12 @@ This module is a leaf: it imports nothing from the model, the training loop or q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -149,6 +153,26 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
     if byte_sum <= 0:
         raise ValueError("the scored val targets stand for 0 bytes of text; check the byte lookup tables")
     return nll_sum / count, nll_sum / (math.log(2) * byte_sum)
+
+
+def autocast_for(device: torch.device | str):
+    """bf16 autocast on CUDA (the matrices run in bf16 there); nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def validate(model: Callable, base_model: torch.nn.Module, val_tokens: torch.Tensor, luts, *, seq_len: int,
+             stride: int | None, batch_seqs: int, device: torch.device) -> tuple[float, float]:
+    """(val_loss, val_bpb) of model's logits (called without targets) over val_tokens, in eval mode under
+    no_grad and autocast; base_model returns to the mode it was in. stride None = non-overlapping windows."""
+    was_training = base_model.training
+    base_model.eval()
+    try:
+        with torch.no_grad(), autocast_for(device):
+            return evaluate_bpb(model, val_tokens, luts, seq_len, stride=stride, batch_seqs=batch_seqs, device=device)
+    finally:
+        base_model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------

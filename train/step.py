@@ -1,5 +1,5 @@
-"""One training step and one validation pass: the code the trainer runs, bench/step.py times and the
-kernels' wiring tests train with (SPEC 4).
+"""One training step: the code the trainer runs, bench/step.py times and the kernels' wiring tests train
+with (SPEC 4). Its validation pass is train.evaluate.validate, which the export step (quant/) shares.
 
 `TrainStep(...)(step, multiplier)` is one optimizer step: forward and backward over the micro-batches,
 the loss averaged over micro-batches and ranks, the grad-norm clip, a finite check that stops before
@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from model import param_groups
 from model.config import Config
-from train.evaluate import evaluate_bpb
+from train.evaluate import autocast_for
 from train.muon import Muon, momentum_at
 
 PROFILE_PREFIX = "ledger::"
@@ -32,13 +32,6 @@ class TrainingDiverged(RuntimeError):
 
 def _phase(name: str):
     return torch.profiler.record_function(PROFILE_PREFIX + name)
-
-
-def autocast_for(device: torch.device | str):
-    """bf16 autocast on CUDA (the matrices run in bf16 there); nothing on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,16 +176,3 @@ class TrainStep:
             with _phase("zero_grad"):
                 self.optimizers.zero_grad()
         return loss_value, norm_value
-
-
-def validate(model: Callable, base_model: torch.nn.Module, val_tokens: torch.Tensor, luts, *, seq_len: int,
-             stride: int | None, batch_seqs: int, device: torch.device) -> tuple[float, float]:
-    """(val_loss, val_bpb) of model's logits (called without targets) over val_tokens, in eval mode under
-    no_grad and autocast; base_model returns to the mode it was in. stride None = non-overlapping windows."""
-    was_training = base_model.training
-    base_model.eval()
-    try:
-        with torch.no_grad(), autocast_for(device):
-            return evaluate_bpb(model, val_tokens, luts, seq_len, stride=stride, batch_seqs=batch_seqs, device=device)
-    finally:
-        base_model.train(was_training)

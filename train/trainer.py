@@ -10,7 +10,6 @@ Post-training work that belongs to quant/ (calibration, GPTQ, the artifact) runs
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import json
@@ -27,12 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from kernels import selftest
+from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import synchronize, write_atomic
 from train.data import DistributedTokenLoader, load_val_tokens, shard_paths
-from train.evaluate import build_byte_luts
-from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier, validate
+from train.evaluate import build_byte_luts, validate
+from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
 
 SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls below this
 
@@ -215,18 +215,6 @@ def _load_tokenizer(cfg: Config):
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: vocab size {sp.vocab_size()} "
                          f"!= VOCAB_SIZE={cfg.vocab_size}")
     return sp
-
-
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool):
-    """Inside, CUDA matmuls and cuDNN may use TF32 (if enabled); the previous flags come back on exit."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if enabled:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> dict:
