@@ -9,8 +9,8 @@ which pick the Triton kernel or the PyTorch path. Parameter names follow the ori
 its checkpoints load by name (`from_seed_state_dict`) and quant/ finds linear layers by name.
 
 The order of block applications is one static plan, `block_schedule(config)`, kept as `model.schedule`
-(a tuple of `Slot`s): __init__ reads each block's XSA flag from it, and forward (`run_blocks`), the
-KV-cached decode (model/decode.py) and the step ledger walk it.
+(a tuple of `Slot`s): __init__ reads each block's XSA flag from it, and forward (`run_blocks`) and the
+KV-cached decode (model/decode.py) walk it.
 
 Calibration (quant/): the MLP normally runs fused (`kernels.mlp` takes the weights, so forward hooks on
 `mlp.fc` / `mlp.proj` never fire). Inside `with calibration_mode(model):` every MLP calls `fc` and `proj`

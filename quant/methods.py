@@ -16,6 +16,7 @@ uses phase 2's.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 
 from model.config import QUANT_METHODS
 
@@ -25,7 +26,7 @@ from .scheme import quantize_state_dict
 CRAWLER_PREFIX = "crawler_blocks."
 
 
-class QuantMethod:
+class QuantMethod(ABC):
     """A way to quantize a model. `quantize(calibrator, state)` -> ({name: QuantizedTensor}, stats) for the
     float state dict of calibrator.model; stats: seconds (the work this method would do on its own) and
     objective ({int6 layer: its ||(W-Q)X||²/n "quantized" and "rtn", and the Hessian's "phase"}; empty
@@ -34,8 +35,9 @@ class QuantMethod:
     name = ""
     calibrated = True  # needs calibration batches
 
+    @abstractmethod
     def quantize(self, calibrator, state: dict) -> tuple[dict, dict]:
-        raise NotImplementedError
+        """The quantized state dict and the stats described above."""
 
 
 METHODS: dict[str, QuantMethod] = {}

@@ -6,7 +6,6 @@ baselines), so it does not depend on which kernel families have landed; the CLI 
 smoke over every entry that is registered in bench/.
 """
 import csv
-import math
 import struct
 import sys
 import textwrap

@@ -9,7 +9,6 @@ training loop or quant/.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
