@@ -9,23 +9,11 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
 import model  # noqa: E402
 from model.config import ConfigError, from_env  # noqa: E402
 from model.decode import KVCache, decode_step  # noqa: E402
 from model.gpt import CRAWLER, Block, CrawlerGPT, Rope, bf16_rounded, rope_tables  # noqa: E402
 from train.step import TrainStep  # noqa: E402
-
-
-@pytest.fixture
-def as_run_torch_path():
-    """One thread (orthogonal init and T=2048 forwards crawl with two on a shared 2-core machine), PyTorch kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kernels.set_backend("torch")
-    yield
-    kernels.set_backend(None)
-    torch.set_num_threads(threads)
 
 
 def _as_run_pair(seed=0, **changes):
@@ -78,8 +66,9 @@ def test_only_the_as_run_preset_rounds_and_only_its_crawler_loops():
     assert {s.rope for s in schedule if s.kind != CRAWLER} == {Rope(10000.0 * 2 ** (16 / 14), 1.0, False)}
 
 
+@pytest.mark.usefixtures("torch_kernels_one_thread")
 @pytest.mark.parametrize("T", [1, 12, 1024, 2048, 2500])
-def test_as_run_tables_are_built_from_the_bf16_rounded_inv_freq_at_every_length(T, as_run_torch_path):
+def test_as_run_tables_are_built_from_the_bf16_rounded_inv_freq_at_every_length(T):
     exact, as_run = _as_run_pair()
     tables = as_run.rope_tables(T, "cpu")
     flat_base = as_run.config.flat_rope_base
@@ -96,7 +85,8 @@ def test_as_run_tables_are_built_from_the_bf16_rounded_inv_freq_at_every_length(
         assert all(not torch.equal(r, p) for r, p in zip(rounded, plain))
 
 
-def test_every_crawler_loop_runs_with_its_rounded_table_in_forward_and_decode(as_run_torch_path):
+@pytest.mark.usefixtures("torch_kernels_one_thread")
+def test_every_crawler_loop_runs_with_its_rounded_table_in_forward_and_decode():
     _, as_run = _as_run_pair()
     T = 24
     calls = []
@@ -122,7 +112,8 @@ def test_every_crawler_loop_runs_with_its_rounded_table_in_forward_and_decode(as
 
 
 @pytest.mark.slow
-def test_as_run_rounding_moves_the_logits_more_at_2048_than_at_256(as_run_torch_path):
+@pytest.mark.usefixtures("torch_kernels_one_thread")
+def test_as_run_rounding_moves_the_logits_more_at_2048_than_at_256():
     """The issue measured 1.8e-3 (T=256) and 1.4e-2 (T=2048) relative on the original's weights; noisy weights
     with the original's q_gain give ~5e-4 and ~3.4e-3 (three seeds), the same growth with length."""
     exact, as_run = _as_run_pair(num_flat_layers=2, inst_dim=0)

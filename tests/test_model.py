@@ -25,15 +25,7 @@ AS_RUN_PARAMETERS = 26_040_913          # SPEC: the original's 26,253,908 less i
 OUROBOROS_PARAMETERS = AS_RUN_PARAMETERS + 32 * 512 + 2 * 512 * 32
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels_one_thread():
-    # One thread: on a shared 2-core machine two OpenMP threads make orthogonal init ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kernels.set_backend("torch")
-    yield
-    kernels.set_backend(None)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
 
 def config(**changes):
