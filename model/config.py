@@ -59,6 +59,9 @@ class Config:
     bigram_dim: int = setting(128, bound=">0")
     rope_dims: int = setting(16, bound=">=0")
     rope_base: float = 10000.0
+    # The original as it ran: its model.bfloat16() rounded every rotary inv_freq buffer to bf16, and each crawler
+    # loop divides that rounded buffer by its scale (its flat blocks rebuilt exact tables at 2048). False: exact.
+    rope_inv_freq_bf16: bool = setting(False)
     logit_softcap: float = setting(30.0, bound=">0")
     tied_embed_init_std: float = 0.005
     train_seq_len: int = setting(2048, bound=">0")   # also fixes the flat blocks' NTK RoPE base
@@ -85,6 +88,8 @@ class Config:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = setting(0.3, bound=">=0")
+    micro_batch_grads: str = setting("mean", choices=("mean", "sum"))  # sum: the original's plain loss.backward()
+                                                                       # per micro-batch (same at grad accum 1)
     swa_every: int = setting(50, bound=">=0")        # 0 = off; snapshots once the LR multiplier < 0.2
     compile_fullgraph: bool = True      # torch.compile(fullgraph=True) on CUDA
     # --- evaluation (SPEC 2) ---
@@ -149,7 +154,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """Inverse of to_dict; a dict stored before QUANT_METHOD (skip_gptq, loop_aware_gptq) loads too."""
+        """Inverse of to_dict; a dict stored before QUANT_METHOD (skip_gptq, loop_aware_gptq) loads too, and a field
+        stored before it existed takes its default (rope_inv_freq_bf16, micro_batch_grads: what ran then)."""
         values = dict(values)
         legacy = {k: values.pop(k) for k in _LEGACY_QUANT if k in values}
         if legacy:
@@ -173,9 +179,10 @@ class Config:
 PRESETS: dict[str, dict] = {
     # The seed's reproduce command, every knob live, on FineWeb: the defaults.
     "ouroboros": {},
-    # The original exactly as it ran: its dead knobs dead (relu^2, XSA on the crawler only, no INST, no SWA).
+    # The original exactly as it ran: its dead knobs dead (relu^2, XSA on the crawler only, no INST, no SWA),
+    # its bf16-rounded crawler RoPE frequencies and its summed micro-batch gradients.
     "ouroboros-as-run": dict(inst_dim=0, xsa_blocks="crawler", swa_every=0, mlp_leaky_slope=0.0,
-                             crawler_mlp_leaky_slope=0.0,
+                             crawler_mlp_leaky_slope=0.0, rope_inv_freq_bf16=True, micro_batch_grads="sum",
                              gptq_block_size=64, gptq_damping=0.002, gptq_order="ascending", gptq_inverse="plain"),
     # The CPU default: trains on the embedded corpus in under 3 minutes on 2 idle cores (~0.38 s/step), fp32:
     # 400 steps of 2,048 tokens, the last third as warmdown. Unigram val_bpb on this corpus is 3.221; the

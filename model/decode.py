@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.norm import rms_norm_reference
 
-from .gpt import Attention, CrawlerGPT, Slot, _unwrap, rope_tables
+from .gpt import Attention, CrawlerGPT, Slot, _unwrap
 
 
 class KVCache:
@@ -36,7 +36,7 @@ class KVCache:
 
     k[p], v[p]: [batch, max_len, kv_heads, head_dim] for the schedule's slot at position p (forward order:
     encoder blocks, crawler loops, decoder blocks). `length` tokens are filled. The RoPE tables for
-    max_len positions are built once here, one per distinct (base, scale) of the schedule.
+    max_len positions are built once here, one per distinct Rope of the schedule (the model's own rope_tables).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, device=None, dtype=None):
@@ -53,7 +53,7 @@ class KVCache:
         shape = (self.num_slots, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.ropes = {rope: rope_tables(max_len, *rope, cfg.rope_dims, device) for rope in model.rope_keys}
+        self.ropes = model.rope_tables(max_len, device)
         self.length = 0
         self.last_ids: torch.Tensor | None = None     # [B, 1] the last token fed
         self.last_hidden: torch.Tensor | None = None  # [B, 1, d] its normalized embedding, before the smear

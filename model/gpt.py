@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -46,14 +47,34 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------- rotary embedding (partial, O's direction)
 
-def rope_tables(seq_len: int, base: float, scale: float, rope_dims: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq_len, rope_dims/2] of the angles t·inv_freq_i, inv_freq_i = base^(-2i/rope_dims) / scale.
+class Rope(NamedTuple):
+    """What a block's RoPE tables are built from: inv_freq_i = base^(-2i/rope_dims) / scale, with
+    base^(-2i/rope_dims) first rounded to bf16 when inv_freq_bf16 (the original as it ran)."""
+    base: float
+    scale: float
+    inv_freq_bf16: bool = False
+
+
+def bf16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to the nearest bf16 value (ties to even), still fp32. Rounded on the bits because
+    torch.compile fuses x.to(torch.bfloat16).float() into nothing, which would drop the rounding."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).view(torch.float32)
+
+
+def rope_tables(seq_len: int, base: float, scale: float, rope_dims: int, device,
+                inv_freq_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [seq_len, rope_dims/2] of the angles t·inv_freq_i, inv_freq_i = base^(-2i/rope_dims) / scale
+    (base^(-2i/rope_dims) rounded to bf16 first when inv_freq_bf16).
 
     Recomputed on every forward: it is a few thousand elements, and plain tensor maths keeps the model
     free of Python-side caches that torch.compile(fullgraph=True) would have to break on.
     """
     exponents = torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims
-    inv_freq = 1.0 / (base ** exponents) / scale
+    inv_freq = 1.0 / (base ** exponents)
+    if inv_freq_bf16:  # the original's model.bfloat16() rounded its inv_freq buffers; its loops divide those
+        inv_freq = bf16_rounded(inv_freq)
+    inv_freq = inv_freq / scale
     # Elementwise product, not torch.outer, so CUDA autocast never lowers the angles to bf16.
     angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
@@ -198,7 +219,7 @@ class Slot:
     blocks, index: the module applied, `getattr(model, blocks)[index]` (state-dict prefix `name`).
     kind: ENCODER, CRAWLER (loop `loop` of the shared block) or DECODER.
     position: its place in forward order, which is also its KV-cache slot (model/decode.py).
-    rope: (base, scale) of its RoPE tables.
+    rope: what its RoPE tables are built from (a Rope).
     inst: the loop_inst_up row applied to x before the block (None: no instruction).
     push_skip: the block's output is kept for a decoder (encoder slots).
     skip: the skip_weights row with which the last kept output is added before the block (None: none left).
@@ -208,7 +229,7 @@ class Slot:
     index: int
     kind: str
     position: int
-    rope: tuple[float, float]
+    rope: Rope
     xsa: bool
     loop: int | None = None
     inst: int | None = None
@@ -235,10 +256,11 @@ def block_schedule(config: Config) -> tuple[Slot, ...]:
     def xsa(d: int) -> bool:  # d: the block's place among the distinct blocks
         return d == n_enc if config.xsa_blocks == "crawler" else d >= distinct - config.xsa_last_n
 
-    flat_rope = (config.flat_rope_base, 1.0)
+    flat_rope = Rope(config.flat_rope_base, 1.0)
     encoder = [Slot("flat_blocks", i, ENCODER, i, flat_rope, xsa(i), push_skip=True) for i in range(n_enc)]
     # Each loop sees its own RoPE frequencies (base 10000 divided by its scale, never NTK-rescaled).
-    crawler = [Slot("crawler_blocks", 0, CRAWLER, n_enc + k, (config.rope_base, config.crawler_loop_rope_scales[k]),
+    crawler = [Slot("crawler_blocks", 0, CRAWLER, n_enc + k,
+                    Rope(config.rope_base, config.crawler_loop_rope_scales[k], config.rope_inv_freq_bf16),
                     xsa(n_enc), loop=k, inst=k if config.inst_dim > 0 else None)
                for k in range(config.crawler_loops)]
     decoder = [Slot("flat_blocks", n_enc + i, DECODER, n_enc + config.crawler_loops + i, flat_rope,
@@ -254,7 +276,7 @@ class CrawlerGPT(nn.Module):
         self.config = config
         dim = config.model_dim
         self.schedule = block_schedule(config)
-        self.rope_keys = tuple(dict.fromkeys(slot.rope for slot in self.schedule))  # distinct (base, scale)
+        self.rope_keys = tuple(dict.fromkeys(slot.rope for slot in self.schedule))  # distinct Ropes
         xsa = {slot.name: slot.xsa for slot in self.schedule}
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
         self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim)
@@ -303,6 +325,11 @@ class CrawlerGPT(nn.Module):
         """The module a slot applies."""
         return getattr(self, slot.blocks)[slot.index]
 
+    def rope_tables(self, seq_len: int, device) -> dict[Rope, tuple[torch.Tensor, torch.Tensor]]:
+        """{slot.rope: (cos, sin)} for positions 0..seq_len-1, for forward and the KV cache alike."""
+        return {rope: rope_tables(seq_len, rope.base, rope.scale, self.config.rope_dims, device, rope.inv_freq_bf16)
+                for rope in self.rope_keys}
+
     def run_blocks(self, x: torch.Tensor, x0: torch.Tensor, ropes: Mapping,
                    apply: Callable[..., torch.Tensor]) -> torch.Tensor:
         """x after every slot of the schedule, in order; apply(slot, x, x0, cos, sin) runs the slot's block
@@ -327,8 +354,7 @@ class CrawlerGPT(nn.Module):
         cfg = self.config
         T, device = ids.size(1), ids.device
         x = x0 = self.smear(rms_norm_reference(self.tok_emb(ids) + self.bigram(ids)))
-        ropes = {rope: rope_tables(T, *rope, cfg.rope_dims, device) for rope in self.rope_keys}
-        x = self.run_blocks(x, x0, ropes, lambda slot, *args: self.block(slot)(*args))
+        x = self.run_blocks(x, x0, self.rope_tables(T, device), lambda slot, *args: self.block(slot)(*args))
         h = kernels.rms_norm(x)
         if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
             return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)

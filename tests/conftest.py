@@ -45,6 +45,20 @@ def exact_fp32_matmuls(request):
         yield
 
 
+@pytest.fixture
+def torch_kernels_one_thread():
+    """The PyTorch kernels path on one thread, both restored after: on a shared 2-core machine two OpenMP
+    threads make orthogonal init ~10x slower."""
+    import kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kernels.set_backend("torch")
+    yield
+    kernels.set_backend(None)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prepared_corpus():
     """The embedded corpus under <repo>/data, built once (about 15 s) or reused from `make train`.

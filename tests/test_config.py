@@ -74,11 +74,17 @@ STORED = {
                  tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
 }
 
+# Fields added since, as a config stored without them loads (their defaults: what ran before they existed),
+# and what `ouroboros-as-run` sets them to now.
+ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean"}
+ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum"}
+
 
 @pytest.mark.parametrize("preset", sorted(STORED))
 def test_presets_resolve_to_the_values_they_had(preset):
     want = {k: v for k, v in STORED[preset].items() if k not in ("skip_gptq", "loop_aware_gptq")}
     want["quant_method"] = "loop_aware"  # SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
+    want.update(ADDED_AS_RUN if preset == "ouroboros-as-run" else ADDED)
     got = from_env({}, preset=preset).to_dict()
     assert set(got) == set(want)
     assert {k: got[k] for k in got if got[k] != want[k]} == {}, preset  # field by field
@@ -88,7 +94,7 @@ def test_presets_resolve_to_the_values_they_had(preset):
 def test_configs_stored_before_quant_method_still_load(preset):
     """Checkpoints and artifacts keep skip_gptq / loop_aware_gptq in their stored config (JSON: lists)."""
     stored = {k: list(v) if isinstance(v, tuple) else v for k, v in STORED[preset].items()}
-    assert Config.from_dict(stored) == from_env({}, preset=preset)
+    assert Config.from_dict(stored) == from_env({}, preset=preset).replace(**ADDED)
     for skip, loop_aware, method in [(True, True, "rtn"), (True, False, "rtn"), (False, False, "gptq"),
                                      (False, True, "loop_aware")]:
         cfg = Config.from_dict(dict(stored, skip_gptq=skip, loop_aware_gptq=loop_aware))

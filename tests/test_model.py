@@ -17,7 +17,7 @@ import model
 from kernels.attention import attention_reference
 from model.config import from_env
 from kernels.norm import rms_norm_reference
-from model.gpt import (CRAWLER, DECODER, ENCODER, MLP, Block, CheckpointError, CrawlerGPT, Slot, apply_rope,
+from model.gpt import (CRAWLER, DECODER, ENCODER, MLP, Block, CheckpointError, CrawlerGPT, Rope, Slot, apply_rope,
                        bigram_buckets, block_schedule, rope_tables)
 
 AS_RUN_PARAMETERS = 26_040_913          # SPEC: the original's 26,253,908 less its unused ve_* and loop_inst_*
@@ -25,15 +25,7 @@ AS_RUN_PARAMETERS = 26_040_913          # SPEC: the original's 26,253,908 less i
 OUROBOROS_PARAMETERS = AS_RUN_PARAMETERS + 32 * 512 + 2 * 512 * 32
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels_one_thread():
-    # One thread: on a shared 2-core machine two OpenMP threads make orthogonal init ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kernels.set_backend("torch")
-    yield
-    kernels.set_backend(None)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
 
 def config(**changes):
@@ -253,11 +245,11 @@ def test_xsa_placement_counts_distinct_blocks_in_forward_order():
 
 def test_schedule_of_the_ouroboros_preset():
     cfg = from_env(environ={}, preset="ouroboros")
-    flat, xsa = (cfg.flat_rope_base, 1.0), True  # XSA_LAST_N=11 covers all 10 distinct blocks
+    flat, xsa = Rope(cfg.flat_rope_base, 1.0), True  # XSA_LAST_N=11 covers all 10 distinct blocks
     assert flat[0] == pytest.approx(10000.0 * 2.0 ** (16 / 14))  # the NTK base at TRAIN_SEQ_LEN 2048
     encoder = [Slot("flat_blocks", i, ENCODER, i, flat, xsa, push_skip=True) for i in range(4)]
-    crawler = [Slot("crawler_blocks", 0, CRAWLER, 4, (10000.0, 9.0), xsa, loop=0, inst=0),
-               Slot("crawler_blocks", 0, CRAWLER, 5, (10000.0, 1.0), xsa, loop=1, inst=1)]
+    crawler = [Slot("crawler_blocks", 0, CRAWLER, 4, Rope(10000.0, 9.0), xsa, loop=0, inst=0),
+               Slot("crawler_blocks", 0, CRAWLER, 5, Rope(10000.0, 1.0), xsa, loop=1, inst=1)]
     decoder = [Slot("flat_blocks", 4 + i, DECODER, 6 + i, flat, xsa, skip=i if i < 4 else None) for i in range(5)]
     assert block_schedule(cfg) == tuple(encoder + crawler + decoder)
     assert [s.name for s in block_schedule(cfg)] == ([f"flat_blocks.{i}" for i in range(4)] + ["crawler_blocks.0"] * 2

@@ -1,12 +1,12 @@
 """One training step: the code the trainer runs, bench/step.py times and the kernels' wiring tests train
 with (SPEC 4). Its validation pass is train.evaluate.validate, which the export step (quant/) shares.
 
-`TrainStep(...)(step, multiplier)` is one optimizer step: forward and backward over the micro-batches,
-the loss averaged over micro-batches and ranks, the grad-norm clip, a finite check that stops before
-the weights change, the LR and Muon momentum schedule, Muon + AdamW and zero_grad. Every phase runs in
-a profiler range PROFILE_PREFIX + <phase> (step, forward, backward, clip, muon, adamw, zero_grad), so a
-profile of training says which phase an op belongs to (bench/ledger.py groups by them); outside a
-profiler a range costs about a microsecond.
+`TrainStep(...)(step, multiplier)` is one optimizer step: forward and backward over the micro-batches
+(gradients averaged, or summed as the original did), the loss averaged over micro-batches and ranks, the
+grad-norm clip, a finite check that stops before the weights change, the LR and Muon momentum schedule,
+Muon + AdamW and zero_grad. Every phase runs in a profiler range PROFILE_PREFIX + <phase> (step, forward,
+backward, clip, muon, adamw, zero_grad), so a profile of training says which phase an op belongs to
+(bench/ledger.py groups by them); outside a profiler a range costs about a microsecond.
 """
 from __future__ import annotations
 
@@ -131,6 +131,8 @@ class TrainStep:
     grad_clip_norm <= 0: no clip (the norm is still computed for the finite check). world_size > 1: model
     is DDP, gradients are all-reduced on the last micro-batch only and the loss is averaged over ranks.
     autocast False: no bf16 autocast on CUDA either (the wiring tests compare fp32 paths).
+    micro_batch_grads: "mean" (each micro-batch's loss / accum) or "sum" (plain backward per micro-batch, as the
+    original: accum times the mean gradient before the clip), Config.micro_batch_grads.
     """
     model: Callable
     base_model: torch.nn.Module
@@ -140,10 +142,13 @@ class TrainStep:
     grad_clip_norm: float = 0.0
     world_size: int = 1
     autocast: bool = True
+    micro_batch_grads: str = "mean"
 
     def __post_init__(self):
         if self.accum < 1:
             raise ValueError(f"TrainStep: accum={self.accum} micro-batches, need >= 1")
+        if self.micro_batch_grads not in ("mean", "sum"):
+            raise ValueError(f"TrainStep: micro_batch_grads={self.micro_batch_grads!r}, need 'mean' or 'sum'")
         self.device = next(self.base_model.parameters()).device
 
     def __call__(self, step: int, multiplier: float) -> tuple[float, float]:
@@ -158,7 +163,7 @@ class TrainStep:
                 with _phase("forward"), autocast:
                     loss = self.model(x, y)
                 with _phase("backward"):
-                    (loss / self.accum).backward()
+                    (loss if self.micro_batch_grads == "sum" else loss / self.accum).backward()
                 train_loss += loss.detach().float()
             train_loss /= self.accum
             if self.world_size > 1:  # so every rank sees the same number and takes the same decision

@@ -263,7 +263,8 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     optimizers = Optimizers(base_model, cfg, device, rank=env.rank, world_size=env.world_size)
     run_step = TrainStep(model, base_model, optimizers,
                          functools.partial(loader.next_batch, cfg.train_batch_tokens, cfg.train_seq_len, accum),
-                         accum=accum, grad_clip_norm=cfg.grad_clip_norm, world_size=env.world_size)
+                         accum=accum, grad_clip_norm=cfg.grad_clip_norm, world_size=env.world_size,
+                         micro_batch_grads=cfg.micro_batch_grads)
 
     reserve_s = default_gptq_reserve_seconds(cfg, on_cuda)
     max_wallclock_ms = None
