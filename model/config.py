@@ -344,3 +344,48 @@ def from_env(environ=None, **overrides) -> Config:
             raise ConfigError(f"unknown configuration field {name!r}")
         values[name] = tuple(value) if kinds[name] is tuple else value
     return _validated(Config(**values))
+
+
+# ---- environment variables that are not settings ----
+
+# Variables read outside Config: the preset, the seed's quantization pair, the kernel switches (kernels/),
+# STRICT_ENV itself, the run's distributed timeout and checkpoint fallback (train/trainer.py), and what
+# torchrun sets for each rank. With the Config fields these are every name a run reads.
+OTHER_VARIABLES = ("PRESET", *(name.upper() for name in _LEGACY_QUANT), "KERNELS", "KERNELS_STRICT", "STRICT_ENV",
+                   "DIST_TIMEOUT_SECONDS", "CHECKPOINT_FALLBACK_DIR",
+                   "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_ELASTIC_WORKER_IDENTICAL")
+OTHER_PREFIXES = ("TORCHELASTIC_",)  # torchrun's agent sets a family of these
+KNOWN_VARIABLES = frozenset(f.name.upper() for f in fields(Config)) | frozenset(OTHER_VARIABLES)
+# Similarity (difflib ratio) from which an unknown name is taken for a typo of a known one: MODEL_DIMS and
+# MODELDIM are ~0.95 from MODEL_DIM, while PATH is 0.62 from DATA_PATH and HOME, CUDA_*, OMP_* are further.
+TYPO_SIMILARITY = 0.8
+
+
+def misspelled_variables(environ=None) -> list[tuple[str, str]]:
+    """(name, the known name it resembles) for each environment variable that looks like a typo of one of
+    ours (KNOWN_VARIABLES): close to a known name but not equal to it, a lower-case one included."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = sorted(KNOWN_VARIABLES)
+    found = []
+    for name in sorted(environ):
+        if name in KNOWN_VARIABLES or name.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=TYPO_SIMILARITY)
+        if close:
+            found.append((name, close[0]))
+    return found
+
+
+def check_variable_names(environ=None) -> list[str]:
+    """One warning line per misspelled variable ("MODEL_DIMS is not a setting; did you mean MODEL_DIM?");
+    with STRICT_ENV=1 the first one raises ConfigError instead."""
+    environ = os.environ if environ is None else environ
+    strict = _env_value(environ, "strict_env", bool)
+    lines = [f"{name} is not a setting; did you mean {known}?" for name, known in misspelled_variables(environ)]
+    if lines and strict:
+        raise ConfigError(lines[0] + " (STRICT_ENV=1 makes this an error)")
+    return lines

@@ -49,6 +49,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes] | 
     return path
 
 
+def temp_files(folder: str | os.PathLike) -> list[Path]:
+    """The temp files of write_atomic (.<name>.<random>.tmp) in `folder` and below: left by killed writes
+    once no write is running there."""
+    return sorted(p for p in Path(folder).rglob(".*.tmp") if p.is_file())
+
+
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for the device's queued work (CUDA); a no-op on CPU, where every op has finished on return.
 

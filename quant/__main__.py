@@ -2,7 +2,9 @@
 
 Calibrates on the run's training shards, quantizes as the run's config says (or --method), writes
 runs/<id>/final_model.int6.ptz next to the checkpoint, reads it back and prints the round-trip
-sliding-window val_bpb next to the float one (and, with --compare, every method's gap).
+sliding-window val_bpb next to the float one (and, with --compare, every method's gap). Evaluated on
+the run's whole val set, the result goes into the run's summary.json as the trainer records it (the
+other keys kept; a --val-tokens or --data-path evaluation leaves summary.json as it was).
 On the triton backend the kernels it uses pass the start-up self-test first (kernels/selftest.py).
 Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed) or (KERNELS_STRICT=1)
 a Triton op failed its self-test, 2 bad input.
@@ -10,6 +12,7 @@ a Triton op failed its self-test, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +20,26 @@ import torch
 
 from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
+from model.io import write_atomic
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
+from train.trainer import record_export
 
 from .artifact import ArtifactError, OverBudgetError
 from .export import export_run
 from .methods import METHODS
+
+
+def record_in_summary(run_dir: Path, result: dict) -> str:
+    """Put an export result into run_dir/summary.json (made if missing) atomically, keeping its other keys;
+    returns what was done, for the console."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {"run_id": run_dir.name}
+        write_atomic(path, json.dumps(record_export(summary, result), indent=2))
+    except (OSError, ValueError) as err:  # the artifact is written: say so, do not fail for the summary
+        return f"warning: {path} not updated ({err})"
+    return f"summary: {path} updated (export)"
 
 
 def main(argv=None) -> int:
@@ -51,6 +68,7 @@ def main(argv=None) -> int:
 
         luts = build_byte_luts(spm.SentencePieceProcessor(model_file=str(tokenizer_path)), cfg.vocab_size)
         val_tokens = load_val_tokens(shard_paths(data_path, "val"), cfg.eval_seq_len)
+        whole_val = val_tokens.numel()
         if args.val_tokens > 0:
             keep = max(1, (min(args.val_tokens, val_tokens.numel()) - 1) // cfg.eval_seq_len) * cfg.eval_seq_len + 1
             val_tokens = val_tokens[:keep]
@@ -66,14 +84,20 @@ def main(argv=None) -> int:
         paths = selftest.run(device, selftest.TRAINING_OPS + selftest.CALIBRATION_OPS
                              + (selftest.QUANT_OPS if device.type == "cuda" else ()))
         print(selftest.record_line(paths), flush=True)
-        export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
-                   compare=args.compare, log=lambda line: print(line, flush=True))
+        run_dir = Path(args.checkpoint).parent
+        result = export_run(net, cfg, run_dir, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
+                            compare=args.compare, log=lambda line: print(line, flush=True))
     except (OverBudgetError, selftest.SelfTestFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if val_tokens.numel() < whole_val or args.data_path not in (None, cfg.data_path):
+        print(f"summary: {run_dir / 'summary.json'} left as it was (evaluated on "
+              + ("part of the val set" if val_tokens.numel() < whole_val else f"--data-path {args.data_path}") + ")")
+    else:
+        print(record_in_summary(run_dir, result), flush=True)
     return 0
 
 

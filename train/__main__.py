@@ -1,6 +1,7 @@
 """`python -m train` / `torchrun --standalone --nproc_per_node=8 -m train`: one training run.
 
-Configuration comes from PRESET and the seed command's environment variables (model/config.py).
+Configuration comes from PRESET and the seed command's environment variables (model/config.py); a
+variable that looks like a misspelt one of them is a warning, or with STRICT_ENV=1 an error.
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step and the data
 found, then exits without training. Exit status: 0 done, 1 training diverged, the artifact is over
 the 16,000,000-byte budget or (KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad
@@ -16,7 +17,7 @@ import torch
 
 from kernels.selftest import SelfTestFailed
 from model import ConfigError, build_model, count_parameters, from_env
-from model.config import default_preset
+from model.config import check_variable_names, default_preset
 from quant.artifact import OverBudgetError
 from quant.export import export_run
 from train.data import ShardError, load_shard, shard_paths
@@ -67,10 +68,13 @@ def dry_run(cfg) -> None:
 
 def main() -> int:
     try:
+        typos = check_variable_names()
         cfg = from_env()
     except ConfigError as err:
         _say(f"configuration error: {err}")
         return 2
+    for line in typos:
+        _say(f"warning: {line}")
     _say(preset_line(cfg))
     if cfg.dry_run:
         dry_run(cfg)

@@ -11,11 +11,14 @@ Post-training work that belongs to quant/ (calibration, GPTQ, the artifact) runs
 from __future__ import annotations
 
 import datetime
+import fcntl
 import functools
 import json
 import os
 import resource
+import secrets
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +32,7 @@ from kernels import selftest
 from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
-from model.io import synchronize, write_atomic
+from model.io import synchronize, temp_files, write_atomic
 from train.data import DistributedTokenLoader, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, validate
 from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
@@ -154,12 +157,23 @@ class SnapshotAverage:
 
 
 class RunLog:
-    """Rank 0 prints each line and appends it to runs/<id>/train.log; other ranks stay quiet."""
+    """Rank 0 prints each line and appends it to runs/<id>/train.log; other ranks stay quiet.
+
+    While it is open it holds an exclusive lock on train.log, so a second run started in the same folder
+    (the same RUN_ID) is refused instead of writing into this one; the lock goes with the process.
+    """
 
     def __init__(self, path: Path | None, echo: bool = True):
         self.path = path
         self.echo = echo
         self._file = open(path, "a", buffering=1) if path is not None else None
+        if self._file is not None:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.close()
+                raise FileExistsError(f"run folder {path.parent} is in use by another run (it holds the lock on "
+                                      f"{path.name}): choose another RUN_ID") from None
 
     def __call__(self, line: str = "") -> None:
         if self.echo:
@@ -167,28 +181,103 @@ class RunLog:
         if self._file is not None:
             self._file.write(line + "\n")
 
+    def appends(self) -> bool:
+        """Whether train.log already held lines when this log opened it (a rerun in the same folder)."""
+        return self._file is not None and self._file.tell() > 0
+
+    def failed(self, err: BaseException) -> None:
+        """Write why the run stopped, with the traceback, to train.log only (the caller tells the console)."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(f"error: {type(err).__name__}: {err}\n" + "".join(traceback.format_exception(err)))
+        except OSError:  # a full disk: the error itself still reaches the console
+            pass
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
-def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
-    """runs/<RUN_ID or timestamp>/; rank 0 picks the timestamp and every rank uses it. Never reuses a
-    folder that already holds a finished or failed run."""
-    run_id = cfg.run_id or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    if env.distributed:
-        box = [run_id]
-        dist.broadcast_object_list(box, src=0)
-        run_id = box[0]
-    run_dir = Path(cfg.runs_dir) / run_id
-    # Every rank checks (one node, one file system), so all of them stop together.
-    if (run_dir / "summary.json").exists() or (run_dir / "final_model.pt").exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a run (summary.json or final_model.pt): "
-                              "choose another RUN_ID or remove the folder")
-    if env.is_main:
+def check_run_id(run_id: str) -> None:
+    """RUN_ID names one folder directly inside RUNS_DIR: no path separators, not '.' or '..'."""
+    if run_id in (".", "..") or any(sep in run_id for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"RUN_ID={run_id!r}: must name one folder inside RUNS_DIR (no '/', '\\', '..' or "
+                          "absolute path)")
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """A new folder runs/<UTC time to the second>-<4 random hex digits>/, made exclusively: runs started in
+    the same second get folders of their own."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for _ in range(100):
+        run_dir = runs_dir / f"{stamp}-{secrets.token_hex(2)}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder name for {runs_dir / stamp}-* after 100 tries")
+
+
+def claim_run_dir(runs_dir: Path, run_id: str, echo: bool = True) -> RunLog:
+    """Rank 0: make or reuse runs/<id>/ and open its locked train.log, returned.
+
+    No RUN_ID: a new folder (new_run_dir). A RUN_ID may name a folder that a failed or killed run left
+    (no summary.json or final_model.pt): the rerun appends to train.log under a marker line, after the temp
+    files of killed writes are removed. A folder that holds a run, or one a live run holds, is refused.
+    """
+    if run_id:
+        run_dir = runs_dir / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    else:
+        run_dir = new_run_dir(runs_dir)
+    log = RunLog(run_dir / "train.log", echo=echo)
+    try:
+        if (run_dir / "summary.json").exists() or (run_dir / "final_model.pt").exists():
+            raise FileExistsError(f"run folder {run_dir} already holds a run (summary.json or final_model.pt): "
+                                  "choose another RUN_ID or remove the folder")
+        if log.appends():
+            log(f"==== rerun {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC in {run_dir}: "
+                "the lines above are an earlier attempt's ====")
+        stale = temp_files(run_dir)
+        for path in stale:  # this run holds the lock: no live write owns them
+            path.unlink(missing_ok=True)
+        if stale:
+            log(f"removed {len(stale)} temp files left by killed writes: "
+                + ", ".join(str(p.relative_to(run_dir)) for p in stale))
+    except BaseException:
+        log.close()
+        raise
+    return log
+
+
+def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path, RunLog]:
+    """runs/<id>/ and the run's log, on every rank: rank 0 claims the folder (claim_run_dir) and tells the
+    others its name, or the error that stopped it, so that all ranks stop together."""
+    check_run_id(cfg.run_id)
+    claimed, log = None, RunLog(None, echo=False)
+    if env.is_main:
+        try:
+            log = claim_run_dir(Path(cfg.runs_dir), cfg.run_id, echo)
+            claimed = str(log.path.parent)
+        except OSError as err:
+            claimed = err
+    if env.distributed:
+        box = [claimed]
+        dist.broadcast_object_list(box, src=0)
+        claimed = box[0]
+    if isinstance(claimed, BaseException):
+        raise claimed
+    return Path(claimed), log
+
+
+def record_export(summary: dict, result: dict) -> dict:
+    """The export step's result in a run's summary, as the trainer and `python -m quant --checkpoint` record it."""
+    summary["export"] = result
+    return summary
 
 
 def peak_memory_line(device: torch.device) -> str:
@@ -236,11 +325,20 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
 
 
 def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
+    accum = grad_accum_steps_for(cfg, env.world_size)
+    run_dir, log = resolve_run_dir(cfg, env, echo=echo and env.is_main)
+    try:  # from here on a failure is written to the run's train.log too
+        return _train_in(run_dir, log, cfg, env, export_fn, accum)
+    except BaseException as err:
+        log.failed(err)
+        raise
+    finally:
+        log.close()
+
+
+def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, accum: int) -> dict:
     device = env.device
     on_cuda = device.type == "cuda"
-    accum = grad_accum_steps_for(cfg, env.world_size)
-    run_dir = resolve_run_dir(cfg, env)
-    log = RunLog(run_dir / "train.log" if env.is_main else None, echo=echo and env.is_main)
 
     torch.manual_seed(cfg.seed)
     if on_cuda:
@@ -408,7 +506,7 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
         result = export_fn(base_model, cfg, run_dir, env=env, log=log, train_paths=train_paths,
                            val_tokens=val_tokens, luts=luts, reserve_seconds=reserve_s,
                            float_val=(val_loss, val_bpb)) or {}
-        summary["export"] = result
+        record_export(summary, result)
         calib = result.get("calibration_seconds")
         if (calib is not None and max_wallclock_ms is not None and calib > reserve_s
                 and training_time_ms / 1000 + calib > cfg.max_wallclock_seconds):
