@@ -52,11 +52,15 @@ _fallback_noted = set()
 _on_reference: dict[str, str] = {}
 
 
+class BackendError(ValueError):
+    """KERNELS names no backend, or one this machine cannot run; entry points check it at start-up."""
+
+
 def _resolve(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"KERNELS={name!r} is not one of {BACKENDS}")
+        raise BackendError(f"KERNELS={name!r} is not one of {BACKENDS}")
     if name == "triton" and not torch.cuda.is_available() and not INTERPRET:
-        raise RuntimeError("KERNELS=triton needs CUDA, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
+        raise BackendError("KERNELS=triton needs CUDA, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
                            "in the environment before starting (it is read when kernels are defined), or use KERNELS=torch")
     return name
 

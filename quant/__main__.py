@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
 from model.io import write_atomic
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        kernels.backend()  # a bad KERNELS is bad input too (kernels.BackendError is a ValueError)
         net = load_checkpoint(args.checkpoint, map_location=device)
         cfg = net.config
         if args.method:

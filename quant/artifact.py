@@ -275,6 +275,8 @@ def read_artifact(path: str | Path) -> Artifact:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{path}: no such artifact") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not an artifact file (runs/<id>/{ARTIFACT_NAME})") from None
     if len(data) < _PREFIX.size:
         raise ArtifactError(f"{path}: truncated: {len(data)} bytes, shorter than the {_PREFIX.size}-byte header")
     magic, version, length, digest = _PREFIX.unpack_from(data, 0)

@@ -1,7 +1,8 @@
 """`python -m quant.inspect runs/<id>/final_model.int6.ptz`: the artifact's size ledger (quant/ledger.py).
 
 Exit status: 0 within the limit, 1 when the artifact (model + code) is over 16,000,000 bytes, 2 when
-the file cannot be read (the message says why).
+the file cannot be read or does not load as a model, e.g. its config disagrees with its tensors (the
+message says why).
 """
 from __future__ import annotations
 

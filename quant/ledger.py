@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode, read_artifact, section_bytes
+from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode, section_bytes
+from .load import read_model_artifact
 from .scheme import KIND_FP16, KIND_INT6, KIND_INT8, tensor_kind
 
 # (category key, label, what a "value" is)
@@ -44,7 +45,7 @@ class Ledger:
 
 
 def build_ledger(path: str | Path, project: bool = True) -> Ledger:
-    art = read_artifact(path)
+    art, _ = read_model_artifact(path)  # an artifact that cannot load as a model is not accounted for
     sections = section_bytes(art.tensors, art.encoding)
     parts = {key: [] for key, _, _ in CATEGORIES}
     values = {key: 0 for key, _, _ in CATEGORIES}

@@ -12,7 +12,7 @@ from kernels.int6 import QuantLinear
 from model.config import Config, ConfigError
 from model.gpt import MLP
 
-from .artifact import read_artifact
+from .artifact import Artifact, read_artifact
 from .scheme import KIND_INT6, ArtifactError, dequantize_state_dict
 
 
@@ -27,21 +27,35 @@ def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None)
     device = torch.device(device)
     if quant_linear is None:
         quant_linear = device.type == "cuda"
+    artifact, config = read_model_artifact(path)
+    net = model_lib.build_model(config)
+    net.load_state_dict(dequantize_state_dict(artifact.tensors), strict=True)
+    if quant_linear:
+        use_quant_linear(net, artifact.tensors)
+    return net.to(device), config
+
+
+def read_model_artifact(path: str | Path) -> tuple[Artifact, Config]:
+    """read_artifact, then the checks only the model can make: the stored config builds a model, and that
+    model's tensors are the stored ones, name for name and shape for shape. Raises ArtifactError naming the
+    file (and the tensor). Builds on the meta device: no memory, no init."""
     artifact = read_artifact(path)
     try:
         config = Config.from_dict(artifact.config)
     except (ConfigError, TypeError) as err:  # ConfigError names the field but not the file
         raise ArtifactError(f"{path}: its stored config cannot be used: {err}") from None
-    net = model_lib.build_model(config)
-    state = dequantize_state_dict(artifact.tensors)
-    expected = set(net.state_dict())
-    if set(state) != expected:
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in model_lib.build_model(config).state_dict().items()}
+    stored = artifact.tensors
+    if set(stored) != set(expected):
         raise ArtifactError(f"{path}: tensors do not match the model built from its config: missing "
-                            f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
-    net.load_state_dict(state, strict=True)
-    if quant_linear:
-        use_quant_linear(net, artifact.tensors)
-    return net.to(device), config
+                            f"{sorted(set(expected) - set(stored))}, unexpected {sorted(set(stored) - set(expected))}")
+    for name, shape in expected.items():
+        if tuple(stored[name].shape) != shape:
+            raise ArtifactError(f"{path}: tensor {name!r} is stored with shape {list(stored[name].shape)}, but the "
+                                f"model its stored config describes expects {list(shape)}: the config and the "
+                                f"tensors disagree")
+    return artifact, config
 
 
 def use_quant_linear(net: torch.nn.Module, tensors: dict) -> list[str]:

@@ -2,26 +2,27 @@
 
 Configuration comes from PRESET and the seed command's environment variables (model/config.py); a
 variable that looks like a misspelt one of them is a warning, or with STRICT_ENV=1 an error.
-DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step and the data
-found, then exits without training. Exit status: 0 done, 1 training diverged, the artifact is over
-the 16,000,000-byte budget or (KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad
-configuration or missing data.
+DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step, the data found
+and the tokenizer, then exits without training: 0 when a run could start, 2 when something is NOT READY.
+Exit status: 0 done, 1 training diverged, the artifact is over the 16,000,000-byte budget or
+(KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad input (configuration, KERNELS, data,
+tokenizer), said in one line before any step runs.
 """
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 
+import kernels
 from kernels.selftest import SelfTestFailed
 from model import ConfigError, build_model, count_parameters, from_env
 from model.config import check_variable_names, default_preset
 from quant.artifact import OverBudgetError
 from quant.export import export_run
-from train.data import ShardError, load_shard, shard_paths
-from train.trainer import TrainingDiverged, grad_accum_steps_for, train
+from train.data import ShardError, check_token_ids, load_shard, shard_paths, usable_val_tokens
+from train.trainer import TrainingDiverged, grad_accum_steps_for, load_tokenizer, train
 
 
 def _is_main_process() -> bool:
@@ -40,11 +41,13 @@ def preset_line(cfg) -> str:
     return f"preset: {cfg.preset} (PRESET not set; {why} -> {name})"
 
 
-def dry_run(cfg) -> None:
-    """Print what a run would use, touching nothing on disk."""
+def dry_run(cfg) -> bool:
+    """Print what a run would use, touching nothing on disk; True when a run could start."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ready = True
     for key, value in cfg.env_dict().items():
         _say(f"  {key}={value}")
+    _say(f"kernels: {kernels.backend()}")
     params = count_parameters(build_model(cfg))
     _say(f"model_params: {params:,}")
     try:
@@ -54,31 +57,41 @@ def dry_run(cfg) -> None:
              f"{local // cfg.train_seq_len} sequences of {cfg.train_seq_len}")
     except ConfigError as err:
         _say(f"tokens_per_step: {cfg.train_batch_tokens:,} -- INVALID: {err}")
+        ready = False
     for split in ("train", "val"):
         try:
             paths = shard_paths(cfg.data_path, split)
+            check_token_ids(paths, cfg.vocab_size)  # the run's start-up checks, on this one process
             tokens = sum(len(load_shard(p)) for p in paths)
+            if split == "val":
+                usable_val_tokens(paths, tokens, cfg.eval_seq_len)
             _say(f"data {split}: {len(paths)} shards, {tokens:,} tokens in {cfg.data_path}")
         except (FileNotFoundError, ShardError) as err:
             _say(f"data {split}: NOT READY -- {err}")
-    tok = Path(cfg.tokenizer_path)
-    _say(f"tokenizer: {tok} " + ("found" if tok.is_file() else "MISSING (run `python -m train.prepare`)"))
-    _say("DRY_RUN=1: nothing trained")
+            ready = False
+    try:
+        load_tokenizer(cfg)
+        _say(f"tokenizer: {cfg.tokenizer_path} found")
+    except (FileNotFoundError, ConfigError) as err:
+        _say(f"tokenizer: NOT READY -- {err}")
+        ready = False
+    _say("DRY_RUN=1: nothing trained" + ("" if ready else "; NOT READY, see above"))
+    return ready
 
 
 def main() -> int:
     try:
         typos = check_variable_names()
         cfg = from_env()
-    except ConfigError as err:
+        kernels.backend()  # KERNELS resolved now, not at the first forward after the run folder exists
+    except (ConfigError, kernels.BackendError) as err:
         _say(f"configuration error: {err}")
         return 2
     for line in typos:
         _say(f"warning: {line}")
     _say(preset_line(cfg))
     if cfg.dry_run:
-        dry_run(cfg)
-        return 0
+        return 0 if dry_run(cfg) else 2
     if torch.cuda.is_available():
         _say(f"device: {torch.cuda.get_device_name()}, bf16 autocast over fp32 master weights, "
              f"torch.compile(fullgraph={cfg.compile_fullgraph})")

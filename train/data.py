@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model.io import write_atomic
 
@@ -25,7 +26,8 @@ SPLITS = ("train", "val")
 
 
 class ShardError(ValueError):
-    """A shard file that is not in the format above; the message names the file and what is wrong."""
+    """Shards that cannot feed a run: a file not in the format above, a token id outside the vocab, too few
+    val tokens for one evaluation window. The message names the file(s) and what is wrong."""
 
 
 def _read_header(path: Path) -> int:
@@ -34,6 +36,8 @@ def _read_header(path: Path) -> int:
         size = path.stat().st_size
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file does not exist") from None
+    if path.is_dir():
+        raise ShardError(f"{path}: is a directory, not a shard file")
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
@@ -78,6 +82,9 @@ def shard_paths(data_path, split: str) -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     folder = Path(data_path)
+    if folder.is_file():
+        raise FileNotFoundError(f"DATA_PATH={folder} is a file; DATA_PATH must be the folder that holds the "
+                                f"*_train_*.bin and *_val_*.bin shards (here perhaps {folder.parent})")
     paths = sorted(folder.glob(f"*_{split}_*.bin")) if folder.is_dir() else []
     if not paths:
         where = "does not exist" if not folder.is_dir() else f"has no *_{split}_*.bin shards"
@@ -86,6 +93,35 @@ def shard_paths(data_path, split: str) -> list[Path]:
             f"(data/datasets/embedded_sp1024) or download FineWeb with `python -m train.download` "
             f"(data/datasets/fineweb10B_sp1024), then point DATA_PATH at that folder")
     return paths
+
+
+def check_token_ids(paths, vocab_size: int, rank: int = 0, world_size: int = 1) -> None:
+    """Raise ShardError naming the file and the token index of the first id >= vocab_size in the shards.
+
+    At start-up, so a bad id stops the run before its first step rather than mid-run (training) or after
+    it (validation). Each shard's max is one pass over its memmap; the position is looked for only in a bad
+    shard. Under torch.distributed rank r scans paths[r::world_size] and every rank raises the same error
+    (a malformed shard's ShardError too).
+    """
+    paths = [Path(p) for p in paths]
+    bad = None  # (index in paths, message) of this rank's first bad shard
+    for i in range(rank, len(paths), world_size):
+        try:
+            tokens = load_shard(paths[i])
+        except ShardError as err:  # shared too: a rank that raised alone would leave the others waiting
+            bad = (i, str(err))
+            break
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            position = int(np.argmax(tokens >= vocab_size))
+            bad = (i, f"{paths[i]}: token id {int(tokens[position])} at token {position:,} is >= VOCAB_SIZE="
+                      f"{vocab_size}; was this shard made with a different tokenizer?")
+            break
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        found = [None] * world_size
+        dist.all_gather_object(found, bad)
+        bad = min((b for b in found if b is not None), default=None)
+    if bad is not None:
+        raise ShardError(bad[1])
 
 
 class TokenStream:
@@ -165,8 +201,15 @@ def load_val_tokens(paths, seq_len: int) -> torch.Tensor:
     if not paths:
         raise ValueError("load_val_tokens needs at least one val shard path")
     tokens = np.concatenate([load_shard(p) for p in paths])
-    usable = ((tokens.size - 1) // seq_len) * seq_len
+    usable = usable_val_tokens(paths, tokens.size, seq_len)
+    return torch.from_numpy(tokens[:usable].astype(np.int64))
+
+
+def usable_val_tokens(paths, count: int, seq_len: int) -> int:
+    """How many of the val shards' `count` tokens load_val_tokens keeps: ((count - 1) // seq_len) * seq_len + 1;
+    ShardError when that is not even one window."""
+    usable = ((count - 1) // seq_len) * seq_len
     if usable <= 0:
-        raise ValueError(f"val shards {[str(p) for p in paths]} hold {tokens.size} tokens, "
-                         f"fewer than seq_len + 1 = {seq_len + 1}")
-    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+        raise ShardError(f"val shards {[str(p) for p in paths]} hold {count} tokens, fewer than seq_len + 1 = "
+                         f"{seq_len + 1}, one evaluation window (EVAL_SEQ_LEN={seq_len} is longer than the val set)")
+    return usable + 1

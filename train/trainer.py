@@ -33,7 +33,7 @@ from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import synchronize, temp_files, write_atomic
-from train.data import DistributedTokenLoader, load_val_tokens, shard_paths
+from train.data import DistributedTokenLoader, check_token_ids, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, validate
 from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
 
@@ -292,14 +292,18 @@ def peak_memory_line(device: torch.device) -> str:
 # The loop
 
 
-def _load_tokenizer(cfg: Config):
+def load_tokenizer(cfg: Config):
+    """The run's sentencepiece model; FileNotFoundError or ConfigError naming TOKENIZER_PATH otherwise."""
     import sentencepiece as spm
 
     path = Path(cfg.tokenizer_path)
     if not path.is_file():
         raise FileNotFoundError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file (run `python -m train.prepare` "
                                 "for the embedded corpus, or point TOKENIZER_PATH at the FineWeb tokenizer)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: not a sentencepiece model ({err})") from None
     if sp.vocab_size() != cfg.vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: vocab size {sp.vocab_size()} "
                          f"!= VOCAB_SIZE={cfg.vocab_size}")
@@ -345,9 +349,13 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
         torch.cuda.manual_seed_all(cfg.seed)
 
     # --- data ---
-    sp = _load_tokenizer(cfg)
+    sp = load_tokenizer(cfg)
     train_paths = shard_paths(cfg.data_path, "train")
     val_paths = shard_paths(cfg.data_path, "val")
+    t0 = time.perf_counter()
+    check_token_ids(train_paths + val_paths, cfg.vocab_size, env.rank, env.world_size)
+    log(f"data: every token id < VOCAB_SIZE={cfg.vocab_size} in {len(train_paths) + len(val_paths)} shards (checked "
+        f"in {time.perf_counter() - t0:.1f}s" + (f", split over {env.world_size} ranks)" if env.distributed else ")"))
     val_tokens = load_val_tokens(val_paths, cfg.eval_seq_len)
     luts = build_byte_luts(sp, cfg.vocab_size)
     loader = DistributedTokenLoader(train_paths, env.rank, env.world_size, device)
