@@ -4,8 +4,8 @@ Calibrates on the run's training shards, quantizes as the run's config says (or 
 runs/<id>/final_model.int6.ptz next to the checkpoint, reads it back and prints the round-trip
 sliding-window val_bpb next to the float one (and, with --compare, every method's gap).
 On the triton backend the kernels it uses pass the start-up self-test first (kernels/selftest.py).
-Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed) or (KERNELS_STRICT=1)
-a Triton op failed its self-test, 2 bad input.
+Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed), (KERNELS_STRICT=1)
+a Triton op failed its self-test or no space was left for the artifact, 2 bad input.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
+from model.io import DiskFullError
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         print(selftest.record_line(paths), flush=True)
         export_run(net, cfg, Path(args.checkpoint).parent, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                    compare=args.compare, log=lambda line: print(line, flush=True))
-    except (OverBudgetError, selftest.SelfTestFailed) as err:
+    except (OverBudgetError, selftest.SelfTestFailed, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ArtifactError as err:

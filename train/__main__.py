@@ -3,8 +3,9 @@
 Configuration comes from PRESET and the seed command's environment variables (model/config.py).
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step and the data
 found, then exits without training. Exit status: 0 done, 1 training diverged, the artifact is over
-the 16,000,000-byte budget or (KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad
-configuration or missing data.
+the 16,000,000-byte budget, (KERNELS_STRICT=1) a Triton op failed its start-up self-test, a disk filled up
+(the checkpoint then lies in CHECKPOINT_FALLBACK_DIR) or a rank stopped answering for DIST_TIMEOUT_SECONDS,
+2 bad configuration or missing data.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import torch
 from kernels.selftest import SelfTestFailed
 from model import ConfigError, build_model, count_parameters, from_env
 from model.config import default_preset
+from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
 from train.data import ShardError, load_shard, shard_paths
-from train.trainer import TrainingDiverged, grad_accum_steps_for, train
+from train.trainer import CheckpointSaveError, RankLost, TrainingDiverged, grad_accum_steps_for, train
 
 
 def _is_main_process() -> bool:
@@ -82,8 +84,11 @@ def main() -> int:
         _say(f"device: cpu ({torch.get_num_threads()} threads), fp32, no torch.compile")
     try:
         train(cfg, export_fn=export_run)
-    except (TrainingDiverged, OverBudgetError, SelfTestFailed) as err:  # the message says what happened (how much)
-        _say(f"error: {err}")
+    except RankLost as err:  # said by every surviving rank: rank 0 may be the one that was lost
+        print(f"error: {err}", flush=True)
+        return 1
+    except (TrainingDiverged, OverBudgetError, SelfTestFailed, DiskFullError, CheckpointSaveError) as err:
+        _say(f"error: {err}")  # the message says what happened (how much, where the weights are)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ShardError) as err:
         _say(f"error: {err}")
