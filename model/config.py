@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field, fields
 
 from kernels.gptq import INVERSES as GPTQ_INVERSES, MAX_BLOCK as GPTQ_MAX_BLOCK, ORDERS as GPTQ_ORDERS
@@ -112,6 +113,10 @@ class Config:
     runs_dir: str = "runs"
     run_id: str = ""                    # "": a timestamp
     dry_run: bool = False
+    # where a checkpoint goes when the run folder's disk is full (the weights are still in memory)
+    checkpoint_fallback_dir: str = setting(tempfile.gettempdir())
+    # how long ranks wait on each other (a collective, a barrier) before the survivors stop with a message
+    dist_timeout_seconds: float = setting(120.0, bound=">0")
     # --- the original's switches for features this project does not have ---
     use_crawler: int = setting(1, fixed=True)
     num_crawler_layers: int = setting(1, fixed=True)

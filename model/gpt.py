@@ -470,11 +470,13 @@ def from_seed_state_dict(state_dict: Mapping) -> CrawlerGPT:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write {"config", "state_dict"} atomically: a temp file in the same folder, then os.replace."""
+    """Write {"config", "state_dict"} atomically: a temp file in the same folder, then os.replace. A full
+    disk raises model.io.DiskFullError with the size the tensors need; the model is untouched."""
     model = _unwrap(model)
     payload = {"config": model.config.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    write_atomic(path, lambda f: torch.save(payload, f))
+    tensor_bytes = sum(v.numel() * v.element_size() for v in payload["state_dict"].values())
+    write_atomic(path, lambda f: torch.save(payload, f), size_hint=tensor_bytes)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> CrawlerGPT:

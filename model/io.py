@@ -4,7 +4,9 @@ model/ is the lowest package that train/, quant/ and bench/ may all import, so t
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,13 +21,44 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes] | Callable[[BinaryIO], object]) -> Path:
+class DiskFullError(OSError):
+    """A write that found no space left: says where and about how many bytes it needed."""
+
+    def __init__(self, path: str | os.PathLike, need_bytes: int | None):
+        self.path, self.need_bytes = Path(path), need_bytes
+        try:
+            free = f", {shutil.disk_usage(self.path.parent).free:,} B free"
+        except OSError:
+            free = ""
+        need = f"~{need_bytes:,} B" if need_bytes is not None else "more than was free"
+        super().__init__(errno.ENOSPC, f"no space left on {self.path}: need {need}{free}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` or an error behind it is ENOSPC/EDQUOT (torch.save reports a failed write of the file
+    object as "unexpected pos ..." with the OSError only as its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes] | Callable[[BinaryIO], object],
+                 size_hint: int | None = None) -> Path:
     """Write `path` so that readers see the old file or the whole new one, never a part.
 
     data: bytes, str (UTF-8), an iterable of byte chunks (streamed), or a function that writes to the
     open binary file (e.g. `lambda f: torch.save(obj, f)`). The data goes to a temp file in the same
     folder, is fsynced, gets the usual mode 0666 & ~umask (mkstemp would leave 0600) and replaces `path`
     with os.replace; on any error the temp file is removed and `path` is untouched. Returns the path.
+    A full disk raises DiskFullError naming `path` and the bytes needed: len(data) for bytes and str,
+    else `size_hint` (the caller's estimate).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,8 +76,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes] | 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(exc):
+            if isinstance(data, (bytes, bytearray, memoryview, str)):
+                size_hint = len(data.encode() if isinstance(data, str) else data)
+            raise DiskFullError(path, size_hint) from exc
         raise
     return path
 

@@ -6,8 +6,8 @@ sliding-window val_bpb next to the float one (and, with --compare, every method'
 the run's whole val set, the result goes into the run's summary.json as the trainer records it (the
 other keys kept; a --val-tokens or --data-path evaluation leaves summary.json as it was).
 On the triton backend the kernels it uses pass the start-up self-test first (kernels/selftest.py).
-Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed) or (KERNELS_STRICT=1)
-a Triton op failed its self-test, 2 bad input.
+Exit status: 0 done, 1 the artifact is over 16,000,000 bytes (by how much is printed), (KERNELS_STRICT=1)
+a Triton op failed its self-test or no space was left for the artifact, 2 bad input.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import kernels
 from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
-from model.io import write_atomic
+from model.io import DiskFullError, write_atomic
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
 from train.trainer import record_export
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         run_dir = Path(args.checkpoint).parent
         result = export_run(net, cfg, run_dir, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
                             compare=args.compare, log=lambda line: print(line, flush=True))
-    except (OverBudgetError, selftest.SelfTestFailed) as err:
+    except (OverBudgetError, selftest.SelfTestFailed, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ArtifactError as err:

@@ -9,13 +9,15 @@ run. It returns a dict (below) whose "calibration_seconds" the trainer checks ag
 Under torch.distributed, rank 0 calibrates, quantizes and writes; every rank then reads the artifact back
 from disk and takes part in the sliding-window evaluation (train.evaluate splits windows over ranks).
 An over-budget artifact raises OverBudgetError on every rank, after writing nothing over
-runs/<id>/final_model.int6.ptz (the blob is kept beside it as final_model.int6.ptz.over-budget).
+runs/<id>/final_model.int6.ptz (the blob is kept beside it as final_model.int6.ptz.over-budget); a full
+disk there raises model.io.DiskFullError on every rank.
 
 With `compare` (default: when the val set holds at most COMPARE_MAX_VAL_TOKENS tokens, so always on the
 tiny preset), every other registered method (quant/methods.py) is quantized too, written to
 runs/<id>/quant_compare/<method>.ptz, read back and evaluated, and every method's quantization gap
 (round-trip val_bpb minus float val_bpb) is logged with the ratio of each pair, later method over earlier
-("gptq/rtn", ...). GPTQ / round-to-nearest is the number this project tracks and pushes down.
+("gptq/rtn", ...). GPTQ / round-to-nearest is the number this project tracks and pushes down. The
+comparison is optional: when its files cannot be written it is skipped with one warning line.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.io import synchronize
+from model.io import DiskFullError, synchronize
 from train.data import TokenStream
 from train.evaluate import autocast_for, validate
 
@@ -138,10 +140,16 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
             log(format_ledger(build_ledger(path)))
         except OverBudgetError as err:
             report.update(over_budget=str(err), total_bytes=err.total_bytes)
+        except DiskFullError as err:
+            report.update(disk_full=(str(err.path), err.need_bytes))
     report = _from_rank0(report)
     if "over_budget" in report:
         log(f"quant: ERROR {report['over_budget']}")
         raise OverBudgetError(report["over_budget"], report["total_bytes"], limit, str(path))
+    if "disk_full" in report:  # the artifact is required: the run fails (its float checkpoint is already saved)
+        err = DiskFullError(*report["disk_full"])
+        log(f"quant: ERROR {err}")
+        raise err
     if _distributed():
         dist.barrier()
 
@@ -174,18 +182,29 @@ def gap_ratios(gaps: dict) -> dict:
 
 
 def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val, val_tokens, luts, device, log) -> dict:
-    """Round trips of the other registered methods, and every method's gap with the ratio of each pair."""
+    """Round trips of the other registered methods, and every method's gap with the ratio of each pair.
+    Optional: when its scratch files cannot be written (a full disk) it is skipped with one warning line."""
     folder = run_dir / "quant_compare"
     others = [m for m in METHODS if m != method]
+    failed = None
     if calibrator is not None:  # rank 0
-        for m in others:
-            quantized, stats = calibrator.quantize(m)
-            # scratch files read back for the comparison only: fast brotli, no budget (same bytes once decoded)
-            write_artifact(folder / f"{m}.ptz", quantized, cfg.to_dict(), limit=math.inf, quality=1)
-            if stats["objective"]:
-                log(f"quant compare: {objective_summary(stats)}")
-    if _distributed():
-        dist.barrier()
+        written = []
+        try:
+            for m in others:
+                quantized, stats = calibrator.quantize(m)
+                # scratch files read back for the comparison only: fast brotli, no budget (same bytes once decoded)
+                written.append(folder / f"{m}.ptz")
+                write_artifact(written[-1], quantized, cfg.to_dict(), limit=math.inf, quality=1)
+                if stats["objective"]:
+                    log(f"quant compare: {objective_summary(stats)}")
+        except OSError as err:
+            failed = str(err)
+            for scratch in written:  # give the space back to what follows (summary.json)
+                scratch.unlink(missing_ok=True)
+    failed = _from_rank0(failed)  # also the barrier before the other ranks read the files
+    if failed is not None:
+        log(f"quant compare: WARNING skipped the method comparison: {failed}")
+        return {"compare_skipped": failed}
     gaps = {method: gap}
     for m in others:
         net, _ = load_model(folder / f"{m}.ptz", device)

@@ -3,6 +3,7 @@ seed's reproduce command is accepted as pasted, bad values stop at start-up with
 original's fixed-only switches reject other values, and SKIP_GPTQ / LOOP_AWARE_GPTQ map to QUANT_METHOD."""
 import dataclasses
 import shlex
+import tempfile
 
 import pytest
 import torch
@@ -59,6 +60,8 @@ STORED_OUROBOROS = {
     'runs_dir': 'runs', 'run_id': '', 'dry_run': False, 'use_crawler': 1, 'num_crawler_layers': 1, 'skip_ema': 1,
     'crawler_tap_dim': 0, 'anchor_dim': 0, 'crawler_mlp_choke_dim': 0,
 }
+# Fields added since cc7cd17, all run control (no model, training or quantization value), at their defaults.
+ADDED_SINCE = {"checkpoint_fallback_dir": tempfile.gettempdir(), "dist_timeout_seconds": 120.0}
 # The other presets as cc7cd17 resolved them: what each differed in from its `ouroboros`.
 STORED = {
     "ouroboros": STORED_OUROBOROS,
@@ -85,6 +88,7 @@ def test_presets_resolve_to_the_values_they_had(preset):
     want = {k: v for k, v in STORED[preset].items() if k not in ("skip_gptq", "loop_aware_gptq")}
     want["quant_method"] = "loop_aware"  # SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
     want.update(ADDED_AS_RUN if preset == "ouroboros-as-run" else ADDED)
+    want.update(ADDED_SINCE)
     got = from_env({}, preset=preset).to_dict()
     assert set(got) == set(want)
     assert {k: got[k] for k in got if got[k] != want[k]} == {}, preset  # field by field

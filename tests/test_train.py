@@ -347,16 +347,17 @@ def test_training_scopes_tf32_to_the_run(monkeypatch):
             raise RuntimeError("planted failure")
         return {}
 
-    monkeypatch.setattr(trainer, "setup_distributed", lambda: trainer.DistEnv(0, 1, 0, torch.device("cuda", 0)))
+    monkeypatch.setattr(trainer, "setup_distributed", lambda _: trainer.DistEnv(0, 1, 0, torch.device("cuda", 0)))
     monkeypatch.setattr(trainer, "_train", fake_train)
+    cfg = from_env(environ={}, preset="tiny")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    trainer.train(None)
+    trainer.train(cfg)
     assert seen == [(True, True)]
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     with pytest.raises(RuntimeError, match="planted failure"):
-        trainer.train(None)
+        trainer.train(cfg)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-    monkeypatch.setattr(trainer, "setup_distributed", lambda: trainer.DistEnv(0, 1, 0, torch.device("cpu")))
+    monkeypatch.setattr(trainer, "setup_distributed", lambda _: trainer.DistEnv(0, 1, 0, torch.device("cpu")))
     seen.clear()
-    trainer.train(None)
+    trainer.train(cfg)
     assert seen == [(False, False)]  # a CPU run leaves them alone

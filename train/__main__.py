@@ -4,9 +4,10 @@ Configuration comes from PRESET and the seed command's environment variables (mo
 variable that looks like a misspelt one of them is a warning, or with STRICT_ENV=1 an error.
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step, the data found
 and the tokenizer, then exits without training: 0 when a run could start, 2 when something is NOT READY.
-Exit status: 0 done, 1 training diverged, the artifact is over the 16,000,000-byte budget or
-(KERNELS_STRICT=1) a Triton op failed its start-up self-test, 2 bad input (configuration, KERNELS, data,
-tokenizer), said in one line before any step runs.
+Exit status: 0 done, 1 training diverged, the artifact is over the 16,000,000-byte budget,
+(KERNELS_STRICT=1) a Triton op failed its start-up self-test, a disk filled up (the checkpoint then lies
+in CHECKPOINT_FALLBACK_DIR) or a rank stopped answering for DIST_TIMEOUT_SECONDS, 2 bad input
+(configuration, KERNELS, data, tokenizer), said in one line before any step runs.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import kernels
 from kernels.selftest import SelfTestFailed
 from model import ConfigError, build_model, count_parameters, from_env
 from model.config import check_variable_names, default_preset
+from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
 from train.data import ShardError, check_token_ids, load_shard, shard_paths, usable_val_tokens
-from train.trainer import TrainingDiverged, grad_accum_steps_for, load_tokenizer, train
+from train.trainer import (CheckpointSaveError, RankLost, TrainingDiverged, grad_accum_steps_for, load_tokenizer,
+                           train)
 
 
 def _is_main_process() -> bool:
@@ -99,8 +102,11 @@ def main() -> int:
         _say(f"device: cpu ({torch.get_num_threads()} threads), fp32, no torch.compile")
     try:
         train(cfg, export_fn=export_run)
-    except (TrainingDiverged, OverBudgetError, SelfTestFailed) as err:  # the message says what happened (how much)
-        _say(f"error: {err}")
+    except RankLost as err:  # said by every surviving rank: rank 0 may be the one that was lost
+        print(f"error: {err}", flush=True)
+        return 1
+    except (TrainingDiverged, OverBudgetError, SelfTestFailed, DiskFullError, CheckpointSaveError) as err:
+        _say(f"error: {err}")  # the message says what happened (how much, where the weights are)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ShardError) as err:
         _say(f"error: {err}")

@@ -15,6 +15,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import resource
 import secrets
 import time
@@ -41,7 +42,7 @@ SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls b
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces with no state: the GPTQ reserve, distributed setup
+# Pieces with no state: the GPTQ reserve, distributed setup, lost ranks, saving the weights
 
 
 def default_gptq_reserve_seconds(cfg: Config, on_cuda: bool) -> float:
@@ -64,6 +65,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    monitor: object = None          # the gloo group that check_ranks' monitored_barrier runs on
+    timeout_seconds: float = 120.0  # DIST_TIMEOUT_SECONDS
 
     @property
     def distributed(self) -> bool:
@@ -74,8 +77,17 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup_distributed() -> DistEnv:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and start the process group."""
+class RankLost(RuntimeError):
+    """A rank stopped answering: a collective or a barrier waited DIST_TIMEOUT_SECONDS for it."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """The checkpoint is not in the run folder: at CHECKPOINT_FALLBACK_DIR instead, or (the message says) lost."""
+
+
+def setup_distributed(timeout_seconds: float = 120.0) -> DistEnv:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and start the process group, whose
+    collectives give up after `timeout_seconds` (DIST_TIMEOUT_SECONDS) instead of torch's 30 minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -86,10 +98,41 @@ def setup_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank, world_size, local_rank, device)
+    monitor = None
+    if world_size > 1:
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None, timeout=timeout)
+        # gloo's monitored_barrier names the ranks that did not arrive; NCCL has none, and a group of its own
+        # stays usable after a collective of the main group timed out.
+        monitor = dist.new_group(backend="gloo", timeout=timeout)
+    env = DistEnv(rank, world_size, local_rank, device, monitor, timeout_seconds)
+    check_ranks(env, "at start-up")
+    return env
+
+
+def check_ranks(env: DistEnv, where: str, timeout_seconds: float | None = None) -> None:
+    """Wait until every rank gets here; after `timeout_seconds` (default DIST_TIMEOUT_SECONDS) raise RankLost
+    naming the ranks that did not (rank 0 can tell; another rank hears only that rank 0 did not confirm)."""
+    if not env.distributed:
+        return
+    timeout = env.timeout_seconds if timeout_seconds is None else timeout_seconds
+    try:
+        dist.monitored_barrier(env.monitor, timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as err:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
+        lost = (f"rank{'s' if ',' in found.group(1) else ''} {found.group(1).strip()} stopped answering" if found
+                else "rank 0 did not confirm that every rank answered: rank 0 or a rank it names stopped answering")
+        raise RankLost(f"rank {env.rank}, {where}: {lost} (no reply within {timeout:g}s; "
+                       f"DIST_TIMEOUT_SECONDS={env.timeout_seconds:g})") from err
+
+
+def _collective_failed(err: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo and NCCL raise plain RuntimeErrors naming themselves)."""
+    if isinstance(err, RankLost):
+        return False
+    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "imed out"))
 
 
 def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
@@ -102,6 +145,44 @@ def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of WORLD_SIZE x "
                          f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {accum} x {cfg.train_seq_len} = {micro}")
     return accum
+
+
+def save_weights(model: torch.nn.Module, path: Path, cfg: Config, log) -> Path:
+    """save_checkpoint at `path`; when that fails (a full disk), at CHECKPOINT_FALLBACK_DIR/ouroboros-<run id>/
+    from the weights still in memory. Returns where they went; raises CheckpointSaveError when both fail."""
+    try:
+        save_checkpoint(model, path)
+        log(f"saved: {path}")
+        return path
+    except OSError as err:
+        first = err
+    fallback = Path(cfg.checkpoint_fallback_dir) / f"ouroboros-{path.parent.name}" / path.name
+    log(f"ERROR: {first}; saving the weights to CHECKPOINT_FALLBACK_DIR instead: {fallback}")
+    try:
+        save_checkpoint(model, fallback)
+    except OSError as err:
+        raise CheckpointSaveError(f"the trained weights are lost: {first}; and at CHECKPOINT_FALLBACK_DIR: {err}") \
+            from err
+    log(f"saved: {fallback} (CHECKPOINT_FALLBACK_DIR; {path} was not written)")
+    return fallback
+
+
+def save_weights_on_rank0(env: DistEnv, model: torch.nn.Module, path: Path, cfg: Config, log) -> Path:
+    """Rank 0 saves (save_weights); every rank learns where the weights went, or stops with rank 0's error."""
+    outcome = ("", "")
+    if env.is_main:
+        try:
+            outcome = (str(save_weights(model, path, cfg, log)), "")
+        except CheckpointSaveError as err:
+            log(f"ERROR: {err}")
+            outcome = ("", str(err))
+    if env.distributed:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[1]:
+        raise CheckpointSaveError(outcome[1])
+    return Path(outcome[0])
 
 
 def selftest_kernels(env: DistEnv, ops=selftest.TRAINING_OPS) -> dict[str, str]:
@@ -179,7 +260,11 @@ class RunLog:
         if self.echo:
             print(line, flush=True)
         if self._file is not None:
-            self._file.write(line + "\n")
+            try:
+                self._file.write(line + "\n")
+            except OSError as err:  # a full disk: the run goes on, and the screen still gets every line
+                self._file = None
+                print(f"WARNING: {self.path}: {err}; the rest of this log is on screen only", flush=True)
 
     def appends(self) -> bool:
         """Whether train.log already held lines when this log opened it (a rerun in the same folder)."""
@@ -317,12 +402,18 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
     float weights (rank 0 and the others alike); a "calibration_seconds" key in its result is checked
     against the GPTQ_RESERVE_SECONDS reservation.
     """
-    env = setup_distributed()
+    env = setup_distributed(cfg.dist_timeout_seconds)
     try:
         # TF32 for the fp32 paths that remain on CUDA (the matrices run bf16 under autocast), for this run
         # only: a process that goes on after it (a test worker, a notebook) gets its own flags back.
         with tf32_matmuls(env.device.type == "cuda"):
             return _train(cfg, env, export_fn, echo)
+    except RuntimeError as err:
+        if env.distributed and _collective_failed(err):
+            # The survivors time out at about the same moment: a short barrier finds the rank that is missing.
+            what = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).splitlines() or [""])[0])  # less gloo's source line
+            check_ranks(env, f"after a collective failed ({what[:160]})", min(env.timeout_seconds, 10.0))
+        raise
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -477,9 +568,8 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
 
     if status == "diverged":
         # The failing step was never applied: the weights in memory are those after the last good step.
-        path = run_dir / "last_good_model.pt"
+        path = save_weights_on_rank0(env, base_model, run_dir / "last_good_model.pt", cfg, log)
         if env.is_main:
-            save_checkpoint(base_model, path)
             summary["error"] = message
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         text = (f"training stopped: non-finite loss at {message}; the last good weights (after step {step}) "
@@ -493,9 +583,9 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
         log(f"swa: loaded the average of {swa.count} snapshots (every {cfg.swa_every} steps once lr_mult < "
             f"{SWA_START_MULTIPLIER})")
     summary["swa_snapshots"] = swa.count
-    if env.is_main:
-        save_checkpoint(base_model, run_dir / "final_model.pt")  # atomic: temp file + os.replace
-        log(f"saved: {run_dir / 'final_model.pt'}")
+    check_ranks(env, "before saving the checkpoint")
+    checkpoint = save_weights_on_rank0(env, base_model, run_dir / "final_model.pt", cfg, log)
+    summary["checkpoint"] = str(checkpoint)
 
     # --- the final score of the float model: sliding window ---
     t_eval = time.perf_counter()
@@ -531,4 +621,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     log.close()
     if overran:
         raise RuntimeError(f"calibration overran the wall clock: {overran}")
+    if checkpoint.parent != run_dir:  # the run finished: only its checkpoint lies elsewhere
+        raise CheckpointSaveError(f"the run finished, but its checkpoint could not be written in {run_dir} (see "
+                                  f"above): the weights are in {checkpoint}")
     return summary
