@@ -476,7 +476,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     log(f"run: {run_dir}  preset:{cfg.preset}  device:{device}  world_size:{env.world_size}  grad_accum_steps:{accum}")
     log(f"model_params:{n_params}  train_shards:{len(train_paths)}  val_tokens:{val_tokens.numel() - 1}  "
         f"tokens_per_step:{cfg.train_batch_tokens}  seq_len:{cfg.train_seq_len}")
-    log(f"schedule: " + (f"wall clock {cfg.max_wallclock_seconds:g}s minus gptq reserve {reserve_s:g}s, "
+    log("schedule: " + (f"wall clock {cfg.max_wallclock_seconds:g}s minus gptq reserve {reserve_s:g}s, "
                          f"warmdown {cfg.warmdown_iters} avg steps, iterations cap {cfg.iterations}"
                          if max_wallclock_ms is not None else
                          f"by step: {cfg.iterations} iterations, warmdown over the last {cfg.warmdown_iters}"))
