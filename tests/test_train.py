@@ -163,6 +163,7 @@ def test_loss_falls_and_run_folder(small_data, tmp_path):
     # multiplier (30 - s) / 30 < 0.2 for 0-based steps s >= 25, so snapshots after steps 26, 28 and 30
     assert on_disk["swa_snapshots"] == 3
     assert 0 < on_disk["val_bpb"] < 4.0 and on_disk["val_bpb"] == pytest.approx(summary["val_bpb"])
+    assert on_disk["float_val_bpb"] == on_disk["val_bpb"]  # no export step: the float model's score
     assert json.loads((run / "config.json").read_text())["iterations"] == 30
     log = (run / "train.log").read_text()
     assert "step:10/30 train_loss:" in log and "step_avg:" in log
@@ -250,7 +251,9 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(small_data, 
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["grad_accum_steps"] == 1 and single["grad_accum_steps"] == 2
     np.testing.assert_allclose(ddp["train_losses"], single["train_losses"], rtol=1e-5)
-    assert ddp["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    # `python -m train` exported the artifact, whose score is then the run's val_bpb; `single` did not
+    assert ddp["float_val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    assert ddp["val_bpb"] == ddp["export"]["roundtrip_val_bpb"]
     a = load_checkpoint(tmp_path / "ddp" / "final_model.pt").state_dict()
     b = load_checkpoint(tmp_path / "single" / "final_model.pt").state_dict()
     for name in a:
