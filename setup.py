@@ -22,6 +22,8 @@ setup(
         "pytest",
         "pytest-benchmark",
         "pytest-xdist",
+        # `python -m quant.records stats` only (its Welch t-test); no run imports it, so it is not in the bundle
+        "scipy",
     ],
     extras_require={"download": ["huggingface_hub"]},
 )

@@ -24,7 +24,8 @@
     quant.generate    generate(model, prompt_ids, n, temperature=, top_k=, seed=) with a KV cache (model/decode.py)
 
 CLIs: `python -m quant --checkpoint runs/<id>/final_model.pt` (the export step for a saved run),
-`python -m quant.inspect runs/<id>/final_model.int6.ptz` (the size ledger) and
-`python -m quant.generate --artifact runs/<id>/final_model.int6.ptz --prompt "..." --tokens 64` (sampling).
+`python -m quant.inspect runs/<id>/final_model.int6.ptz` (the size ledger),
+`python -m quant.generate --artifact runs/<id>/final_model.int6.ptz --prompt "..." --tokens 64` (sampling) and
+`python -m quant.records export|check|stats` (a submission's records folder from finished runs).
 Imports: quant/ uses kernels/, model/, train.data and train.evaluate, never the training loop.
 """

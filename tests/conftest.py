@@ -71,6 +71,31 @@ def prepared_corpus():
     return prepare(out_root=REPO / "data", progress=False)
 
 
+# A 2-block model at sequence length 64: the same code paths as the presets, at a fraction of the cost.
+SMALL = dict(model_dim=64, num_heads=1, num_kv_heads=1, num_flat_layers=2, crawler_loops=2,
+             bigram_vocab_size=256, bigram_dim=32, inst_dim=8, train_seq_len=64, train_batch_tokens=4 * 64,
+             grad_accum_steps=1, iterations=3, max_wallclock_seconds=0.0, warmdown_iters=0, warmup_steps=0,
+             val_loss_every=0, train_log_every=1, swa_every=0, eval_seq_len=64, eval_stride=32,
+             eval_batch_seqs=32, seed=7)
+
+
+@pytest.fixture(scope="session")
+def small_data(prepared_corpus, tmp_path_factory):
+    """The first 60k train and 2k val tokens of the embedded corpus, as shards of their own: DATA_PATH and
+    TOKENIZER_PATH for runs that take seconds (tests/test_train.py, tests/test_records.py)."""
+    import numpy as np
+
+    from train.data import load_shard, shard_paths, write_shard
+
+    folder = tmp_path_factory.mktemp("small_corpus")
+    src = prepared_corpus.dataset_dir
+    train_tokens = np.concatenate([load_shard(p) for p in shard_paths(src, "train")])[:60_000]
+    val_tokens = load_shard(shard_paths(src, "val")[0])[:2_049]
+    write_shard(folder / "embedded_train_000000.bin", train_tokens)
+    write_shard(folder / "embedded_val_000000.bin", val_tokens)
+    return dict(data_path=str(folder), tokenizer_path=str(prepared_corpus.tokenizer_path))
+
+
 TINY_RUN_STEPS = 40  # enough that the weights leave their init and quantization gaps mean something
 
 

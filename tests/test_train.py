@@ -15,20 +15,13 @@ import pytest
 import torch
 
 import kernels
+from conftest import SMALL
 from model import build_model, count_parameters, from_env, load_checkpoint
 from train import trainer
-from train.data import load_shard, shard_paths, write_shard
 from train.step import Optimizers, TrainingDiverged, lr_multiplier
 from train.trainer import SnapshotAverage, grad_accum_steps_for, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-# A 2-block model at sequence length 64: the same code paths as the presets, at a fraction of the cost.
-SMALL = dict(model_dim=64, num_heads=1, num_kv_heads=1, num_flat_layers=2, crawler_loops=2,
-             bigram_vocab_size=256, bigram_dim=32, inst_dim=8, train_seq_len=64, train_batch_tokens=4 * 64,
-             grad_accum_steps=1, iterations=3, max_wallclock_seconds=0.0, warmdown_iters=0, warmup_steps=0,
-             val_loss_every=0, train_log_every=1, swa_every=0, eval_seq_len=64, eval_stride=32,
-             eval_batch_seqs=32, seed=7)
 
 
 @pytest.fixture(autouse=True)
@@ -37,18 +30,6 @@ def torch_kernels():
     kernels.set_backend("torch")
     yield
     kernels.set_backend(None)
-
-
-@pytest.fixture(scope="module")
-def small_data(prepared_corpus, tmp_path_factory):
-    """The first 60k train and 2k val tokens of the embedded corpus, as shards of their own."""
-    folder = tmp_path_factory.mktemp("small_corpus")
-    src = prepared_corpus.dataset_dir
-    train_tokens = np.concatenate([load_shard(p) for p in shard_paths(src, "train")])[:60_000]
-    val_tokens = load_shard(shard_paths(src, "val")[0])[:2_049]
-    write_shard(folder / "embedded_train_000000.bin", train_tokens)
-    write_shard(folder / "embedded_val_000000.bin", val_tokens)
-    return dict(data_path=str(folder), tokenizer_path=str(prepared_corpus.tokenizer_path))
 
 
 def small_config(small_data, runs_dir, run_id, **overrides):
@@ -163,6 +144,7 @@ def test_loss_falls_and_run_folder(small_data, tmp_path):
     # multiplier (30 - s) / 30 < 0.2 for 0-based steps s >= 25, so snapshots after steps 26, 28 and 30
     assert on_disk["swa_snapshots"] == 3
     assert 0 < on_disk["val_bpb"] < 4.0 and on_disk["val_bpb"] == pytest.approx(summary["val_bpb"])
+    assert on_disk["float_val_bpb"] == on_disk["val_bpb"]  # no export step: the float model's score
     assert json.loads((run / "config.json").read_text())["iterations"] == 30
     log = (run / "train.log").read_text()
     assert "step:10/30 train_loss:" in log and "step_avg:" in log
@@ -250,7 +232,9 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(small_data, 
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["grad_accum_steps"] == 1 and single["grad_accum_steps"] == 2
     np.testing.assert_allclose(ddp["train_losses"], single["train_losses"], rtol=1e-5)
-    assert ddp["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    # `python -m train` exported the artifact, whose score is then the run's val_bpb; `single` did not
+    assert ddp["float_val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    assert ddp["val_bpb"] == ddp["export"]["roundtrip_val_bpb"]
     a = load_checkpoint(tmp_path / "ddp" / "final_model.pt").state_dict()
     b = load_checkpoint(tmp_path / "single" / "final_model.pt").state_dict()
     for name in a:

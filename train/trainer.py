@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import triton
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
@@ -360,9 +361,19 @@ def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path,
 
 
 def record_export(summary: dict, result: dict) -> dict:
-    """The export step's result in a run's summary, as the trainer and `python -m quant --checkpoint` record it."""
+    """The export step's result in a run's summary, as the trainer and `python -m quant --checkpoint` record it:
+    the artifact's round-trip score becomes the summary's val_loss/val_bpb (float_val_loss/bpb keep the float's)."""
     summary["export"] = result
+    if "roundtrip_val_bpb" in result:
+        summary.update(val_loss=result["roundtrip_val_loss"], val_bpb=result["roundtrip_val_bpb"])
     return summary
+
+
+def versions_line(device: torch.device) -> str:
+    """What the run ran on, in the form reviewers read and `python -m quant.records export` copies."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (f"versions: torch:{torch.__version__} triton:{triton.__version__} cuda:{torch.version.cuda or 'none'} "
+            f"gpu:{gpu}")
 
 
 def peak_memory_line(device: torch.device) -> str:
@@ -400,7 +411,8 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
 
     export_fn(model, cfg, run_dir, **context) -> dict, if given, runs right after training on the final
     float weights (rank 0 and the others alike); a "calibration_seconds" key in its result is checked
-    against the GPTQ_RESERVE_SECONDS reservation.
+    against the GPTQ_RESERVE_SECONDS reservation, and its "roundtrip_val_loss/bpb" (the artifact's score)
+    become the summary's val_loss/val_bpb (the float model's stay as float_val_loss/bpb).
     """
     env = setup_distributed(cfg.dist_timeout_seconds)
     try:
@@ -474,6 +486,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     if env.is_main:
         write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     log(f"run: {run_dir}  preset:{cfg.preset}  device:{device}  world_size:{env.world_size}  grad_accum_steps:{accum}")
+    log(versions_line(device))
     log(f"model_params:{n_params}  train_shards:{len(train_paths)}  val_tokens:{val_tokens.numel() - 1}  "
         f"tokens_per_step:{cfg.train_batch_tokens}  seq_len:{cfg.train_seq_len}")
     log("schedule: " + (f"wall clock {cfg.max_wallclock_seconds:g}s minus gptq reserve {reserve_s:g}s, "
@@ -559,6 +572,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
             if reached.item():
                 stop_after_step = step
 
+    log(f"train_stop: train_time_s:{training_time_ms / 1000:.3f} steps:{step}")
     log(peak_memory_line(device))
     summary = dict(run_id=run_dir.name, preset=cfg.preset, status=status, steps=step, iterations=cfg.iterations,
                    train_time_ms=round(training_time_ms, 1),
@@ -593,7 +607,9 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     eval_ms = 1000.0 * (time.perf_counter() - t_eval)
     log(f"final_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"seq_len:{cfg.eval_seq_len} stride:{cfg.eval_stride} eval_time:{eval_ms:.0f}ms")
-    summary.update(val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=round(eval_ms, 1))
+    # val_loss/val_bpb become the artifact's round-trip score once an export ran; float_* stay the float model's
+    summary.update(val_loss=val_loss, val_bpb=val_bpb, float_val_loss=val_loss, float_val_bpb=val_bpb,
+                   eval_time_ms=round(eval_ms, 1))
 
     # --- the export step (quant/): its calibration time counts against the wall clock, which is why
     # training stopped GPTQ_RESERVE_SECONDS early; serialization and compression come after the cap ---
@@ -603,7 +619,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     if export_fn is not None:
         result = export_fn(base_model, cfg, run_dir, env=env, log=log, train_paths=train_paths,
                            val_tokens=val_tokens, luts=luts, reserve_seconds=reserve_s,
-                           float_val=(val_loss, val_bpb)) or {}
+                           float_val=(val_loss, val_bpb), train_seconds=training_time_ms / 1000) or {}
         record_export(summary, result)
         calib = result.get("calibration_seconds")
         if (calib is not None and max_wallclock_ms is not None and calib > reserve_s
