@@ -31,7 +31,7 @@ from model.gpt import CRAWLER, Block, CrawlerGPT, Rope, bf16_rounded, rope_table
 from train.step import TrainStep
 from train.trainer import train
 
-from test_train import env_vars, small_config, small_data  # noqa: F401 (small_data is a fixture)
+from test_train import env_vars, small_config
 
 
 # --- run folders, unknown variables, small things (items 1, 6, 7) ---
