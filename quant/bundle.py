@@ -38,7 +38,8 @@ _LZMA = dict(format=lzma.FORMAT_ALONE,
 _SEP = "\0"  # between names and sources in the blob: a null byte cannot occur in Python source
 
 # The loader. Its finder (a class, like the standard library's) is what quant.artifact looks for
-# (bundle_file) to tell a run from the bundle from a run from the sources.
+# (bundle_file) to tell a run from the bundle from a run from the sources; quant/records_check.py's probe
+# reads M (module name -> source) and B (the file).
 LOADER = '''"""Ouroboros: kernels, model, train and quant in one file. `python train_gpt.py` is `python -m train`."""
 import base64,linecache,lzma,os,sys
 from importlib.machinery import ModuleSpec
