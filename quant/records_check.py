@@ -209,16 +209,19 @@ def _probe(bundle: Path, env: dict, cwd: Path) -> dict:
 
 def _short_runs(bundle: Path, work: Path, data_path: str, tokenizer_path: str, log) -> None:
     """Stage 4: the same short run from the bundle and from this checkout, at once, one thread each."""
-    settings = {**RUN_SETTINGS, **ONE_THREAD, "RUNS_DIR": str(work / "runs"), "DATA_PATH": data_path,
+    # The artifact's header holds the config, RUNS_DIR and RUN_ID included: the same relative RUNS_DIR and
+    # RUN_ID from two working directories keep the two artifacts comparable byte for byte.
+    settings = {**RUN_SETTINGS, **ONE_THREAD, "RUNS_DIR": "runs", "RUN_ID": "check", "DATA_PATH": data_path,
                 "TOKENIZER_PATH": tokenizer_path}
     if not torch.cuda.is_available():
         settings["KERNELS"] = "torch"
-    commands = {"bundle": ([sys.executable, "-I", str(bundle)], bundle.parent, {}),
-                "package": ([sys.executable, "-m", "train"], REPO, {"PYTHONPATH": str(REPO)})}
+    commands = {"bundle": ([sys.executable, "-I", str(bundle)], {}),
+                "package": ([sys.executable, "-m", "train"], {"PYTHONPATH": str(REPO)})}
     procs = {}
-    for name, (cmd, cwd, extra) in commands.items():
+    for name, (cmd, extra) in commands.items():
+        (work / name).mkdir()
         out = open(work / f"{name}.out", "w")
-        procs[name] = (subprocess.Popen(cmd, env=_child_env({**settings, **extra, "RUN_ID": name}), cwd=cwd,
+        procs[name] = (subprocess.Popen(cmd, env=_child_env({**settings, **extra}), cwd=work / name,
                                         stdout=out, stderr=subprocess.STDOUT, text=True), out)
     failed = []
     for name, (proc, out) in procs.items():
@@ -233,7 +236,7 @@ def _short_runs(bundle: Path, work: Path, data_path: str, tokenizer_path: str, l
                           + (work / f"{name}.out").read_text()[-3000:])
     if failed:
         raise CheckFailed("\n".join(failed))
-    runs = {name: json.loads((work / "runs" / name / "summary.json").read_text()) for name in commands}
+    runs = {name: json.loads((work / name / "runs" / "check" / "summary.json").read_text()) for name in commands}
     b, p = runs["bundle"], runs["package"]
     pairs = {"train_losses": (b["train_losses"], p["train_losses"]),
              "model_bytes": (b["export"]["model_bytes"], p["export"]["model_bytes"]),
