@@ -1,5 +1,5 @@
 """The 16 MB artifact's file format: the encoding of quantized tensors (quant/scheme.py), the atomic write
-within the size budget (model + code bytes), and the checked read.
+within the size budget (model + code bytes, the code being the submitted train_gpt.py), and the checked read.
 
 File layout (all integers little-endian):
     MAGIC (8 bytes) | format version u32 | payload length u64 | sha256(payload) (32 bytes) | payload
@@ -202,24 +202,20 @@ def blob(quantized: dict, config: dict, encoding: dict | None = None, quality: i
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
-# The project's packages that rebuild and evaluate the model (tests/ and bench/ are not needed). Named, not
-# discovered: after a plain `pip install .` their neighbours in site-packages are torch and the rest.
-CODE_PACKAGES = ("kernels", "model", "quant", "train")
+def code_source(root: str | Path | None = None) -> bytes:
+    """The counted code (SPEC 5): the train_gpt.py this process was started from, else (or given a source
+    root) the one quant.bundle builds from the sources, which is what an export would submit."""
+    loader = getattr(__spec__, "loader", None)  # in a run from the bundle, its finder
+    started_from = getattr(loader, "bundle_file", None) if root is None else None
+    if started_from:
+        return Path(started_from).read_bytes()
+    from .bundle import build_bundle  # not in the bundle: only a run from the sources builds one
 
-
-def code_files(root: str | Path | None = None) -> list[Path]:
-    """Every source file needed to rebuild and evaluate the model: the .py files of CODE_PACKAGES under root."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
-    files = []
-    for name in CODE_PACKAGES:
-        pkg = root / name
-        if (pkg / "__init__.py").exists():
-            files += sorted(f for f in pkg.rglob("*.py") if "__pycache__" not in f.parts)
-    return files
+    return build_bundle(root)
 
 
 def code_bytes(root: str | Path | None = None) -> int:
-    return sum(f.stat().st_size for f in code_files(root))
+    return len(code_source(root))
 
 
 @dataclass
@@ -229,6 +225,7 @@ class ArtifactInfo:
     code_bytes: int
     limit: int = SIZE_LIMIT
     extra: dict = field(default_factory=dict)
+    code_sha256: str = ""     # of the counted train_gpt.py
 
     @property
     def total_bytes(self) -> int:
@@ -246,7 +243,8 @@ def write_artifact(path: str | Path, quantized: dict, config: dict, encoding: di
     keep the blob beside it as `<path>.over-budget` (nothing is lost) and raise OverBudgetError."""
     path = Path(path)
     data = blob(quantized, config, encoding, quality)
-    info = ArtifactInfo(str(path), len(data), code_bytes(code_root), limit)
+    code = code_source(code_root)
+    info = ArtifactInfo(str(path), len(data), len(code), limit, code_sha256=hashlib.sha256(code).hexdigest())
     if info.total_bytes > limit:
         aside = path.with_name(path.name + ".over-budget")
         write_atomic(aside, data)

@@ -141,6 +141,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
             log(f"quant: wrote {path}: {info.model_bytes:,} B model + {info.code_bytes:,} B code = "
                 f"{info.total_bytes:,} B ({limit - info.total_bytes:,} B under the {limit:,} B limit) "
                 f"in {time.perf_counter() - t1:.1f}s")
+            log(f"code_bytes:{info.code_bytes} code_sha256:{info.code_sha256}")
             # The size ledger (python -m quant.inspect) in the run log: where the bytes went, and the
             # full model's projected size at these bits per value.
             log(format_ledger(build_ledger(path)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, code_files, compress, encode, section_bytes
+from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, compress, encode, section_bytes
 from .load import read_model_artifact
 from .scheme import KIND_FP16, KIND_INT6, KIND_INT8, tensor_kind
 
@@ -31,8 +31,7 @@ class Ledger:
     params: dict            # kind -> model parameters stored that way
     bytes: dict             # category -> bytes when compressed alone; plus "header"
     file_bytes: int
-    code_bytes: int
-    code_files: int
+    code_bytes: int         # the submitted train_gpt.py (quant.artifact.code_bytes)
     limit: int = SIZE_LIMIT
     projection: dict = field(default_factory=dict)
 
@@ -62,7 +61,7 @@ def build_ledger(path: str | Path, project: bool = True) -> Ledger:
     body = encode(art.tensors, art.config, art.encoding)
     header_len = int.from_bytes(body[:4], "little")
     sizes["header"] = len(compress(body[:4 + header_len])) + _PREFIX.size
-    ledger = Ledger(str(path), art.encoding, values, params, sizes, art.file_bytes, code_bytes(), len(code_files()))
+    ledger = Ledger(str(path), art.encoding, values, params, sizes, art.file_bytes, code_bytes())
     if project:
         ledger.projection = project_ouroboros(ledger)
     return ledger
@@ -116,7 +115,7 @@ def format_ledger(ledger: Ledger) -> str:
               f"{'sum of parts, each alone':<40}{alone:>14,}",
               f"{'model file (one stream)':<40}{ledger.file_bytes:>14,}   "
               f"{8 * ledger.file_bytes / n_params:.3f} bits per parameter over {n_params:,}",
-              f"{'code (%d .py files)' % ledger.code_files:<40}{ledger.code_bytes:>14,}",
+              f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",
               f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
               + (f"{ledger.limit - ledger.total_bytes:,} under" if ledger.total_bytes <= ledger.limit
                  else f"OVER by {ledger.total_bytes - ledger.limit:,}")]

@@ -12,7 +12,7 @@ import model
 from model.config import Config, from_env
 from quant import artifact as art
 from quant import inspect as quant_inspect, ledger as quant_ledger
-from quant import load, scheme
+from quant import bundle, load, scheme
 
 ENCODINGS = [dict(codes=c, fp16=f) for c in art.CODE_ENCODINGS for f in art.FP16_ENCODINGS]
 
@@ -187,18 +187,22 @@ def test_over_budget_raises_and_keeps_the_existing_artifact(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_code_bytes_counts_package_sources_outside_tests_and_bench(tmp_path):
-    for rel, text in {"kernels/__init__.py": "a", "kernels/sub/x.py": "bcd", "model/m.py": "ef", "model/__init__.py": "",
-                      "tests/__init__.py": "xxxxxxxx", "tests/t.py": "yyyy", "bench/__init__.py": "zz",
-                      "notes/readme.py": "not a package", "kernels/__pycache__/c.py": "cache", "model/data.bin": "bin",
-                      "torch/__init__.py": "a site-packages neighbour after a non-editable install"}.items():
+def test_code_bytes_are_the_bundle_an_export_submits(tmp_path):
+    """SPEC 5: the counted code is train_gpt.py (quant/bundle.py) built from the sources a run imports."""
+    assert art.code_bytes() == len(art.code_source()) == len(bundle.build_bundle()) <= bundle.SIZE_TARGET
+    for rel, text in {"train/__init__.py": "", "train/__main__.py": "import model.m\n", "model/__init__.py": "",
+                      "model/m.py": "X = 1  # a comment the bundle drops\n", "model/unused.py": "Y = 2\n",
+                      "tests/t.py": "import model.m\n", "bench/__init__.py": "import model.m\n"}.items():
         f = tmp_path / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(text)
-    assert art.code_bytes(tmp_path) == len("a") + len("bcd") + len("ef")
-    repo = art.code_files()
-    assert any(f.name == "gptq.py" and f.parent.name == "quant" for f in repo)
-    assert not any(part in ("tests", "bench") for f in repo for part in f.relative_to(Path(art.__file__).parents[1]).parts)
+    assert sorted(bundle.bundled_modules(tmp_path)) == ["model", "model.m", "train", "train.__main__"]
+    assert art.code_bytes(tmp_path) == len(bundle.build_bundle(tmp_path)) < art.code_bytes()
+    path = tmp_path / art.ARTIFACT_NAME
+    cfg = from_env(environ={}, preset="tiny")
+    info = art.write_artifact(path, {}, cfg.to_dict(), code_root=tmp_path)
+    assert info.code_bytes == art.code_bytes(tmp_path)
+    assert info.code_sha256 == hashlib.sha256(bundle.build_bundle(tmp_path)).hexdigest()
 
 
 def test_ledger_accounts_for_every_byte_and_parameter(tiny, tmp_path, capsys):
@@ -210,7 +214,7 @@ def test_ledger_accounts_for_every_byte_and_parameter(tiny, tmp_path, capsys):
     assert led.values["int6_codes"] == led.params[scheme.KIND_INT6]
     assert led.values["int6_steps"] == sum(q.shape[0] for q in quantized.values() if q.kind == scheme.KIND_INT6)
     assert led.file_bytes == path.stat().st_size and led.total_bytes == led.file_bytes + led.code_bytes
-    assert led.code_bytes > 50_000 and led.code_files > 10  # the package sources are counted
+    assert led.code_bytes == art.code_bytes() == len(bundle.build_bundle())  # the submitted train_gpt.py
     # each category compressed alone: within a few percent of the one-stream file
     assert abs(sum(led.bytes.values()) - led.file_bytes) < 0.05 * led.file_bytes
     # the projection counts the full model's values exactly

@@ -8,6 +8,7 @@ comparison is paired. Fewer tokens are too noisy: on 8 k-token slices of the val
 the GPTQ and round-to-nearest gaps flipped on one slice in five.
 """
 import copy
+import hashlib
 import math
 import shutil
 
@@ -17,6 +18,7 @@ import torch
 
 import model
 from quant import artifact as art
+from quant import bundle
 from quant import gptq
 from quant.load import load_model
 from quant.__main__ import main as quant_main
@@ -220,13 +222,15 @@ def test_three_quantization_gaps(exported, capsys):
 
 
 def test_exported_artifact_round_trip(exported, trained):
-    out, result, _ = exported
+    out, result, lines = exported
     _, _, cfg, _, _, _ = trained
     path = out / art.ARTIFACT_NAME
     assert result["artifact_path"] == str(path) and result["method"] == "loop_aware"
     assert result["model_bytes"] == path.stat().st_size
     assert result["total_bytes"] == result["model_bytes"] + result["code_bytes"] <= art.SIZE_LIMIT
-    assert result["code_bytes"] > 50_000  # the package's sources: counted, not forgotten
+    code = bundle.build_bundle()  # the train_gpt.py an export of this run submits: counted, and logged
+    assert result["code_bytes"] == len(code) == art.code_bytes()
+    assert f"code_bytes:{len(code)} code_sha256:{hashlib.sha256(code).hexdigest()}" in lines
     assert result["roundtrip_val_bpb"] - result["float_val_bpb"] == pytest.approx(result["quant_gap_bpb"])
     assert result["gaps"]["loop_aware"] == result["quant_gap_bpb"]
     assert result["calibration_seconds"] > 0 and 0 < result["objective_ratio"] < 1

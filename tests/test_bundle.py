@@ -1,0 +1,245 @@
+"""The submission's one train_gpt.py (quant/bundle.py) and the records check (quant/records_check.py).
+
+The bundle holds exactly the modules a run imports, stays under SIZE_TARGET, and runs from a temporary
+folder under `python -I` with this checkout's editable install still importable: every module comes from the
+bundle, the Triton kernels decorate without the interpreter (a loader that exec()s strings fails there,
+shown by a variant that compiles under "<bundle>"), and tracebacks show its lines. The full check (the
+short run from the bundle against `python -m train`) runs once per source state, cached under .cache/tests
+behind a file lock, on a folder written here in the agreed format (RECORDS_LINES: the records helper's
+export makes the real ones).
+"""
+import ast
+import hashlib
+import inspect
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, hash_project_sources
+from filelock import FileLock
+
+from quant import bundle, records_check
+
+SEED = 1337
+
+
+@pytest.fixture(scope="module")
+def code() -> bytes:
+    return bundle.build_bundle()
+
+
+def _env() -> dict:
+    """A child's environment as `check` gives it: no TRITON_INTERPRET, no PYTHONPATH."""
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")
+            and not k.startswith("PYTEST_")}
+
+
+def write_folder(folder: Path, code: bytes, seeds=(SEED,), change=None) -> Path:
+    """A records folder whose logs and submission.json agree (the lines the trainer and export write);
+    change(submission) may edit submission.json before it is written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_gpt.py").write_bytes(code)
+    (folder / "README.md").write_text("# test record\n")
+    sha = hashlib.sha256(code).hexdigest()
+    results = {}
+    for i, seed in enumerate(seeds):
+        loss, bpb, model_bytes = 2.123456780 + 0.01 * i, 1.234567890 + 0.01 * i, 15_000_000 + 1000 * i
+        log = [f"lrs: matrix 0.03 embed 0.035 scalar 0.025  grad_clip:0.3  swa_every:10  seed:{seed}",
+               "versions: torch:2.13.0 triton:3.7.1 cuda:12.8 gpu:NVIDIA H100 80GB HBM3",
+               "step:7000/20000 val_loss:2.1300 val_bpb:1.2400 train_time:580000ms step_avg:82.86ms",
+               "stopping_early: wallclock_cap train_time:580000ms step:7000/20000",
+               "train_stop: train_time_s:580.000 steps:7000",
+               "calibration_s:15.500 train_plus_calibration_s:595.500 limit_s:600",
+               f"quant: wrote runs/x/final_model.int6.ptz: {model_bytes:,} B model + {len(code):,} B code",
+               f"code_bytes:{len(code)} code_sha256:{sha}",
+               f"Total submission size int6+brotli: {model_bytes + len(code)} bytes",
+               f"final_int6_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{88123 + i}ms",
+               f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}"]
+        (folder / f"train_seed{seed}.log").write_text("\n".join(log) + "\n")
+        results[str(seed)] = dict(val_loss=loss, val_bpb=bpb, artifact_bytes=model_bytes + len(code), steps=7000,
+                                  step_avg_ms=82.857, train_time_s=595.5, eval_time_s=(88123 + i) / 1000)
+    losses, bpbs = [r["val_loss"] for r in results.values()], [r["val_bpb"] for r in results.values()]
+
+    def std(values):
+        return round(statistics.stdev(values), 8) if len(values) > 1 else None
+    sub = dict(author="", github_id="", name="test", blurb="", date="2026-12-01", track="10min_16mb",
+               val_loss=round(sum(losses) / len(losses), 8), val_bpb=round(sum(bpbs) / len(bpbs), 8),
+               val_loss_std=std(losses), val_bpb_std=std(bpbs), seeds=list(seeds), seed_results=results,
+               bytes_total=max(r["artifact_bytes"] for r in results.values()), bytes_code=len(code),
+               hardware="8x NVIDIA H100 80GB HBM3", pytorch_version="2.13.0", triton_version="3.7.1",
+               cuda_version="12.8", compliance=dict(train_time_max_s=595.5,
+                                                    eval_time_max_s=max(r["eval_time_s"] for r in results.values()),
+                                                    gptq_within_budget=True))
+    if change is not None:
+        change(sub)
+    (folder / "submission.json").write_text(json.dumps(sub, indent=1))
+    return folder
+
+
+# ---------------------------------------------------------------- what the bundle holds
+
+def test_bundle_holds_what_a_run_imports_and_nothing_else():
+    modules = bundle.bundled_modules()
+    # what `python -m train` really imports, without the interpreter
+    probe = ("import sys, train.__main__; print(' '.join(sorted(n for n in sys.modules "
+             "if n.split('.')[0] in ('kernels', 'model', 'train', 'quant'))))")
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**_env(), "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(modules) == imported
+    for left_out in ("kernels._interpreter", "quant.__main__", "quant.inspect", "quant.generate", "quant.bundle",
+                     "quant.records", "quant.records_check", "train.prepare", "train.download", "model.decode"):
+        assert left_out not in modules
+    assert all(path.is_relative_to(REPO) and path.parts[len(REPO.parts)] in bundle.PACKAGES
+               for path in modules.values())
+
+
+def test_minified_modules_keep_the_program_and_every_kernel_signature():
+    sources = bundle._built(None)[1]
+    for name, path in bundle.bundled_modules().items():
+        original = ast.parse(path.read_text())
+        small = ast.parse(sources[name])
+        assert ast.dump(small) == ast.dump(bundle._without_docstrings(ast.parse(path.read_text())))
+        assert not any(line.lstrip().startswith("#") for line in sources[name].splitlines())  # no comments
+
+        def kernels(tree):
+            return {f.name: [(a.arg, ast.unparse(a.annotation) if a.annotation else None) for a in f.args.args]
+                    for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                    and any("jit" in ast.unparse(d) for d in f.decorator_list)}
+        assert kernels(small) == kernels(original)
+        if name.startswith("kernels.") and name not in ("kernels._runtime", "kernels.selftest"):
+            assert any("tl.constexpr" in str(args) for args in kernels(small).values()), name
+
+
+def test_bundle_size_and_bytes_per_package(code, capsys):
+    sizes = bundle.package_bytes()
+    with capsys.disabled():
+        print("\n" + bundle.format_sizes())
+    assert len(code) <= bundle.SIZE_TARGET, f"train_gpt.py is {len(code):,} B > {bundle.SIZE_TARGET:,} B"
+    assert set(sizes) == {*bundle.PACKAGES, "loader"} and all(v > 0 for v in sizes.values())
+    assert sizes["loader"] < 1200  # the loader stays small
+    assert bundle.main([]) == 0 and "train_gpt.py:" in capsys.readouterr().out
+
+
+def test_build_is_cached_by_source_hash(tmp_path):
+    for rel, text in {"train/__init__.py": "", "train/__main__.py": "import model.m\n", "model/__init__.py": "",
+                      "model/m.py": "X = 1\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    first = bundle.build_bundle(tmp_path)
+    assert bundle.build_bundle(tmp_path) is first
+    (tmp_path / "model" / "m.py").write_text("X = 2\n")
+    assert bundle.build_bundle(tmp_path) != first
+    with pytest.raises(FileNotFoundError, match="no train/__main__.py"):
+        bundle.build_bundle(tmp_path / "model")
+
+
+# ---------------------------------------------------------------- running it
+
+def test_bundle_loads_isolated_ahead_of_the_installed_copy(code, tmp_path):
+    """python -I from a folder of its own: the finder goes first (this venv's editable install would otherwise
+    win), the kernels decorate without the interpreter, inspect and tracebacks see the bundled source."""
+    path = tmp_path / "train_gpt.py"
+    path.write_bytes(code)
+    report = records_check._probe(path, _env(), tmp_path)
+    assert sorted(report["origins"]) == report["bundled"] == sorted(bundle.bundled_modules())
+    installed = subprocess.run([sys.executable, "-I", "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                                "print(s.origin if s else '')"], cwd=tmp_path, env=_env(), capture_output=True,
+                               text=True, check=True).stdout.strip()
+    if installed:  # a competing copy (the editable install) was importable, and lost
+        assert installed != str(path)
+    program = (f"import json, runpy, inspect, traceback; runpy.run_path({str(path)!r}, run_name='x')\n"
+               "import kernels.norm as n, model.config as c\n"
+               "jit = [v for v in vars(n).values() if type(v).__name__ == 'JITFunction']\n"
+               "try:\n    c.from_env(environ={'MODEL_DIM': 'wide'})\nexcept c.ConfigError:\n"
+               "    tb = traceback.format_exc()\n"
+               "print(json.dumps([n.__file__, len(jit), inspect.getsource(jit[0].fn), tb]))")
+    out = subprocess.run([sys.executable, "-I", "-c", program], cwd=tmp_path, env=_env(), capture_output=True,
+                         text=True, check=True).stdout
+    file, n_jit, source, tb = json.loads(out)
+    assert file == f"{path}/kernels/norm.py" and n_jit > 0
+    assert source.startswith("@triton.jit") and "tl.constexpr" in source
+    # the traceback names the module's place in the bundle and shows the line that raised
+    assert f'File "{path}/model/config.py"' in tb and "raise ConfigError(" in tb
+
+
+def test_check_fails_on_a_broken_train_gpt(code, tmp_path, prepared_corpus):
+    corpus = dict(data_path=prepared_corpus.dataset_dir, tokenizer_path=prepared_corpus.tokenizer_path)
+    lines = []
+    broken = write_folder(tmp_path / "syntax", code.replace(b"class BundleFinder:", b"class BundleFinder(:"))
+    assert records_check.check_folder(broken, log=lines.append, **corpus) == 1
+    assert "does not compile" in lines[-1]
+    # a loader that exec()s the sources as strings: fine under TRITON_INTERPRET=1, fails without it
+    as_strings = code.replace(b'exec(compile(s,f,"exec"),m.__dict__)', b'exec(compile(s,"<bundle>","exec"),m.__dict__)')
+    assert as_strings != code
+    lines.clear()
+    assert records_check.check_folder(write_folder(tmp_path / "strings", as_strings), log=lines.append, **corpus) == 1
+    assert "@jit functions should be defined in a Python file" in lines[-1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["seed_results"][str(SEED)].update(val_bpb=1.2345), r"seed_results\[1337\].val_bpb = 1.2345"),
+    (lambda s: s.update(val_loss=2.0), "val_loss 2.0 is not the seeds' mean"),
+    (lambda s: s.update(bytes_code=123), "bytes_code 123 is not train_gpt.py's"),
+    (lambda s: s["compliance"].update(gptq_within_budget=False), "gptq_within_budget is False"),
+    (lambda s: s.update(seeds=[1, 2]), "are not the logs' seeds"),
+])
+def test_check_fails_when_submission_disagrees_with_the_logs(code, tmp_path, change, message):
+    lines = []
+    folder = write_folder(tmp_path / "record", code, seeds=(SEED, 42), change=change)
+    assert records_check.check_folder(folder, log=lines.append) == 1
+    assert "disagree" in lines[-1]
+    assert re.search(message, lines[-1]), lines[-1]
+
+
+def test_check_holds_each_seed_to_the_limits(code, tmp_path):
+    folder = write_folder(tmp_path / "record", code)
+    log = folder / f"train_seed{SEED}.log"
+    text = log.read_text()
+    log.write_text(text.replace("train_plus_calibration_s:595.500", "train_plus_calibration_s:601.000")
+                   .replace("eval_time:88123ms", "eval_time:600500ms"))
+    lines = []
+    assert records_check.check_folder(folder, log=lines.append) == 1
+    assert "training + calibration 601.000 s is over 600 s" in lines[-1]
+    assert "evaluation 600.500 s is over 600 s" in lines[-1]
+    log.write_text(text.replace(hashlib.sha256(code).hexdigest(), "0" * 64))
+    lines.clear()
+    assert records_check.check_folder(folder, log=lines.append) == 1
+    assert "not this train_gpt.py" in lines[-1]
+    (folder / "README.md").unlink()
+    assert records_check.check_folder(folder, log=lines.append) == 1
+    assert "missing README.md" in lines[-1]
+
+
+@pytest.fixture(scope="session")
+def full_check(prepared_corpus):
+    """check_folder's log lines and status on a good folder: the one full check (the short run from the bundle
+    against `python -m train`), cached under .cache/tests by the sources it depends on."""
+    digest = hashlib.sha256(inspect.getsource(write_folder).encode())  # the folder it checks
+    hash_project_sources(digest)
+    manifest = Path(prepared_corpus.dataset_dir) / "manifest.json"
+    digest.update(manifest.read_bytes() if manifest.is_file() else b"no manifest")
+    cache = REPO / ".cache" / "tests"
+    cache.mkdir(parents=True, exist_ok=True)
+    result = cache / f"bundle-check-{digest.hexdigest()[:16]}.json"
+    with FileLock(str(result) + ".lock"):
+        if not result.is_file():
+            folder = write_folder(cache / f"{result.stem}-folder" / "2026-12-01_test", bundle.build_bundle())
+            lines = []
+            rc = records_check.check_folder(folder, prepared_corpus.dataset_dir, prepared_corpus.tokenizer_path,
+                                            log=lines.append)
+            result.write_text(json.dumps({"rc": rc, "lines": lines}))
+    return json.loads(result.read_text())
+
+
+def test_check_passes_and_the_bundle_run_equals_the_package_run(full_check):
+    lines = full_check["lines"]
+    assert full_check["rc"] == 0, "\n".join(lines)
+    assert any("every one loaded from the bundle" in line for line in lines)
+    assert any("DRY_RUN=1 ok" in line for line in lines)
+    assert any("from the bundle = python -m train" in line for line in lines)
+    assert lines[-1].endswith("passes")
