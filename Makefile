@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 
 prepare: venv
 	$(PY) -m train.prepare
-	$(PY) -m train.evaluate --unigram --seq-len 256  # the tiny preset evaluates 256-token windows
+	$(PY) -m train.unigram --seq-len 256  # the tiny preset evaluates 256-token windows
 
 train: prepare
 	$(PY) -m train

@@ -4,8 +4,9 @@
 
 Which modules: those `python -m train` (training, evaluation, the export step) imports, found by walking
 the imports of train/__main__.py through the four packages, minus LEFT_OUT. Minified without renaming
-(docstrings and comments dropped, one space per indent level, spaces only where tokens would merge);
-every minified module must parse to the same AST as its source, docstrings aside. Running the file is
+(docstrings and comments dropped, and the annotations of undecorated functions, which nothing reads; one
+space per indent level, spaces only where tokens would merge); every minified module must parse to the
+same AST as its source, docstrings and those annotations aside. Running the file is
 `python -m train` with the same environment variables (torchrun too): its loader goes first on
 sys.meta_path, so an installed copy of the packages never wins, gives every module __spec__.origin =
 the file itself, and puts each module's source in linecache under <train_gpt.py>/<package>/<module>.py,
@@ -129,6 +130,28 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+# Decorators that read no annotations. Any other decorator may (torch.library.custom_op infers its schema
+# from them, @triton.jit its constexprs), so a decorated function keeps its annotations.
+_ANNOTATION_BLIND = {"staticmethod", "classmethod", "property"}
+
+
+def _decorator_name(node: ast.expr) -> str:
+    node = node.func if isinstance(node, ast.Call) else node
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def _without_annotations(tree: ast.AST) -> ast.AST:
+    """Argument and return annotations dropped from functions whose decorators all ignore them."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and all(_decorator_name(d) in _ANNOTATION_BLIND for d in node.decorator_list):
+            args = node.args
+            for arg in args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]:
+                arg.annotation = None
+            node.returns = None
+    return tree
+
+
 _WORD = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
@@ -154,8 +177,9 @@ def _compact(source: str) -> str:
 
 
 def minify(source: str, where: str = "<source>") -> str:
-    """`source` without docstrings and comments, compacted; raises if the result is not the same program."""
-    tree = _without_docstrings(ast.parse(source, where))
+    """`source` without docstrings, comments and unread annotations, compacted; raises if the result is not
+    the same program."""
+    tree = _without_annotations(_without_docstrings(ast.parse(source, where)))
     plain = ast.unparse(tree)
     small = _compact(plain)
     want = ast.dump(tree)

@@ -131,8 +131,9 @@ def compare_submission(sub: dict, logs: dict[int, dict], code: bytes) -> list[st
                 bad.append(f"seed_results[{seed}].{key} = {r.get(key)!r}, its log says {want!r}")
         if log["versions"] is not None:
             torch_v, triton_v, cuda_v, _ = log["versions"]
+            cuda_v = None if cuda_v == "none" else cuda_v  # a CPU run: submission.json says null
             for key, want in (("pytorch_version", torch_v), ("triton_version", triton_v), ("cuda_version", cuda_v)):
-                if str(sub.get(key)) != want:
+                if sub.get(key) != want:
                     bad.append(f"{key} {sub.get(key)!r}, {where} says {want!r}")
     if logs:
         for key in ("val_loss", "val_bpb"):

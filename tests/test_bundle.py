@@ -5,8 +5,8 @@ folder under `python -I` with this checkout's editable install still importable:
 bundle, the Triton kernels decorate without the interpreter (a loader that exec()s strings fails there,
 shown by a variant that compiles under "<bundle>"), and tracebacks show its lines. The full check (the
 short run from the bundle against `python -m train`) runs once per source state, cached under .cache/tests
-behind a file lock, on a folder written here in the agreed format (RECORDS_LINES: the records helper's
-export makes the real ones).
+behind a file lock, on the folder `quant.records export` makes from a real tiny run; the cheap failure
+cases use folders written here in the same format (write_folder).
 """
 import ast
 import hashlib
@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_minified_modules_keep_the_program_and_every_kernel_signature():
     for name, path in bundle.bundled_modules().items():
         original = ast.parse(path.read_text())
         small = ast.parse(sources[name])
-        assert ast.dump(small) == ast.dump(bundle._without_docstrings(ast.parse(path.read_text())))
+        assert ast.dump(small) == ast.dump(bundle._without_annotations(bundle._without_docstrings(ast.parse(path.read_text()))))
         assert not any(line.lstrip().startswith("#") for line in sources[name].splitlines())  # no comments
 
         def kernels(tree):
@@ -113,6 +114,16 @@ def test_minified_modules_keep_the_program_and_every_kernel_signature():
         assert kernels(small) == kernels(original)
         if name.startswith("kernels.") and name not in ("kernels._runtime", "kernels.selftest"):
             assert any("tl.constexpr" in str(args) for args in kernels(small).values()), name
+
+        def annotations(tree, decorated):  # custom_op infers its schema from them: decorated functions keep theirs
+            return {f.name: [ast.dump(a.annotation) if a.annotation else None
+                             for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs]
+                    + [ast.dump(f.returns) if f.returns else None]
+                    for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                    and any(bundle._decorator_name(d) not in bundle._ANNOTATION_BLIND for d in f.decorator_list)
+                    == decorated}
+        assert annotations(small, True) == annotations(original, True)
+        assert all(a is None for args in annotations(small, False).values() for a in args), name
 
 
 def test_bundle_size_and_bytes_per_package(code, capsys):
@@ -215,11 +226,38 @@ def test_check_holds_each_seed_to_the_limits(code, tmp_path):
     assert "missing README.md" in lines[-1]
 
 
+def _exported_folder(work: Path, small_data: dict) -> Path:
+    """What a competitor sends: a finished tiny run (step schedule, its export step included) exported by
+    `quant.records` with this checkout's bundle."""
+    import functools
+
+    import torch
+
+    import kernels
+    from conftest import SMALL
+    from model import from_env
+    from quant import records
+    from quant.export import export_run
+    from train.trainer import train
+
+    kernels.set_backend("torch")
+    try:
+        with torch.random.fork_rng():
+            cfg = from_env(environ={}, preset="tiny", runs_dir=str(work / "runs"), run_id=f"seed{SEED}",
+                           **{**SMALL, **small_data, "seed": SEED, "quant_method": "rtn"})
+            train(cfg, export_fn=functools.partial(export_run, compare=False), echo=False)
+    finally:
+        kernels.set_backend(None)
+    return records.export_records([work / "runs" / f"seed{SEED}"], "test", "10min", work / "records",
+                                  bundle.build_bundle(), author="", github_id="", warn=lambda line: None)
+
+
 @pytest.fixture(scope="session")
-def full_check(prepared_corpus):
-    """check_folder's log lines and status on a good folder: the one full check (the short run from the bundle
-    against `python -m train`), cached under .cache/tests by the sources it depends on."""
-    digest = hashlib.sha256(inspect.getsource(write_folder).encode())  # the folder it checks
+def full_check(prepared_corpus, small_data):
+    """check_folder's log lines and status on a folder `quant.records export` made from a real tiny run: the
+    one full check (the short run from the bundle against `python -m train`), cached under .cache/tests by
+    the sources it depends on."""
+    digest = hashlib.sha256(inspect.getsource(_exported_folder).encode())
     hash_project_sources(digest)
     manifest = Path(prepared_corpus.dataset_dir) / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else b"no manifest")
@@ -228,11 +266,13 @@ def full_check(prepared_corpus):
     result = cache / f"bundle-check-{digest.hexdigest()[:16]}.json"
     with FileLock(str(result) + ".lock"):
         if not result.is_file():
-            folder = write_folder(cache / f"{result.stem}-folder" / "2026-12-01_test", bundle.build_bundle())
+            work = cache / f"{result.stem}-work"
+            shutil.rmtree(work, ignore_errors=True)
+            folder = _exported_folder(work, small_data)
             lines = []
             rc = records_check.check_folder(folder, prepared_corpus.dataset_dir, prepared_corpus.tokenizer_path,
                                             log=lines.append)
-            result.write_text(json.dumps({"rc": rc, "lines": lines}))
+            result.write_text(json.dumps({"rc": rc, "lines": lines, "folder": str(folder)}))
     return json.loads(result.read_text())
 
 

@@ -13,7 +13,8 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from train.evaluate import build_byte_luts, evaluate_bpb, sliding_windows, target_bytes, unigram_log_probs
+from train.evaluate import build_byte_luts, evaluate_bpb, sliding_windows, target_bytes
+from train.unigram import unigram_log_probs
 from train.prepare import train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

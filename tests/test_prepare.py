@@ -158,7 +158,7 @@ def test_real_corpus_and_unigram_reference(prepared_corpus, capsys):
     assert s.documents["sotu"]["val"] > 0 and s.documents["wikipedia"]["val"] > 0, "val draws from both sources"
     assert 2.5 < s.bytes_per_token < 3.0 and 40_000 < s.val_tokens <= 50_000 and s.train_tokens > 5_000_000
     assert len(shard_paths(s.dataset_dir, "train")) == len(s.train_shards) >= 5
-    out = subprocess.run([sys.executable, "-m", "train.evaluate", "--unigram", "--data-path", s.dataset_dir,
+    out = subprocess.run([sys.executable, "-m", "train.unigram", "--data-path", s.dataset_dir,
                           "--tokenizer-path", s.tokenizer_path], cwd=REPO_ROOT, capture_output=True, text=True,
                          check=True, timeout=300).stdout
     bpb = float(re.search(r"^val_bpb:([0-9.]+)$", out, re.M).group(1))
