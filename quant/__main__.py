@@ -24,7 +24,7 @@ from model import CheckpointError, ConfigError, load_checkpoint
 from model.io import DiskFullError, write_atomic
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
-from train.trainer import record_export
+from train.trainer import load_tokenizer, record_export
 
 from .artifact import ArtifactError, OverBudgetError
 from .export import export_run
@@ -63,12 +63,9 @@ def main(argv=None) -> int:
         if args.method:
             cfg = cfg.replace(quant_method=args.method)
         data_path = args.data_path or cfg.data_path
-        tokenizer_path = Path(args.tokenizer_path or cfg.tokenizer_path)
-        if not tokenizer_path.is_file():
-            raise FileNotFoundError(f"tokenizer {tokenizer_path}: no such file (pass --tokenizer-path)")
-        import sentencepiece as spm
-
-        luts = build_byte_luts(spm.SentencePieceProcessor(model_file=str(tokenizer_path)), cfg.vocab_size)
+        # the trainer's checks: a missing file, not a sentencepiece model, or another vocab size
+        sp = load_tokenizer(cfg.replace(tokenizer_path=args.tokenizer_path or cfg.tokenizer_path))
+        luts = build_byte_luts(sp, cfg.vocab_size)
         val_tokens = load_val_tokens(shard_paths(data_path, "val"), cfg.eval_seq_len)
         whole_val = val_tokens.numel()
         if args.val_tokens > 0:

@@ -572,6 +572,16 @@ def test_tokenizer_that_is_not_a_sentencepiece_model_exits_2(run_env, tmp_path):
     _assert_bad_input(proc, f"TOKENIZER_PATH={fake}: not a sentencepiece model")
 
 
+def test_quant_with_a_tokenizer_that_is_not_a_sentencepiece_model_exits_2(exported_run, tmp_path, capsys):
+    from quant.__main__ import main
+
+    run, _, _ = exported_run
+    fake = tmp_path / "fake.model"
+    fake.write_text("not a sentencepiece model\n")
+    assert main(["--checkpoint", str(run / "final_model.pt"), "--tokenizer-path", str(fake)]) == 2
+    assert f"TOKENIZER_PATH={fake}: not a sentencepiece model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dry_run", [0, 1])
 def test_shard_path_that_is_a_directory_exits_2(run_env, tmp_path, dry_run):
     _token_shards(tmp_path / "data")
