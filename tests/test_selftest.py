@@ -18,9 +18,9 @@ from kernels.mlp import mlp_reference
 from kernels.norm import rms_norm_reference
 from kernel_checks import assert_same_losses, tiny_config, train_tiny_losses
 from train import trainer
-from test_train import SMALL, env_vars, small_config, small_data  # noqa: F401 (small_data is a fixture)
+from test_train import env_vars, small_config
 
-from conftest import DEVICE
+from conftest import DEVICE, SMALL
 
 ALL_OPS = selftest.TRAINING_OPS + selftest.QUANT_OPS
 RUN_OPS = selftest.TRAINING_OPS + selftest.CALIBRATION_OPS  # what a training run with GPTQ checks
