@@ -1,4 +1,5 @@
-"""What every writer and timer in the project shares: the atomic file write and the device sync.
+"""What every writer and timer in the project shares: the atomic file write, the device sync, and rank 0's
+answer sent to every rank.
 
 model/ is the lowest package that train/, quant/ and bench/ may all import, so these live here once.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+import torch.distributed as dist
 
 
 def _umask() -> int:
@@ -104,3 +106,12 @@ def synchronize(device: torch.device | str | None = None) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def from_rank0(obj):
+    """`obj` as rank 0 has it, on every rank (a collective: every rank calls it); in one process, obj."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.io import DiskFullError, synchronize
+from model.io import DiskFullError, from_rank0, synchronize
 from train.data import TokenStream
 from train.evaluate import autocast_for, validate
 
@@ -53,15 +53,6 @@ def calibration_tokens(train_paths, config) -> torch.Tensor:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _from_rank0(obj):
-    """obj as rank 0 has it, on every rank."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def evaluate_sliding(net: torch.nn.Module, config, val_tokens, luts, device) -> tuple[float, float]:
@@ -150,7 +141,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
             report.update(over_budget=str(err), total_bytes=err.total_bytes)
         except DiskFullError as err:
             report.update(disk_full=(str(err.path), err.need_bytes))
-    report = _from_rank0(report)
+    report = from_rank0(report)
     if "over_budget" in report:
         log(f"quant: ERROR {report['over_budget']}")
         raise OverBudgetError(report["over_budget"], report["total_bytes"], limit, str(path))
@@ -216,7 +207,7 @@ def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val,
             failed = str(err)
             for scratch in written:  # give the space back to what follows (summary.json)
                 scratch.unlink(missing_ok=True)
-    failed = _from_rank0(failed)  # also the barrier before the other ranks read the files
+    failed = from_rank0(failed)  # also the barrier before the other ranks read the files
     if failed is not None:
         log(f"quant compare: WARNING skipped the method comparison: {failed}")
         return {"compare_skipped": failed}

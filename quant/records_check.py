@@ -37,10 +37,9 @@ import torch
 from model.config import Config
 
 from .artifact import SIZE_LIMIT
-
-REPO = Path(__file__).resolve().parents[1]
-TIME_LIMIT_SECONDS = 600
-PACKAGES = ("kernels", "model", "train", "quant")
+from .bundle import PACKAGES
+from .export import TIME_LIMIT_SECONDS
+from .records import EXACT_LINE, REPO, VERSIONS_LINE
 # The short run (stage 4): the tiny preset cut to a few steps; both runs get exactly these.
 RUN_SETTINGS = {"PRESET": "tiny", "ITERATIONS": "4", "WARMDOWN_ITERS": "2", "MAX_WALLCLOCK_SECONDS": "0",
                 "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "256", "GPTQ_CAL_SAMPLES": "8", "SEED": "1337"}
@@ -66,10 +65,9 @@ _LOG_LINES = {  # what each seed's log must say, in the formats the trainer and 
     "train_stop": r"^train_stop: train_time_s:([\d.]+) steps:(\d+)$",
     "train_plus_calibration_s": r"^calibration_s:[\d.]+ train_plus_calibration_s:([\d.]+) limit_s:\d+$",
     "eval_time_ms": r"^final_int6_sliding_window val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:(\d+)ms$",
-    "exact": r"^final_int6_sliding_window_exact val_loss:([\d.]+) val_bpb:([\d.]+)$",
+    "exact": EXACT_LINE.pattern,
 }
 _STEP_AVG = r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:\d+ms step_avg:([\d.]+)ms"
-_VERSIONS = r"^versions: torch:(\S+) triton:(\S+) cuda:(\S+) gpu:(.+)$"
 
 
 class CheckFailed(Exception):
@@ -85,7 +83,7 @@ def parse_log(text: str, where: str) -> dict:
             raise CheckFailed(f"{where}: no line matching {pattern!r}")
         found[key] = matches[-1]
     step_avg = re.findall(_STEP_AVG, text, re.MULTILINE)
-    versions = re.findall(_VERSIONS, text, re.MULTILINE)
+    versions = VERSIONS_LINE.findall(text)
     return dict(seed=int(found["seed"]), code_bytes=int(found["code"][0]), code_sha256=found["code"][1],
                 total_bytes=int(found["total_bytes"]), train_time_s=float(found["train_stop"][0]),
                 steps=int(found["train_stop"][1]), train_plus_calibration_s=float(found["train_plus_calibration_s"]),

@@ -34,7 +34,7 @@ from kernels import selftest
 from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
-from model.io import synchronize, temp_files, write_atomic
+from model.io import from_rank0, synchronize, temp_files, write_atomic
 from train.data import DistributedTokenLoader, check_token_ids, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, validate
 from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
@@ -177,10 +177,7 @@ def save_weights_on_rank0(env: DistEnv, model: torch.nn.Module, path: Path, cfg:
         except CheckpointSaveError as err:
             log(f"ERROR: {err}")
             outcome = ("", str(err))
-    if env.distributed:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0)
-        outcome = box[0]
+    outcome = from_rank0(outcome)
     if outcome[1]:
         raise CheckpointSaveError(outcome[1])
     return Path(outcome[0])
@@ -351,10 +348,7 @@ def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path,
             claimed = str(log.path.parent)
         except OSError as err:
             claimed = err
-    if env.distributed:
-        box = [claimed]
-        dist.broadcast_object_list(box, src=0)
-        claimed = box[0]
+    claimed = from_rank0(claimed)
     if isinstance(claimed, BaseException):
         raise claimed
     return Path(claimed), log
