@@ -225,10 +225,21 @@ def test_ledger_accounts_for_every_byte_and_parameter(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int6 matrices: codes" in out and "bits per parameter" in out and "projected full `ouroboros`" in out
     assert f"{led.total_bytes:,}" in out
-    assert ("WARNING" in out) == (led.projection["total_bytes"] > led.limit)
-    led.limit = int(led.projection["total_bytes"]) - 10  # a projection over the limit warns
-    led.projection = quant_ledger.project_ouroboros(led)
-    assert "WARNING: the projected ouroboros artifact is over the limit by" in quant_ledger.format_ledger(led)
+    # the full model's two projections, each saying what it assumes, and neither a warning
+    entry = quant_ledger.ORIGINAL_ENTRY
+    assert quant_ledger.ORIGINAL_ENTRY_BITS_PER_PARAM == pytest.approx(4.581, abs=1e-3)
+    assert led.projection["entry_model_bytes"] == pytest.approx(entry["model_bytes"] * sum(params.values())
+                                                                / entry["params"])
+    projected = [line for line in out.splitlines() if line.startswith("  model ")]
+    assert len(projected) == 2
+    assert f"= {int(led.projection['total_bytes']):,} B" in projected[0]
+    assert "if the full model's values compress as this artifact's do" in projected[0]
+    assert f"= {int(led.projection['entry_total_bytes']):,} B" in projected[1]
+    assert "at the original entry's measured 4.58 bits per parameter (14,912,873 B" in projected[1]
+    led.limit = int(led.projection["total_bytes"]) - 10  # a projection over the limit says so, without alarm
+    text = quant_ledger.format_ledger(led)
+    assert f"{int(led.projection['total_bytes']):,} B, 10 over {led.limit:,}, if the full" in text
+    assert "WARNING" not in text and "WARNING" not in out
 
 
 def test_write_is_atomic_when_it_fails(tiny, tmp_path, monkeypatch):
