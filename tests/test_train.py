@@ -311,11 +311,30 @@ def test_calibration_overrun_fails_only_past_the_wall_clock(small_data, tmp_path
 
     capped = small_config(small_data, tmp_path, "capped", iterations=100_000, max_wallclock_seconds=1.0,
                           gptq_reserve_seconds=0.2)
-    with pytest.raises(RuntimeError, match=r"calibration overran the wall clock: calibration took 0.3s > "
-                                           r"GPTQ_RESERVE_SECONDS=0.2s"):
+    with pytest.raises(trainer.CalibrationOverran, match=r"calibration overran the wall clock: calibration took "
+                                                         r"0.3s > GPTQ_RESERVE_SECONDS=0.2s"):
         train(capped, export_fn=export_taking(0.3), echo=False)
     on_disk = json.loads((tmp_path / "capped" / "summary.json").read_text())
     assert on_disk["steps"] < 100_000 and on_disk["train_time_ms"] >= 800.0 and "overran" in on_disk["error"]
+    assert on_disk["compliant"] is False and "compliant" not in summary
+
+
+def test_calibration_overrun_is_one_line_and_exit_1(small_data, tmp_path, monkeypatch, capsys,
+                                                    torch_kernels_one_thread):
+    """`python -m train` ends an overrun with the log's ERROR line and one error line, exit 1, no traceback."""
+    import train.__main__ as entry
+
+    cfg = small_config(small_data, tmp_path, "overran", iterations=100_000, max_wallclock_seconds=1.0,
+                       gptq_reserve_seconds=0.2)
+    for key, value in env_vars(cfg).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PRESET", "tiny")
+    monkeypatch.setattr(entry, "export_run", lambda model, cfg, run_dir, **context: {"calibration_seconds": 0.3})
+    assert entry.main() == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("error: calibration overran the wall clock: calibration took 0.3s > ")
+    assert any(line.startswith("ERROR: calibration overran") for line in lines)
+    assert json.loads((tmp_path / "overran" / "summary.json").read_text())["compliant"] is False
 
 
 def test_training_scopes_tf32_to_the_run(monkeypatch):

@@ -4,7 +4,8 @@ Configuration comes from PRESET and the seed command's environment variables (mo
 variable that looks like a misspelt one of them is a warning, or with STRICT_ENV=1 an error.
 DRY_RUN=1 prints the resolved configuration, the parameter count, the tokens per step, the data found
 and the tokenizer, then exits without training: 0 when a run could start, 2 when something is NOT READY.
-Exit status: 0 done, 1 training diverged, the artifact is over the 16,000,000-byte budget,
+Exit status: 0 done, 1 training diverged, the artifact is over the 16,000,000-byte budget, calibration
+ended past the wall clock (the run is marked non-compliant in summary.json),
 (KERNELS_STRICT=1) a Triton op failed its start-up self-test, a disk filled up (the checkpoint then lies
 in CHECKPOINT_FALLBACK_DIR) or a rank stopped answering for DIST_TIMEOUT_SECONDS, 2 bad input
 (configuration, KERNELS, data, tokenizer), said in one line before any step runs.
@@ -24,8 +25,8 @@ from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
 from train.data import ShardError, check_token_ids, load_shard, shard_paths, usable_val_tokens
-from train.trainer import (CheckpointSaveError, RankLost, TrainingDiverged, grad_accum_steps_for, load_tokenizer,
-                           train)
+from train.trainer import (CalibrationOverran, CheckpointSaveError, RankLost, TrainingDiverged, grad_accum_steps_for,
+                           load_tokenizer, train)
 
 
 def _is_main_process() -> bool:
@@ -105,7 +106,8 @@ def main() -> int:
     except RankLost as err:  # said by every surviving rank: rank 0 may be the one that was lost
         print(f"error: {err}", flush=True)
         return 1
-    except (TrainingDiverged, OverBudgetError, SelfTestFailed, DiskFullError, CheckpointSaveError) as err:
+    except (TrainingDiverged, OverBudgetError, SelfTestFailed, DiskFullError, CheckpointSaveError,
+            CalibrationOverran) as err:
         _say(f"error: {err}")  # the message says what happened (how much, where the weights are)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ShardError) as err:

@@ -82,6 +82,11 @@ class RankLost(RuntimeError):
     """A rank stopped answering: a collective or a barrier waited DIST_TIMEOUT_SECONDS for it."""
 
 
+class CalibrationOverran(RuntimeError):
+    """Training plus calibration ended past MAX_WALLCLOCK_SECONDS: the artifact and summary are written, the
+    run is marked non-compliant."""
+
+
 class CheckpointSaveError(RuntimeError):
     """The checkpoint is not in the run folder: at CHECKPOINT_FALLBACK_DIR instead, or (the message says) lost."""
 
@@ -624,13 +629,14 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
                        f"{training_time_ms / 1000:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}): "
                        f"raise GPTQ_RESERVE_SECONDS")
             summary["error"] = f"calibration overran the wall clock: {overran}"
+            summary["compliant"] = False  # over the challenge's training time: not a valid submission
             log(f"ERROR: {summary['error']}")
     if env.is_main:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"summary: {run_dir / 'summary.json'}")
     log.close()
     if overran:
-        raise RuntimeError(f"calibration overran the wall clock: {overran}")
+        raise CalibrationOverran(f"calibration overran the wall clock: {overran}")
     if checkpoint.parent != run_dir:  # the run finished: only its checkpoint lies elsewhere
         raise CheckpointSaveError(f"the run finished, but its checkpoint could not be written in {run_dir} (see "
                                   f"above): the weights are in {checkpoint}")
