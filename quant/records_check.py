@@ -12,7 +12,8 @@ Stages, cheapest first; the first that fails ends the check (exit status 1, 0 wh
    the file; then DRY_RUN=1.
 4. a short tiny-preset run on a step schedule from the bundle and, side by side, with `python -m train`
    from this checkout, one thread each: the same train losses, artifact model bytes and val_bpb (float and
-   round trip), and the bundle's run counts its own file as code. KERNELS=torch without CUDA.
+   round trip), and the bundle's run counts its own file as code. Both run on the CPU with KERNELS=torch,
+   also on a GPU machine: that is where two processes pick the same kernels (the GPU path is gpu-check's).
 DATA_PATH / TOKENIZER_PATH default to the embedded corpus under this checkout's data/ (train.prepare builds
 it when missing). About a minute and a half on 2 idle cores.
 """
@@ -31,8 +32,6 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-
-import torch
 
 from model.config import Config
 
@@ -210,10 +209,10 @@ def _short_runs(bundle: Path, work: Path, data_path: str, tokenizer_path: str, l
     """Stage 4: the same short run from the bundle and from this checkout, at once, one thread each."""
     # The artifact's header holds the config, RUNS_DIR and RUN_ID included: the same relative RUNS_DIR and
     # RUN_ID from two working directories keep the two artifacts comparable byte for byte.
+    # Both on the CPU through the PyTorch ops, one thread each, so both pick the same kernels and compare bit
+    # for bit; on a GPU each run would autotune its own Triton configs and reduce in its own order.
     settings = {**RUN_SETTINGS, **ONE_THREAD, "RUNS_DIR": "runs", "RUN_ID": "check", "DATA_PATH": data_path,
-                "TOKENIZER_PATH": tokenizer_path}
-    if not torch.cuda.is_available():
-        settings["KERNELS"] = "torch"
+                "TOKENIZER_PATH": tokenizer_path, "KERNELS": "torch", "CUDA_VISIBLE_DEVICES": ""}
     commands = {"bundle": ([sys.executable, "-I", str(bundle)], {}),
                 "package": ([sys.executable, "-m", "train"], {"PYTHONPATH": str(REPO)})}
     procs = {}

@@ -116,8 +116,10 @@ def tiny_run(prepared_corpus):
     """runs-style folder (final_model.pt, summary.json, train.log, config.json) of a short tiny-preset run.
 
     Trained once and cached under .cache/tests/tiny_run-<hash>, the hash covering the config, the
-    sources (hash_project_sources) and the corpus manifest; a file lock makes parallel pytest-xdist workers train it
-    once between them. The run trains into a temporary folder that is renamed into place when complete.
+    sources (hash_project_sources), the corpus manifest and what picks the CPU's kernels (torch version, ATen
+    capability, dispatch variables); a file lock makes parallel pytest-xdist workers train it once between
+    them. It trains on one thread, as an xdist worker has, so a plain `pytest` run builds the same model. The
+    run trains into a temporary folder that is renamed into place when complete.
     """
     import hashlib
     import json
@@ -126,6 +128,7 @@ def tiny_run(prepared_corpus):
     from filelock import FileLock
 
     import kernels
+    from pin_tiny_run import DISPATCH_VARS
 
     repo = REPO
     cfg = tiny_run_config(prepared_corpus)
@@ -133,6 +136,9 @@ def tiny_run(prepared_corpus):
     hash_project_sources(digest)
     manifest = Path(prepared_corpus.dataset_dir) / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else b"no manifest")
+    dispatch = [torch.__version__, torch.backends.cpu.get_cpu_capability()] + [
+        os.environ.get(v, "") for v in DISPATCH_VARS]
+    digest.update(json.dumps(dispatch).encode())
     cache = repo / ".cache" / "tests"
     cache.mkdir(parents=True, exist_ok=True)
     name = f"tiny_run-{digest.hexdigest()[:16]}"
@@ -144,11 +150,14 @@ def tiny_run(prepared_corpus):
             partial = cache / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier attempt
             kernels.set_backend("torch")  # the interpreted Triton kernels would take far longer
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             try:
                 with torch.random.fork_rng():  # training seeds the global RNG; leave the session's alone
                     train(cfg.replace(runs_dir=str(cache), run_id=partial.name), echo=False)
             finally:
                 kernels.set_backend(None)
+                torch.set_num_threads(threads)
             shutil.rmtree(final, ignore_errors=True)  # a leftover without final_model.pt
             os.replace(partial, final)  # whole folder at once: readers never see a half-written run
     return final
