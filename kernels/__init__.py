@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ._runtime import INTERPRET  # read once, for every kernel family
+from ._runtime import INTERPRET, env_flag  # INTERPRET: read once, for every kernel family
 
 if INTERPRET:  # before any kernel runs: bf16 and autotune fixes for the CPU interpreter
     from ._interpreter import apply as _apply_bf16_fix, apply_autotune as _apply_autotune_fix
@@ -52,8 +52,20 @@ _fallback_noted = set()
 _on_reference: dict[str, str] = {}
 
 
+STRICT_ENV = "KERNELS_STRICT"
+
+
 class BackendError(ValueError):
-    """KERNELS names no backend, or one this machine cannot run; entry points check it at start-up."""
+    """KERNELS names no backend, or one this machine cannot run, or KERNELS_STRICT is not a flag; entry points
+    check both at start-up (backend(), strict())."""
+
+
+def strict() -> bool:
+    """KERNELS_STRICT: a Triton op that fails its start-up self-test stops the run instead of falling back."""
+    try:
+        return env_flag(STRICT_ENV)
+    except ValueError as err:
+        raise BackendError(str(err)) from None
 
 
 def _resolve(name: str) -> str:

@@ -12,6 +12,24 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# The one reading of an on/off variable (KERNELS_STRICT here; STRICT_ENV, DRY_RUN and every boolean setting
+# through model/config.py): these words, any case, and nothing else.
+FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_flag(name: str, text: str) -> bool:
+    """`text` as an on/off value of variable `name`; ValueError naming both for anything but FLAG_WORDS."""
+    value = FLAG_WORDS.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"{name}={text!r}: expected 1/0, true/false, yes/no or on/off")
+    return value
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Environment variable `name` as a flag (parse_flag); unset or blank: `default`."""
+    text = os.environ.get(name, "")
+    return default if not text.strip() else parse_flag(name, text)
+
 
 def check_kernel_device(where: str, name: str, device: torch.device) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter; say which when neither."""

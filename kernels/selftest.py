@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +35,7 @@ from kernels.int6 import int6_matmul_reference, int6_matmul_torch, pack_int6_pla
 from kernels.mlp import mlp_reference
 from kernels.norm import add_norm_reference, mix_norm_reference, rms_norm_reference
 
-STRICT_ENV = "KERNELS_STRICT"
+STRICT_ENV = kernels.STRICT_ENV
 # What training runs; evaluation and generation of a quantized artifact add QUANT_OPS when QuantLinear is used.
 TRAINING_OPS = ("mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm")
 QUANT_OPS = ("int6_matmul",)
@@ -260,12 +259,13 @@ def record_line(paths: dict[str, str]) -> str:
 
 def run(device, ops=TRAINING_OPS, *, strict: bool | None = None) -> dict[str, str]:
     """Self-test `ops` on `device` when they run on Triton; a failing op moves to its PyTorch path (one
-    warning line), or raises SelfTestFailed with strict (default: $KERNELS_STRICT == "1"). Returns record(ops).
+    warning line), or raises SelfTestFailed with strict (default: kernels.strict(), $KERNELS_STRICT). Returns
+    record(ops).
 
     Nothing runs for ops already on the PyTorch path (KERNELS=torch). On CUDA both dtypes the run uses are
     checked (bf16 autocast and fp32), TF32 off; on the CPU fp32 only. The global RNG is not touched."""
     device = torch.device(device)
-    strict = os.environ.get(STRICT_ENV, "0") == "1" if strict is None else strict
+    strict = kernels.strict() if strict is None else strict
     known = {c.op for c in CASES} | set(CODE_CHECKS)
     unknown = set(ops) - known
     if unknown:

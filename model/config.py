@@ -17,6 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields
 
+from kernels._runtime import parse_flag
 from kernels.gptq import INVERSES as GPTQ_INVERSES, MAX_BLOCK as GPTQ_MAX_BLOCK, ORDERS as GPTQ_ORDERS
 
 # quant/methods.py registers one class under each of these names (a new method adds its name here too).
@@ -224,11 +225,7 @@ def _parse(name: str, kind, text: str):
     text = text.strip()
     try:
         if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return parse_flag(env, text)
         if kind is int:
             return int(text)
         if kind is float:
@@ -243,7 +240,7 @@ def _parse(name: str, kind, text: str):
             return values
         return text
     except ValueError:
-        expected = {bool: "0 or 1", int: "an integer", float: "a finite number",
+        expected = {bool: "1/0, true/false, yes/no or on/off", int: "an integer", float: "a finite number",
                     tuple: "comma-separated numbers"}.get(kind, "a string")
         raise ConfigError(f"{env}={text!r}: expected {expected}") from None
 

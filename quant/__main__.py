@@ -36,7 +36,8 @@ def record_in_summary(run_dir: Path, result: dict) -> str:
     returns what was done, for the console."""
     path = run_dir / "summary.json"
     try:
-        summary = json.loads(path.read_text()) if path.exists() else {"run_id": run_dir.name}
+        # no summary (a run killed right after its checkpoint): the checkpoint is a trained run's
+        summary = json.loads(path.read_text()) if path.exists() else {"run_id": run_dir.name, "status": "trained"}
         write_atomic(path, json.dumps(record_export(summary, result), indent=2))
     except (OSError, ValueError) as err:  # the artifact is written: say so, do not fail for the summary
         return f"warning: {path} not updated ({err})"
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        kernels.backend()  # a bad KERNELS is bad input too (kernels.BackendError is a ValueError)
+        kernels.backend()  # a bad KERNELS or KERNELS_STRICT is bad input too (kernels.BackendError is a ValueError)
+        kernels.strict()
         net = load_checkpoint(args.checkpoint, map_location=device)
         cfg = net.config
         if args.method:

@@ -161,7 +161,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--device {args.device!r}: not a device name (cuda, cuda:1, cpu)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
-        kernels.backend()  # a bad KERNELS is bad input too (kernels.BackendError is a ValueError)
+        kernels.backend()  # a bad KERNELS or KERNELS_STRICT is bad input too (kernels.BackendError is a ValueError)
+        kernels.strict()
         artifact = Path(args.artifact)
         if not artifact.is_file():
             raise FileNotFoundError(f"artifact {artifact}: no such file")

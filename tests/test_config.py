@@ -142,7 +142,7 @@ def test_skip_gptq_alone_keeps_a_gptq_method():
     ({"QUANT_METHOD": "loop_aware", "LOOP_AWARE_GPTQ": "0"},
      r"^QUANT_METHOD='loop_aware' contradicts LOOP_AWARE_GPTQ=0"),
     ({"QUANT_METHOD": "awq"}, r"^QUANT_METHOD='awq': must be one of 'rtn', 'gptq', 'loop_aware'"),
-    ({"SKIP_GPTQ": "maybe"}, r"^SKIP_GPTQ='maybe': expected 0 or 1"),
+    ({"SKIP_GPTQ": "maybe"}, r"^SKIP_GPTQ='maybe': expected 1/0, true/false, yes/no or on/off"),
 ])
 def test_quant_method_contradictions_name_both_variables(env, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -199,7 +199,7 @@ def test_fixed_only_variables_reject_other_values(env_name):
     ({"MODEL_DIM": "five hundred"}, r"^MODEL_DIM='five hundred': expected an integer"),
     ({"MATRIX_LR": "nan"}, r"^MATRIX_LR='nan': expected a finite number"),
     ({"CRAWLER_LOOP_ROPE_SCALES": "9,x"}, r"^CRAWLER_LOOP_ROPE_SCALES='9,x': expected comma-separated numbers"),
-    ({"COMPILE_FULLGRAPH": "maybe"}, r"^COMPILE_FULLGRAPH='maybe': expected 0 or 1"),
+    ({"COMPILE_FULLGRAPH": "maybe"}, r"^COMPILE_FULLGRAPH='maybe': expected 1/0, true/false, yes/no or on/off"),
     ({"PRESET": "huge"}, r"^PRESET='huge': unknown preset"),
     ({"XSA_BLOCKS": "encoder"}, r"^XSA_BLOCKS='encoder': must be one of"),
     ({"MODEL_DIM": "-512"}, r"^MODEL_DIM=-512: must be > 0"),

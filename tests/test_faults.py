@@ -244,7 +244,7 @@ def test_strict_env_makes_a_misspelt_variable_an_error(monkeypatch, capsys):
                                                "ITERATIONS? (STRICT_ENV=1 makes this an error)")
     monkeypatch.setenv("STRICT_ENV", "perhaps")
     assert main() == 2
-    assert "STRICT_ENV='perhaps': expected 0 or 1" in capsys.readouterr().out
+    assert "STRICT_ENV='perhaps': expected 1/0, true/false, yes/no or on/off" in capsys.readouterr().out
 
 
 def test_known_and_unrelated_variables_are_left_alone():
@@ -392,7 +392,7 @@ def test_as_run_settings_from_the_environment_and_old_configs():
     assert (cfg.rope_inv_freq_bf16, cfg.micro_batch_grads) == (True, "sum")
     with pytest.raises(ConfigError, match=r"^MICRO_BATCH_GRADS='avg': must be one of 'mean', 'sum'"):
         from_env({"PRESET": "tiny", "MICRO_BATCH_GRADS": "avg"})
-    with pytest.raises(ConfigError, match=r"^ROPE_INV_FREQ_BF16='half': expected 0 or 1"):
+    with pytest.raises(ConfigError, match=r"^ROPE_INV_FREQ_BF16='half': expected 1/0, true/false, yes/no or on/off"):
         from_env({"PRESET": "tiny", "ROPE_INV_FREQ_BF16": "half"})
     # a config stored before these fields existed loads with what ran then: exact tables, averaged gradients
     stored = {k: v for k, v in as_run.to_dict().items() if k not in ("rope_inv_freq_bf16", "micro_batch_grads")}
@@ -831,3 +831,189 @@ def test_a_stopped_rank_makes_the_survivor_exit_naming_it(prepared_corpus, tmp_p
         for proc in ranks:
             proc.kill()
             proc.wait()
+
+
+# --- issue 19 items 1, 3, 4, 5: what a killed run's folder says, flags and counts, start-up failures ---
+
+
+# `python -m train` that kills itself (SIGKILL, as `kill -9`) at one stage boundary of the run's end.
+KILL_AT = """
+import os, signal, sys
+
+import model.io
+import quant.artifact as artifact
+import quant.export as export
+import train.trainer as trainer
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def then_die(owner, name):
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        die()
+        return result
+    setattr(owner, name, wrapped)
+
+
+def half_then_die(path, data, *args, **kwargs):  # a write_atomic killed halfway through the artifact's bytes
+    def half(f):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        die()
+    return model.io.write_atomic(path, half)
+
+
+stage = sys.argv.pop(1)
+if stage == "checkpoint":
+    then_die(trainer, "save_weights_on_rank0")
+elif stage == "calibration":
+    then_die(export.Calibrator, "quantize")
+elif stage == "artifact":
+    artifact.write_atomic = half_then_die
+elif stage == "roundtrip":
+    then_die(export, "load_model")  # the artifact read back, its evaluation about to run
+import runpy
+runpy.run_module("train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("stage", ["checkpoint", "calibration", "artifact", "roundtrip"])
+def test_a_run_killed_before_its_artifact_is_scored_says_so_and_is_finished_by_the_command_it_offers(
+        small_data, tmp_path, stage):
+    """Item 1: `kill -9` after the checkpoint, after calibration, during the artifact write or during the
+    round-trip eval: summary.json (where there is one) says "trained" with the float score only, never a
+    val_bpb of an artifact that does not exist; the same RUN_ID is refused with the one command that
+    finishes the run, and that command does."""
+    cfg = small_config(small_data, tmp_path / "runs", "killed", iterations=2, quant_method="gptq",
+                       gptq_cal_samples=2, gptq_cal_seq_len=64)
+    env = _run_env(cfg, OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, stage], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, _output(killed)[-3000:]
+    run = tmp_path / "runs" / "killed"
+    assert (run / "final_model.pt").is_file()
+    summary_path = run / "summary.json"
+    if stage == "checkpoint":
+        assert not summary_path.exists()  # killed before the summary that follows the checkpoint
+    else:
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "trained" and "val_bpb" not in summary and "val_loss" not in summary
+        assert summary["float_val_bpb"] > 0 and "export" not in summary
+        assert summary["finish_command"] == f"python -m quant --checkpoint {run / 'final_model.pt'}"
+    assert (run / "final_model.int6.ptz").exists() == (stage == "roundtrip")
+
+    rerun = subprocess.run([sys.executable, "-m", "train"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    out = _assert_bad_input(rerun, "did not finish its export step")
+    command = out.split("finish it with `")[1].split("`")[0]
+    assert command == f"python -m quant --checkpoint {run / 'final_model.pt'}"
+    finished = subprocess.run([sys.executable, *command.split()[1:], "--no-compare"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, _output(finished)[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and "finish_command" not in summary
+    assert summary["val_bpb"] == summary["export"]["roundtrip_val_bpb"] and (run / "final_model.int6.ptz").is_file()
+    # a finished run is refused as before, with no command to run
+    again = _assert_bad_input(subprocess.run([sys.executable, "-m", "train"], cwd=REPO, env=env,
+                                             capture_output=True, text=True, timeout=120), "already holds a run")
+    assert "python -m quant" not in again
+
+
+def test_a_failing_export_step_leaves_a_trained_summary_with_its_error(small_data, tmp_path):
+    """Item 1: an export that raises (here: over the byte budget) leaves status "trained" and the error."""
+    from quant.artifact import OverBudgetError
+    from quant.export import export_run
+
+    cfg = small_config(small_data, tmp_path, "over", iterations=2, quant_method="rtn")
+    with pytest.raises(OverBudgetError):
+        train(cfg, export_fn=functools.partial(export_run, compare=False, limit=1000), echo=False)
+    summary = json.loads((tmp_path / "over" / "summary.json").read_text())
+    assert summary["status"] == "trained" and "val_bpb" not in summary
+    assert summary["error"].startswith("export step failed: ") and "over budget" in summary["error"]
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False),
+                                       ("false", False), ("No", False), ("off", False), ("", False)])
+def test_kernels_strict_reads_every_flag_word(monkeypatch, value, on):
+    """Item 3: KERNELS_STRICT goes through the one flag parser (before: only "1" turned it on)."""
+    monkeypatch.setenv("KERNELS_STRICT", value)
+    assert kernels.strict() is on
+
+
+@pytest.mark.parametrize("module", ["train", "quant"])
+def test_a_flag_that_is_not_one_exits_2_naming_it(run_env, tmp_path, module):
+    """Item 3: KERNELS_STRICT=banana was taken as off without a word; now every CLI refuses it at start-up,
+    before a run folder exists, and so do the settings' flags."""
+    args = ["--checkpoint", tmp_path / "none.pt"] if module == "quant" else []
+    _assert_bad_input(_cli(module, *args, KERNELS_STRICT="banana", **run_env),
+                      "KERNELS_STRICT='banana': expected 1/0, true/false, yes/no or on/off")
+    _assert_bad_input(_cli("train", DRY_RUN="perhaps", **run_env), "DRY_RUN='perhaps': expected 1/0")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_count_setting_refuses_negatives():
+    """Item 3: every integer setting but the seed has a bound (the fixed switches take one value), so a
+    negative count is a ConfigError naming it; a new count cannot slip in unchecked."""
+    unbounded = [f.name for f in fields(Config) if f.type in (int, "int") and not f.metadata.get("bound")
+                 and not f.metadata.get("fixed") and f.name != "seed"]
+    assert unbounded == []
+    for f in fields(Config):
+        if f.type in (int, "int") and f.metadata.get("bound"):
+            with pytest.raises(ConfigError, match=rf"^{f.name.upper()}=-1: must be >"):
+                from_env(environ={f.name.upper(): "-1"}, preset="tiny")
+
+
+@pytest.mark.parametrize("run_id", ["", "named"])
+def test_runs_dir_that_is_a_file_exits_2_with_one_line(run_env, tmp_path, run_id):
+    """Item 4: RUNS_DIR naming a file was a NotADirectoryError traceback."""
+    _token_shards(tmp_path / "data")
+    (tmp_path / "runs").write_text("not a folder")
+    _assert_bad_input(_cli("train", **{**run_env, "RUN_ID": run_id}),
+                      f"RUNS_DIR={tmp_path / 'runs'}: cannot make a run folder there")
+
+
+def test_a_model_too_large_for_memory_exits_2_before_the_run_folder(run_env, tmp_path):
+    """Item 4: a MODEL_DIM that passes the config checks but cannot be allocated was a traceback from
+    torch.empty after runs/<id>/ existed; now the parameter count says so first, with the bytes needed."""
+    _token_shards(tmp_path / "data")
+    out = _assert_bad_input(_cli("train", MODEL_DIM=262144, **run_env),
+                            "the model is too large for this machine: MODEL_DIM=262144",
+                            "6,597,379,489,813 parameters", "GiB is free on cpu")
+    assert not (tmp_path / "runs").exists(), out
+    dry = _cli("train", MODEL_DIM=262144, DRY_RUN=1, **run_env)
+    assert dry.returncode == 2 and "memory: NOT READY -- the model is too large" in dry.stdout
+
+
+def test_an_allocation_that_fails_anyway_is_bad_input_and_leaves_no_folder(small_data, tmp_path, monkeypatch):
+    """Items 4, 5: memory that the estimate saw but the allocation did not get is a ConfigError with the
+    parameter count; the start failed, so its auto-named folder goes."""
+    from train import trainer
+
+    def no_memory(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 123 bytes")
+
+    monkeypatch.setattr(trainer, "build_model", no_memory)
+    monkeypatch.setattr(trainer, "parameter_count", lambda cfg: 1234)
+    with pytest.raises(ConfigError, match=r"^the model \(1,234 parameters\) could not be allocated on cpu: "
+                                          r"\[enforce fail"):
+        train(small_config(small_data, tmp_path / "runs", "", iterations=2), echo=False)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_failed_start_removes_its_own_folder_unless_run_id_was_given(run_env, tmp_path):
+    """Item 5: every failed start left a runs/<id>/ holding only train.log (12 piled up in the sweep). Without
+    RUN_ID the folder goes; with RUN_ID it stays, the error in its train.log."""
+    _token_shards(tmp_path / "data")
+    missing = tmp_path / "missing.model"
+    for _ in range(2):
+        _assert_bad_input(_cli("train", **{**run_env, "RUN_ID": "", "TOKENIZER_PATH": missing}), "TOKENIZER_PATH=")
+    assert list((tmp_path / "runs").iterdir()) == []
+    _assert_bad_input(_cli("train", **{**run_env, "TOKENIZER_PATH": missing}), "TOKENIZER_PATH=")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["faults"]
+    assert "error: FileNotFoundError: TOKENIZER_PATH=" in (tmp_path / "runs" / "faults" / "train.log").read_text()

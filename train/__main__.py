@@ -19,14 +19,14 @@ import torch
 
 import kernels
 from kernels.selftest import SelfTestFailed
-from model import ConfigError, build_model, count_parameters, from_env
+from model import ConfigError, from_env
 from model.config import check_variable_names, default_preset
 from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
 from train.data import ShardError, check_token_ids, load_shard, shard_paths, usable_val_tokens
-from train.trainer import (CalibrationOverran, CheckpointSaveError, RankLost, TrainingDiverged, grad_accum_steps_for,
-                           load_tokenizer, train)
+from train.trainer import (CalibrationOverran, CheckpointSaveError, RankLost, TrainingDiverged, check_model_fits,
+                           grad_accum_steps_for, load_tokenizer, parameter_count, train)
 
 
 def _is_main_process() -> bool:
@@ -52,8 +52,14 @@ def dry_run(cfg) -> bool:
     for key, value in cfg.env_dict().items():
         _say(f"  {key}={value}")
     _say(f"kernels: {kernels.backend()}")
-    params = count_parameters(build_model(cfg))
-    _say(f"model_params: {params:,}")
+    _say(f"model_params: {parameter_count(cfg):,}")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    try:
+        check_model_fits(cfg, device)
+    except ConfigError as err:
+        _say(f"memory: NOT READY -- {err}")
+        ready = False
     try:
         accum = grad_accum_steps_for(cfg, world_size)
         local = cfg.train_batch_tokens // (world_size * accum)
@@ -87,7 +93,8 @@ def main() -> int:
     try:
         typos = check_variable_names()
         cfg = from_env()
-        kernels.backend()  # KERNELS resolved now, not at the first forward after the run folder exists
+        kernels.backend()  # KERNELS and KERNELS_STRICT now, not at the first forward after the run folder exists
+        kernels.strict()
     except (ConfigError, kernels.BackendError) as err:
         _say(f"configuration error: {err}")
         return 2

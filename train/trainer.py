@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import secrets
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -317,16 +318,19 @@ def claim_run_dir(runs_dir: Path, run_id: str, echo: bool = True) -> RunLog:
     (no summary.json or final_model.pt): the rerun appends to train.log under a marker line, after the temp
     files of killed writes are removed. A folder that holds a run, or one a live run holds, is refused.
     """
-    if run_id:
-        run_dir = runs_dir / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = new_run_dir(runs_dir)
+    try:
+        if run_id:
+            run_dir = runs_dir / run_id
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = new_run_dir(runs_dir)
+    except (NotADirectoryError, FileExistsError, PermissionError) as err:  # a file in the way, or no rights
+        raise ConfigError(f"RUNS_DIR={runs_dir}: cannot make a run folder there ({err.strerror}: "
+                          f"{err.filename})") from None
     log = RunLog(run_dir / "train.log", echo=echo)
     try:
         if (run_dir / "summary.json").exists() or (run_dir / "final_model.pt").exists():
-            raise FileExistsError(f"run folder {run_dir} already holds a run (summary.json or final_model.pt): "
-                                  "choose another RUN_ID or remove the folder")
+            raise FileExistsError(held_run_message(run_dir))
         if log.appends():
             log(f"==== rerun {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC in {run_dir}: "
                 "the lines above are an earlier attempt's ====")
@@ -340,6 +344,27 @@ def claim_run_dir(runs_dir: Path, run_id: str, echo: bool = True) -> RunLog:
         log.close()
         raise
     return log
+
+
+def finish_command(checkpoint: Path) -> str:
+    """The one command that finishes a run stopped after its checkpoint: the export step on the saved weights."""
+    return f"python -m quant --checkpoint {checkpoint}"
+
+
+def held_run_message(run_dir: Path) -> str:
+    """Why a RUN_ID is refused: the run its folder holds, and for one that stopped before its artifact was
+    written and scored, the command that finishes it."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    status = summary.get("status")
+    if status == "trained" or (not summary and (run_dir / "final_model.pt").exists()):
+        return (f"run folder {run_dir} holds a run that trained but did not finish its export step (status "
+                f"{status or 'unknown: no summary.json'}); finish it with `{finish_command(run_dir / 'final_model.pt')}`, "
+                "or choose another RUN_ID")
+    return (f"run folder {run_dir} already holds a run (status {status!r}): choose another RUN_ID or remove "
+            "the folder")
 
 
 def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path, RunLog]:
@@ -365,6 +390,9 @@ def record_export(summary: dict, result: dict) -> dict:
     summary["export"] = result
     if "roundtrip_val_bpb" in result:
         summary.update(val_loss=result["roundtrip_val_loss"], val_bpb=result["roundtrip_val_bpb"])
+        if summary.get("status") == "trained":  # its artifact is written and scored: nothing is left to do
+            summary["status"] = "finished"
+            summary.pop("finish_command", None)
     return summary
 
 
@@ -405,6 +433,48 @@ def load_tokenizer(cfg: Config):
     return sp
 
 
+# Training holds fp32 weights, their gradients and optimizer state (Muon: one buffer; Adam: two) at the least:
+# a floor under what a model needs, activations not counted.
+TRAINING_BYTES_PER_PARAMETER = 12
+
+
+def parameter_count(cfg: Config) -> int:
+    """The model's parameters, from its shapes alone (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(cfg))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new allocation on `device` (the GPU's free memory; the CPU's MemAvailable); None when
+    it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_fits(cfg: Config, device: torch.device) -> int:
+    """ConfigError, before any folder or tensor exists, when the model's weights, gradients and optimizer
+    state alone would not fit in `device`'s free memory; returns the parameter count."""
+    params = parameter_count(cfg)
+    need, free = TRAINING_BYTES_PER_PARAMETER * params, available_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"the model is too large for this machine: MODEL_DIM={cfg.model_dim}, NUM_FLAT_LAYERS="
+                          f"{cfg.num_flat_layers} and the rest make {params:,} parameters, which need at least "
+                          f"{need / 2**30:,.1f} GiB for weights, gradients and optimizer state; {free / 2**30:,.1f} "
+                          f"GiB is free on {device.type}")
+    return params
+
+
+def _allocation_failed(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> dict:
     """Run one training run; returns the summary that is also written to runs/<id>/summary.json.
 
@@ -432,17 +502,24 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
 
 def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
     accum = grad_accum_steps_for(cfg, env.world_size)
+    check_model_fits(cfg, env.device)
     run_dir, log = resolve_run_dir(cfg, env, echo=echo and env.is_main)
+    progress = {"training": False}
     try:  # from here on a failure is written to the run's train.log too
-        return _train_in(run_dir, log, cfg, env, export_fn, accum)
+        return _train_in(run_dir, log, cfg, env, export_fn, accum, progress)
     except BaseException as err:
         log.failed(err)
+        if env.is_main and not cfg.run_id and not progress["training"]:
+            # A start that failed left nothing but its log in a folder named for it: remove the folder (the
+            # error is on the console). With RUN_ID the folder stays, with the error in its train.log.
+            log.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
         log.close()
 
 
-def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, accum: int) -> dict:
+def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, accum: int, progress: dict) -> dict:
     device = env.device
     on_cuda = device.type == "cuda"
 
@@ -463,7 +540,13 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     loader = DistributedTokenLoader(train_paths, env.rank, env.world_size, device)
 
     # --- model ---
-    base_model = build_model(cfg).to(device)
+    try:
+        base_model = build_model(cfg).to(device)
+    except RuntimeError as err:  # check_model_fits passed, but the memory was not there after all
+        if not _allocation_failed(err):
+            raise
+        raise ConfigError(f"the model ({parameter_count(cfg):,} parameters) could not be allocated on {device}: "
+                          f"{str(err).splitlines()[0]}") from None
     n_params = count_parameters(base_model)
     compiled = torch.compile(base_model, dynamic=False, fullgraph=cfg.compile_fullgraph) if on_cuda else base_model
     model = DDP(compiled, device_ids=[env.local_rank] if on_cuda else None,
@@ -526,6 +609,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     stop_after_step = None
     step = 0
     status = "finished"
+    progress["training"] = True  # from here a failure leaves a run folder worth keeping
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
@@ -598,7 +682,16 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     summary["swa_snapshots"] = swa.count
     check_ranks(env, "before saving the checkpoint")
     checkpoint = save_weights_on_rank0(env, base_model, run_dir / "final_model.pt", cfg, log)
-    summary["checkpoint"] = str(checkpoint)
+    # "trained" until the export step has written and scored the artifact (record_export makes it "finished"):
+    # a run stopped in between says so, and which command finishes it; val_loss/val_bpb appear only with
+    # the artifact's score (float_val_* are the float model's)
+    summary.update(status="trained", checkpoint=str(checkpoint), finish_command=finish_command(checkpoint))
+
+    def write_summary():
+        if env.is_main:
+            write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+
+    write_summary()
 
     # --- the final score of the float model: sliding window ---
     t_eval = time.perf_counter()
@@ -606,19 +699,24 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     eval_ms = 1000.0 * (time.perf_counter() - t_eval)
     log(f"final_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"seq_len:{cfg.eval_seq_len} stride:{cfg.eval_stride} eval_time:{eval_ms:.0f}ms")
-    # val_loss/val_bpb become the artifact's round-trip score once an export ran; float_* stay the float model's
-    summary.update(val_loss=val_loss, val_bpb=val_bpb, float_val_loss=val_loss, float_val_bpb=val_bpb,
-                   eval_time_ms=round(eval_ms, 1))
+    summary.update(float_val_loss=val_loss, float_val_bpb=val_bpb, eval_time_ms=round(eval_ms, 1))
+    write_summary()  # a failing export still leaves the run's numbers behind
 
     # --- the export step (quant/): its calibration time counts against the wall clock, which is why
     # training stopped GPTQ_RESERVE_SECONDS early; serialization and compression come after the cap ---
-    if env.is_main:  # written now so a failing export still leaves the run's numbers behind
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     overran = None
-    if export_fn is not None:
-        result = export_fn(base_model, cfg, run_dir, env=env, log=log, train_paths=train_paths,
-                           val_tokens=val_tokens, luts=luts, reserve_seconds=reserve_s,
-                           float_val=(val_loss, val_bpb), train_seconds=training_time_ms / 1000) or {}
+    if export_fn is None:  # no artifact asked for: the float model's score is the run's
+        summary.update(status="finished", val_loss=val_loss, val_bpb=val_bpb)
+        del summary["finish_command"]
+    else:
+        try:
+            result = export_fn(base_model, cfg, run_dir, env=env, log=log, train_paths=train_paths,
+                               val_tokens=val_tokens, luts=luts, reserve_seconds=reserve_s,
+                               float_val=(val_loss, val_bpb), train_seconds=training_time_ms / 1000) or {}
+        except Exception as err:
+            summary["error"] = f"export step failed: {err}"
+            write_summary()
+            raise
         record_export(summary, result)
         calib = result.get("calibration_seconds")
         if (calib is not None and max_wallclock_ms is not None and calib > reserve_s
@@ -631,8 +729,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
             summary["error"] = f"calibration overran the wall clock: {overran}"
             summary["compliant"] = False  # over the challenge's training time: not a valid submission
             log(f"ERROR: {summary['error']}")
-    if env.is_main:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_summary()
     log(f"summary: {run_dir / 'summary.json'}")
     log.close()
     if overran:
