@@ -7,7 +7,9 @@
 
 export writes DIR/<track dir>/<YYYY-MM-DD>_<NAME>/ (DIR default: records/ at the repository root):
 train_gpt.py (the one-file bundle of the counted packages, quant/bundle.py), submission.json, README.md,
-requirements.txt and each seed's train.log copied verbatim as train_seed<N>.log. Every run must have
+requirements.txt and each seed's train.log copied verbatim as train_seed<N>.log. It writes them into
+.<YYYY-MM-DD>_<NAME>.partial-<pid> beside that folder and renames it when complete, so a killed export leaves
+no records folder, and the next export removes the partial one once its process is gone. Every run must have
 finished, export step included, with the same configuration apart from SEED and a seed of its own. The
 code bytes counted are the bundle's, for every seed. author and github_id come from the flags or the
 AUTHOR / GITHUB_ID environment variables; a missing one stays "" with a warning (never guessed).
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import importlib.metadata
 import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -48,6 +52,10 @@ NOT_TRAINING = ("seed", "run_id", "runs_dir", "dry_run")
 # left out of the README's command: SEED and PRESET are written first, paths are the reader's own
 NOT_IN_COMMAND = ("SEED", "PRESET", "RUN_ID", "RUNS_DIR", "DRY_RUN", "DATA_PATH", "TOKENIZER_PATH")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# What a complete records folder holds besides its train_seed<N>.log files; submission.json is written last
+FOLDER_FILES = ("train_gpt.py", "requirements.txt", "README.md", "submission.json")
+# The folder an export writes before renaming it to its final name; the pid says whose it is
+PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)")
 
 EXACT_LINE = re.compile(r"^final_int6_sliding_window_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.M)
 VERSIONS_LINE = re.compile(r"^versions: torch:(\S+) triton:(\S+) cuda:(\S+) gpu:(.+?)\s*$", re.M)
@@ -374,12 +382,60 @@ def readme_text(sub: dict, runs: list[Run], stats: list[str] | None) -> str:
     return "\n".join(lines)
 
 
+def missing_files(folder: Path) -> list[str]:
+    """What `folder` lacks of a complete records folder (FOLDER_FILES and at least one seed's log)."""
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if not any(folder.glob("train_seed*.log")):
+        missing.insert(1, "train_seed<N>.log")
+    return missing
+
+
+def refuse_existing(folder: Path) -> None:
+    """RecordsError if `folder` holds anything: an export is never written over another, finished or not."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    missing = missing_files(folder)
+    if missing:
+        raise RecordsError(f"{folder} exists but is not a complete export (no {', '.join(missing)}), e.g. one "
+                           "killed while writing it: remove it and export again")
+    raise RecordsError(f"{folder} already exists: choose another --name or remove it")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # an earlier process with our pid (in a container, every run may be pid 1)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_partial_exports(parent: Path, warn=print) -> None:
+    """Remove the .<name>.partial-<pid> folders in `parent` whose process is gone (exports killed before
+    they completed); those of live processes, which may be writing them, are left alone."""
+    if not parent.is_dir():
+        return
+    for path in sorted(parent.iterdir()):
+        found = PARTIAL.fullmatch(path.name)
+        if found is None or not path.is_dir():
+            continue
+        if _alive(int(found["pid"])):
+            warn(f"left {path} alone: process {found['pid']}, which may be exporting into it, is running")
+            continue
+        shutil.rmtree(path)
+        warn(f"removed {path}: an unfinished export (killed before it completed)")
+
+
 def export_records(runs, name: str, track: str, out, bundle: bytes, *, author: str | None = None,
                    github_id: str | None = None, blurb: str = "", baseline=None, date: str | None = None,
                    warn=print) -> Path:
     """Write out/<track dir>/<date>_<name>/ from the run folders `runs` (one per seed) and the bundle's
     bytes (train_gpt.py). author/github_id None: from AUTHOR/GITHUB_ID, else "" with a warning.
-    baseline: log paths to test the improvement against (README.md). Returns the folder."""
+    baseline: log paths to test the improvement against (README.md). warn: prints the warnings and each
+    partial folder of a killed export that this one removes. Returns the folder."""
     if not SAFE_NAME.fullmatch(name):
         raise RecordsError(f"--name {name!r}: use letters, digits and . _ + - only (it names a folder)")
     if track not in TRACKS:
@@ -388,8 +444,7 @@ def export_records(runs, name: str, track: str, out, bundle: bytes, *, author: s
     check_runs(records)
     date = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     folder = Path(out) / TRACKS[track] / f"{date}_{name}"
-    if folder.exists() and any(folder.iterdir()):
-        raise RecordsError(f"{folder} already exists: choose another --name or remove it")
+    refuse_existing(folder)
     author = os.environ.get("AUTHOR", "") if author is None else author
     github_id = os.environ.get("GITHUB_ID", "") if github_id is None else github_id
     for key, value, flag, env in (("author", author, "--author", "AUTHOR"),
@@ -408,12 +463,26 @@ def export_records(runs, name: str, track: str, out, bundle: bytes, *, author: s
              "10-minute-track record (--track non_record)")
     if sub["bytes_total"] > SIZE_LIMIT:
         warn(f"warning: {sub['bytes_total']:,} B is over the {SIZE_LIMIT:,} B limit")
-    write_atomic(folder / "train_gpt.py", bundle)
-    for run in records:
-        write_atomic(folder / f"train_seed{run.seed}.log", (run.folder / "train.log").read_bytes())
-    write_atomic(folder / "requirements.txt", requirements_text(records[0].versions))
-    write_atomic(folder / "README.md", readme_text(sub, records, stats))
-    write_atomic(folder / "submission.json", json.dumps(sub, indent=2) + "\n")
+    remove_partial_exports(folder.parent, warn)
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    partial.mkdir(parents=True)
+    try:
+        write_atomic(partial / "train_gpt.py", bundle)
+        for run in records:
+            write_atomic(partial / f"train_seed{run.seed}.log", (run.folder / "train.log").read_bytes())
+        write_atomic(partial / "requirements.txt", requirements_text(records[0].versions))
+        write_atomic(partial / "README.md", readme_text(sub, records, stats))
+        write_atomic(partial / "submission.json", json.dumps(sub, indent=2) + "\n")
+        try:
+            os.rename(partial, folder)  # replaces an empty folder, never one with files
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            refuse_existing(folder)  # another export finished first
+            raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return folder
 
 

@@ -8,12 +8,14 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+import types
 from dataclasses import fields
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from model import ConfigError, load_checkpoint
 from model.config import KNOWN_VARIABLES, Config, check_variable_names, from_env
 from model.decode import KVCache, decode_step
 from model.gpt import CRAWLER, Block, CrawlerGPT, Rope, bf16_rounded, rope_tables
+from quant import records, records_check
 from train.step import TrainStep
 from train.trainer import train
 
@@ -1017,3 +1020,74 @@ def test_a_failed_start_removes_its_own_folder_unless_run_id_was_given(run_env, 
     _assert_bad_input(_cli("train", **{**run_env, "TOKENIZER_PATH": missing}), "TOKENIZER_PATH=")
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["faults"]
     assert "error: FileNotFoundError: TOKENIZER_PATH=" in (tmp_path / "runs" / "faults" / "train.log").read_text()
+
+
+# --- records export: written whole or not at all (issue 19 item 2) ---
+# `python -m quant.records export` wrote train_gpt.py, the logs, requirements.txt, README.md and
+# submission.json into the records folder one by one: a `kill -9` between them left a folder that the
+# rerun refused as "already exists". It now writes .<folder>.partial-<pid> and renames it when complete.
+
+
+# `python -m quant.records ARGS`, killed (SIGKILL) right after it writes train_gpt.py: mid-export.
+KILLED_AFTER_TRAIN_GPT = """
+import os, signal, sys
+import quant.records as records
+
+write_atomic = records.write_atomic
+
+def write_then_die(path, data):
+    write_atomic(path, data)
+    if path.name == "train_gpt.py":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+records.write_atomic = write_then_die
+sys.exit(records.main(sys.argv[1:]))
+"""
+
+
+def test_killed_records_export_leaves_no_folder_and_the_rerun_removes_its_leftover(exported_run, tmp_path):
+    """The kill leaves only the partial folder; the rerun names it, removes it and writes a folder that
+    `check` accepts (files, and submission.json against the logs). The partial folder of a live process,
+    another export still writing, is left alone."""
+    args = ["export", "--run", exported_run[0], "--name", "killed", "--out", tmp_path, "--author", "A. Person",
+            "--github-id", "aperson"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TRAIN_GPT, *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, _output(killed)[-3000:]
+    track = tmp_path / "track_10min_16mb"
+    (leftover,) = track.iterdir()
+    name = re.fullmatch(r"\.(\d{4}-\d\d-\d\d_killed)\.partial-\d+", leftover.name)
+    assert name, leftover.name  # not the records folder itself
+    assert [p.name for p in leftover.iterdir()] == ["train_gpt.py"]
+    live = track / f".{name[1]}.partial-{os.getpid()}"  # this process is alive: as if it were exporting
+    live.mkdir()
+
+    rerun = _cli("quant.records", *args)
+    out = _output(rerun)
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"removed {leftover}: an unfinished export (killed before it completed)\n" in out
+    assert f"left {live} alone: process {os.getpid()}, which may be exporting into it, is running\n" in out
+    folder = track / name[1]
+    assert sorted(p.name for p in track.iterdir()) == sorted([folder.name, live.name])
+    sub, logs, code = records_check._read_folder(folder)  # check's first stages
+    assert records_check.compare_submission(sub, logs, code) == []
+    assert sub["author"] == "A. Person" and list(logs) == sub["seeds"]
+
+
+def test_records_export_refuses_an_incomplete_folder_saying_what_it_lacks(exported_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A folder that a killed export left before this fix lacks files: the refusal says so and to remove it,
+    not "already exists" (which a complete folder still gets)."""
+    monkeypatch.setitem(sys.modules, "quant.bundle", types.SimpleNamespace(build_bundle=lambda root=None: b"# b\n"))
+    args = ["export", "--run", str(exported_run[0]), "--name", "twice", "--out", str(tmp_path), "--author", "A",
+            "--github-id", "a"]
+    assert records.main(args) == 0
+    folder = Path(capsys.readouterr().out.removeprefix("records: wrote ").strip())
+    assert records.main(args) == 2
+    assert capsys.readouterr().err == f"error: {folder} already exists: choose another --name or remove it\n"
+    (folder / "README.md").unlink()
+    (folder / "submission.json").unlink()
+    assert records.main(args) == 2
+    assert capsys.readouterr().err == (f"error: {folder} exists but is not a complete export (no README.md, "
+                                       "submission.json), e.g. one killed while writing it: remove it and export "
+                                       "again\n")
