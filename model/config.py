@@ -394,3 +394,27 @@ def check_variable_names(environ=None) -> list[str]:
     if lines and strict:
         raise ConfigError(lines[0] + " (STRICT_ENV=1 makes this an error)")
     return lines
+
+
+# ---- argparse types for the command lines' counts and amounts ----
+
+def _bounded(parse, what: str, positive: bool):
+    """An argparse type: the number `parse` reads from the text if it is > 0 (positive) or >= 0, and finite;
+    otherwise argparse exits 2 naming the flag, the range and the text."""
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = math.nan  # refused below, with the range in the message
+        if not (value > 0 if positive else value >= 0) or value == math.inf:
+            from argparse import ArgumentTypeError
+
+            raise ArgumentTypeError(f"must be {what} {'>' if positive else '>='} 0, got {text!r}")
+        return value
+    return check
+
+
+positive_int = _bounded(int, "an integer", positive=True)
+nonnegative_int = _bounded(int, "an integer", positive=False)
+positive_float = _bounded(float, "a finite number", positive=True)
+nonnegative_float = _bounded(float, "a finite number", positive=False)
