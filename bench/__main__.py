@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench import registry, report  # noqa: E402
+from model.cli import positive_float  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder for the CSV and plots (default: bench/results with CUDA, a temp folder for smoke)")
     parser.add_argument("--csv", type=Path, default=None, help="exact CSV path (overrides --out for the CSV)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--warmup-ms", type=float, default=registry.MIN_WARMUP_MS, help="do_bench warm-up budget (>= 25)")
-    parser.add_argument("--rep-ms", type=float, default=registry.MIN_REP_MS, help="do_bench timing budget (>= 100)")
+    parser.add_argument("--warmup-ms", type=positive_float, default=registry.MIN_WARMUP_MS,
+                        help="do_bench warm-up budget (>= 25)")
+    parser.add_argument("--rep-ms", type=positive_float, default=registry.MIN_REP_MS,
+                        help="do_bench timing budget (>= 100)")
     args = parser.parse_args(argv)
     if args.warmup_ms < registry.MIN_WARMUP_MS or args.rep_ms < registry.MIN_REP_MS:
         parser.error(f"--warmup-ms must be >= {registry.MIN_WARMUP_MS} and --rep-ms >= {registry.MIN_REP_MS} "

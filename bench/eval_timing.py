@@ -34,6 +34,7 @@ import kernels  # noqa: E402
 import model  # noqa: E402
 from bench.flops import model_flops_per_token  # noqa: E402
 from bench.registry import Case, register  # noqa: E402
+from model.cli import positive_float, positive_int  # noqa: E402
 from model.io import synchronize  # noqa: E402
 from train.evaluate import sliding_windows  # noqa: E402
 from train.evaluate import validate  # noqa: E402
@@ -158,13 +159,14 @@ def cases(device: str, smoke: bool) -> list[Case]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.eval_timing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fraction", type=float, default=None,
+    parser.add_argument("--fraction", type=positive_float, default=None,
                         help="part of one GPU's share to time, projected linearly (default: 1 on CUDA)")
     parser.add_argument("--kernels", nargs="+", choices=kernels.BACKENDS, default=list(kernels.BACKENDS))
-    parser.add_argument("--batch-seqs", type=int, default=None, help="windows per forward (default: EVAL_BATCH_SEQS)")
-    parser.add_argument("--windows", type=int, default=None, help="exact window count (overrides --fraction)")
+    parser.add_argument("--batch-seqs", type=positive_int, default=None,
+                        help="windows per forward (default: EVAL_BATCH_SEQS)")
+    parser.add_argument("--windows", type=positive_int, default=None, help="exact window count (overrides --fraction)")
     args = parser.parse_args(argv)
-    if args.fraction is not None and not 0 < args.fraction <= 1:
+    if args.fraction is not None and args.fraction > 1:
         parser.error(f"--fraction {args.fraction}: must be in (0, 1]")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

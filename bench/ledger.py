@@ -36,6 +36,7 @@ if not torch.cuda.is_available():  # kernel modules read this when imported
 import kernels  # noqa: E402
 from bench.flops import (ACHIEVABLE_TBPS, ACHIEVABLE_TFLOPS, GROUPS, NVLINK_GBPS, PEAK_TBPS,  # noqa: E402
                          PEAK_TFLOPS, AnalyticLedger, analytic_ledger)
+from model.cli import positive_int  # noqa: E402
 from model.gpt import MLP, Block, CrawlerGPT  # noqa: E402
 from train.step import PROFILE_PREFIX as SCOPE_PREFIX  # noqa: E402  (the training step's phase ranges)
 
@@ -280,9 +281,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", choices=kernels.BACKENDS, default=None,
                         help="KERNELS backend of the profiled step (default: triton on CUDA, torch on CPU)")
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
-    parser.add_argument("--batch-seqs", type=int, default=None, help="sequences per step (default: one GPU's share; CPU: 2)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: TRAIN_SEQ_LEN; CPU: 64)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps (after one warm-up step)")
+    parser.add_argument("--batch-seqs", type=positive_int, default=None,
+                        help="sequences per step (default: one GPU's share; CPU: 2)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per sequence (default: TRAIN_SEQ_LEN; CPU: 64)")
     parser.add_argument("--muon-share", choices=("rank", "all"), default="rank")
     parser.add_argument("--no-compiled", action="store_true",
                         help="on CUDA, skip timing the compiled step next to the profiled eager one")
@@ -290,8 +293,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file (default: bench/results/ledger_<gpu>.md, or ledger_cpu_tiny.md on CPU)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps {args.steps}: must be >= 1")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     load = os.getloadavg()[0]

@@ -358,12 +358,14 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from model.cli import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m bench.sm90", description="Compile every kernel "
                                      "configuration for sm_90 (no GPU needed) and check its resources.")
     parser.add_argument("--package", default="kernels", help="package whose modules are checked (default: kernels)")
     parser.add_argument("--no-package", action="store_true", help="check only the --module files")
     parser.add_argument("--module", action="append", default=[], type=Path, help="an extra module file to check")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no table on screen")
     args = parser.parse_args(argv)

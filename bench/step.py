@@ -40,6 +40,7 @@ import kernels  # noqa: E402
 import model  # noqa: E402
 from bench.flops import analytic_ledger
 from bench.registry import Case, register
+from model.cli import nonnegative_int, positive_int
 from model.io import synchronize
 from train.step import Optimizers, TrainingDiverged, TrainStep
 
@@ -263,20 +264,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=list(kernels.BACKENDS), choices=kernels.BACKENDS,
                         help="KERNELS backends to time (default: both)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (default: 50 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup-steps", type=nonnegative_int, default=None,
+                        help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
     parser.add_argument("--muon-share", choices=("rank", "all"), default="rank",
                         help="rank: Newton-Schulz on rank 0's 1/8 of the matrices (default); all: every matrix")
-    parser.add_argument("--batch-seqs", type=int, default=None, help="sequences per step (default: one GPU's share)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: TRAIN_SEQ_LEN)")
+    parser.add_argument("--batch-seqs", type=positive_int, default=None,
+                        help="sequences per step (default: one GPU's share)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per sequence (default: TRAIN_SEQ_LEN)")
     parser.add_argument("--no-compile", action="store_true", help="eager model even on CUDA")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (atomically)")
-    args = parser.parse_args(argv)
-    for name in ("steps", "warmup_steps", "batch_seqs", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup_steps" else 1):
-            parser.error(f"--{name.replace('_', '-')} {value}: must be {'>= 0' if name == 'warmup_steps' else '>= 1'}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ import torch
 import kernels
 from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
+from model.cli import nonnegative_int
 from model.io import DiskFullError, write_atomic
 from train.data import ShardError, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
                              "(default: only when the val set is small)")
     parser.add_argument("--data-path", help="shard folder (default: the run's DATA_PATH)")
     parser.add_argument("--tokenizer-path", help="sentencepiece model (default: the run's TOKENIZER_PATH)")
-    parser.add_argument("--val-tokens", type=int, default=0, help="evaluate on the first N val tokens only (0: all)")
+    parser.add_argument("--val-tokens", type=nonnegative_int, default=0,
+                        help="evaluate on the first N val tokens only (0: all)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

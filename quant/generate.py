@@ -26,6 +26,7 @@ import kernels
 from kernels import selftest
 from kernels.int6 import QuantLinear
 from model import ConfigError
+from model.cli import nonnegative_float, nonnegative_int, positive_int
 from model.decode import KVCache, decode_step
 from model.io import synchronize
 
@@ -139,9 +140,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--artifact", required=True, help="runs/<id>/final_model.int6.ptz")
     parser.add_argument("--prompt", default="", help="text to continue (default: none, the model starts a document)")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default 50)")
+    parser.add_argument("--tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=nonnegative_int, default=50,
+                        help="sample among the k likeliest tokens; 0 = all (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--tokenizer", help="sentencepiece model (default: the artifact's TOKENIZER_PATH)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -152,9 +154,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.tokens <= 0:
-            raise ValueError(f"--tokens {args.tokens}: must be > 0")
-        _check_sampling(args.temperature, args.top_k)
+        try:
+            args.prompt.encode("utf-8")  # argv bytes that do not decode arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise ValueError("--prompt: not valid UTF-8 text") from None
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError:

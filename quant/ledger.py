@@ -135,19 +135,15 @@ def format_ledger(ledger: Ledger) -> str:
                          f"bits each (steps included, compressed alone)")
     p = ledger.projection
     if p:
-        def against_limit(total: float) -> str:
-            return f"{int(total):,} B, {abs(ledger.limit - int(total)):,} " \
-                   f"{'under' if total <= ledger.limit else 'over'} {ledger.limit:,}"
-
-        lines += ["", f"projected full `ouroboros` model ({sum(p['params'].values()):,} parameters), an estimate:"]
+        lines += ["", f"projected full `ouroboros` model ({sum(p['params'].values()):,} parameters), estimates:"]
         for key, label, _ in CATEGORIES:
             lines.append(f"  {label:<26}{p['values'][key]:>12,} values {int(p['bytes'][key]):>12,} B")
-        lines.append(f"  model {int(p['model_bytes']):,} B + code {ledger.code_bytes:,} B = "
-                     f"{against_limit(p['total_bytes'])}, if the full model's values compress as this artifact's "
-                     f"do (int6 codes at {ledger.bits_per_value('int6_codes'):.2f} bits each; this depends on the "
-                     f"model's size and training)")
-        lines.append(f"  model {int(p['entry_model_bytes']):,} B + code {ledger.code_bytes:,} B = "
-                     f"{against_limit(p['entry_total_bytes'])}, at the original entry's measured "
-                     f"{ORIGINAL_ENTRY_BITS_PER_PARAM:.2f} bits per parameter ({ORIGINAL_ENTRY['model_bytes']:,} B "
-                     f"of model for {ORIGINAL_ENTRY['params']:,} parameters after {ORIGINAL_ENTRY['steps']:,} steps)")
+        for total, assumption in (
+                ("total_bytes", f"if its values compress as this artifact's do (int6 codes at "
+                                f"{ledger.bits_per_value('int6_codes'):.2f} bits; that depends on size and training)"),
+                ("entry_total_bytes", f"at the original entry's measured {ORIGINAL_ENTRY_BITS_PER_PARAM:.2f} bits per "
+                                      f"parameter ({ORIGINAL_ENTRY['model_bytes']:,} B for {ORIGINAL_ENTRY['params']:,} "
+                                      f"parameters, {ORIGINAL_ENTRY['steps']:,} steps)")):
+            lines.append(f"  model {int(p[total] - ledger.code_bytes):,} B + code {ledger.code_bytes:,} B = "
+                         f"{int(p[total]):,} B of {ledger.limit:,}, " + assumption)
     return "\n".join(lines)

@@ -195,12 +195,15 @@ def test_checkpoint_and_artifact_modes_follow_the_umask(exported_run):
     assert exported_run[2] == {name: 0o640 for name in RUN_FILES}
 
 
-def test_quant_checkpoint_records_its_export_in_the_run_summary(exported_run, capsys):
+def test_quant_checkpoint_records_its_export_in_the_run_summary(exported_run, tmp_path, capsys):
     """Item 7: `python -m quant --checkpoint` puts its export into the run's summary.json as the trainer
     records it, keeping the other keys; a partial evaluation leaves summary.json alone."""
+    import shutil
+
     from quant.__main__ import main
 
-    run, by_trainer, _ = exported_run
+    run, by_trainer = tmp_path / "run", exported_run[1]
+    shutil.copytree(exported_run[0], run)  # the module's run stays as the trainer left it, for the tests after
     path = run / "summary.json"
     stored = json.loads(path.read_text())
     del stored["export"]
@@ -985,11 +988,11 @@ def test_a_model_too_large_for_memory_exits_2_before_the_run_folder(run_env, tmp
     torch.empty after runs/<id>/ existed; now the parameter count says so first, with the bytes needed."""
     _token_shards(tmp_path / "data")
     out = _assert_bad_input(_cli("train", MODEL_DIM=262144, **run_env),
-                            "the model is too large for this machine: MODEL_DIM=262144",
-                            "6,597,379,489,813 parameters", "GiB is free on cpu")
+                            "MODEL_DIM=262144: the model's 6,597,379,489,813 parameters need",
+                            "GiB is free on cpu")
     assert not (tmp_path / "runs").exists(), out
     dry = _cli("train", MODEL_DIM=262144, DRY_RUN=1, **run_env)
-    assert dry.returncode == 2 and "memory: NOT READY -- the model is too large" in dry.stdout
+    assert dry.returncode == 2 and "memory: NOT READY -- MODEL_DIM=262144: the model's" in dry.stdout
 
 
 def test_an_allocation_that_fails_anyway_is_bad_input_and_leaves_no_folder(small_data, tmp_path, monkeypatch):
@@ -1091,3 +1094,132 @@ def test_records_export_refuses_an_incomplete_folder_saying_what_it_lacks(export
     assert capsys.readouterr().err == (f"error: {folder} exists but is not a complete export (no README.md, "
                                        "submission.json), e.g. one killed while writing it: remove it and export "
                                        "again\n")
+
+
+# --- issue 19 items 3-4 (CLI input) ---
+# Bad input to a command line exits 2 with one line naming the input (argparse's usage line and
+# "error: argument --flag: ..." for a bad flag value), before any work and without touching a run's files.
+
+
+def _files(folder: Path) -> dict:
+    """{relative path: (mtime_ns, bytes)} of every file under folder."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_one_line(proc, *needles) -> None:
+    out = _assert_bad_input(proc, *needles)
+    assert len(out.strip().splitlines()) == 1, out[-3000:]
+
+
+def test_quant_negative_val_tokens_exits_2_and_leaves_the_run_as_it_was(exported_run, tmp_path):
+    """Item 1: --val-tokens -1 was read as "all tokens" and rewrote the artifact, quant_compare/ and summary.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run[0], run)  # copy2: the files keep their mtimes
+    before = _files(run)
+    proc = _cli("quant", "--checkpoint", run / "final_model.pt", "--val-tokens", -1)
+    _assert_bad_input(proc, "argument --val-tokens: must be an integer >= 0, got '-1'")
+    assert _files(run) == before
+
+
+# One bad count per command line; test_every_count_flag_is_refused_in_process covers the rest of each one's flags.
+CLI_COUNTS = [
+    ("quant.generate", ["--artifact", "a.ptz", "--tokens", "0"], "argument --tokens: must be an integer > 0, got '0'"),
+    ("train.unigram", ["--seq-len", "0"], "argument --seq-len: must be an integer > 0, got '0'"),
+    ("train.prepare", ["--shard-tokens", "-5"], "argument --shard-tokens: must be an integer > 0, got '-5'"),
+    ("train.download", ["--train-shards", "-1"], "argument --train-shards: must be an integer >= 0, got '-1'"),
+    ("bench", ["--warmup-ms", "inf"], "argument --warmup-ms: must be a finite number > 0, got 'inf'"),
+    ("bench.step", ["--warmup-steps", "-1"], "argument --warmup-steps: must be an integer >= 0, got '-1'"),
+    ("bench.ledger", ["--batch-seqs", "0"], "argument --batch-seqs: must be an integer > 0, got '0'"),
+    ("bench.eval_timing", ["--fraction", "-0.5"], "argument --fraction: must be a finite number > 0, got '-0.5'"),
+    ("bench.gpu_check", ["--workers", "-2"], "argument --workers: must be an integer >= 0, got '-2'"),
+    ("bench.sm90", ["--jobs", "0"], "argument --jobs: must be an integer > 0, got '0'"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", CLI_COUNTS, ids=[case[0] for case in CLI_COUNTS])
+def test_a_bad_count_exits_2_naming_the_flag(module, args, message):
+    _assert_bad_input(_cli(module, *args, timeout=60), message)
+
+
+def test_every_count_flag_is_refused_in_process(capsys):
+    """Each count and amount flag of every command line, through its own parser."""
+    import bench.__main__
+    from bench import eval_timing, gpu_check, ledger, sm90, step
+    from quant import __main__ as quant_main, generate
+    from train import download, prepare, unigram
+
+    refused = [
+        (quant_main.main, ["--checkpoint", "c.pt"], "--val-tokens", "-1", "an integer >= 0"),
+        (generate.main, ["--artifact", "a.ptz"], "--tokens", "-3", "an integer > 0"),
+        (generate.main, ["--artifact", "a.ptz"], "--top-k", "-1", "an integer >= 0"),
+        (generate.main, ["--artifact", "a.ptz"], "--temperature", "nan", "a finite number >= 0"),
+        (unigram.main, [], "--seq-len", "-1", "an integer > 0"),
+        (unigram.main, [], "--stride", "0", "an integer > 0"),
+        (unigram.main, [], "--vocab-size", "0", "an integer > 0"),
+        (prepare.main, [], "--vocab-size", "-1", "an integer > 0"),
+        (prepare.main, [], "--val-tokens", "0", "an integer > 0"),
+        (prepare.main, [], "--shard-tokens", "x", "an integer > 0"),
+        (download.main, [], "--train-shards", "-1", "an integer >= 0"),
+        (step.main, [], "--steps", "0", "an integer > 0"),
+        (step.main, [], "--warmup-steps", "-1", "an integer >= 0"),
+        (step.main, [], "--batch-seqs", "0", "an integer > 0"),
+        (step.main, [], "--seq-len", "-64", "an integer > 0"),
+        (ledger.main, [], "--steps", "0", "an integer > 0"),
+        (ledger.main, [], "--batch-seqs", "-1", "an integer > 0"),
+        (ledger.main, [], "--seq-len", "0", "an integer > 0"),
+        (eval_timing.main, [], "--fraction", "0", "a finite number > 0"),
+        (eval_timing.main, [], "--batch-seqs", "0", "an integer > 0"),
+        (eval_timing.main, [], "--windows", "-1", "an integer > 0"),
+        (gpu_check.main, [], "--workers", "-1", "an integer >= 0"),
+        (gpu_check.main, [], "--budget", "nan", "a finite number > 0"),
+        (gpu_check.main, [], "--warmup-steps", "-1", "an integer >= 0"),
+        (sm90.main, [], "--jobs", "-2", "an integer > 0"),
+        (bench.__main__.main, [], "--warmup-ms", "nan", "a finite number > 0"),
+        (bench.__main__.main, [], "--rep-ms", "-100", "a finite number > 0"),
+    ]
+    for main, required, flag, value, expected in refused:
+        with pytest.raises(SystemExit) as stop:
+            main([*required, flag, value])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, (main.__module__, flag)
+        assert f"argument {flag}: must be {expected}, got {value!r}" in err, (main.__module__, flag, err)
+
+
+def test_generate_prompt_that_is_not_utf8_exits_2(exported_run):
+    """Item 3a: argv bytes that do not decode reach Python as lone surrogates, which sentencepiece cannot take."""
+    artifact = exported_run[0] / "final_model.int6.ptz"
+    not_utf8 = os.fsdecode(b"\xff\xfe")  # the child receives the bytes themselves
+    _assert_one_line(_cli("quant.generate", "--artifact", artifact, "--prompt", not_utf8, "--tokens", 2),
+                     "--prompt: not valid UTF-8")
+
+
+def test_unigram_tokenizer_that_is_not_a_sentencepiece_model_exits_2(prepared_corpus, tmp_path):
+    """Item 3c: the trainer's tokenizer check (train.trainer.load_tokenizer), as `python -m quant` reports it."""
+    fake = tmp_path / "fake.model"
+    fake.write_text("not a sentencepiece model\n")
+    proc = _cli("train.unigram", "--tokenizer-path", fake, "--data-path", prepared_corpus.dataset_dir)
+    _assert_one_line(proc, f"TOKENIZER_PATH={fake}: not a sentencepiece model")
+
+
+def test_unigram_missing_data_folder_exits_2(prepared_corpus, tmp_path):
+    proc = _cli("train.unigram", "--tokenizer-path", prepared_corpus.tokenizer_path, "--data-path", tmp_path / "nowhere")
+    _assert_one_line(proc, f"data folder {tmp_path / 'nowhere'} does not exist")
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_prepare_out_root_that_is_a_file_exits_2(tmp_path, below):
+    """Item 3d: --out-root a regular file (or a folder under one) ended in NotADirectoryError."""
+    regular = tmp_path / "regular"
+    regular.write_text("a file\n")
+    out_root = regular / below if below else regular
+    _assert_one_line(_cli("train.prepare", "--out-root", out_root),
+                     f"--out-root {out_root} cannot be a folder: {regular} is a file")
+
+
+def test_prepare_vocab_beyond_the_shards_uint16_ids_exits_2(tmp_path):
+    _assert_one_line(_cli("train.prepare", "--out-root", tmp_path / "data", "--vocab-size", 70_000),
+                     "vocab_size=70000: shards store uint16 ids")
+    assert not (tmp_path / "data").exists()

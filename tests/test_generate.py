@@ -319,5 +319,7 @@ def test_cli_errors_name_what_is_missing(trained_artifact, small, tmp_path, caps
     corrupt.write_bytes(path.read_bytes()[:-10])
     assert gen.main(["--artifact", str(corrupt)]) == 2
     assert f"{corrupt}: truncated" in capsys.readouterr().err
-    assert gen.main(["--artifact", str(path), "--temperature", "-1"]) == 2
-    assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it
+        gen.main(["--artifact", str(path), "--temperature", "-1"])
+    assert stop.value.code == 2
+    assert "argument --temperature: must be a finite number >= 0, got '-1'" in capsys.readouterr().err

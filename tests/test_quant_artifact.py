@@ -233,12 +233,12 @@ def test_ledger_accounts_for_every_byte_and_parameter(tiny, tmp_path, capsys):
     projected = [line for line in out.splitlines() if line.startswith("  model ")]
     assert len(projected) == 2
     assert f"= {int(led.projection['total_bytes']):,} B" in projected[0]
-    assert "if the full model's values compress as this artifact's do" in projected[0]
+    assert "if its values compress as this artifact's do" in projected[0]
     assert f"= {int(led.projection['entry_total_bytes']):,} B" in projected[1]
     assert "at the original entry's measured 4.58 bits per parameter (14,912,873 B" in projected[1]
-    led.limit = int(led.projection["total_bytes"]) - 10  # a projection over the limit says so, without alarm
+    led.limit = int(led.projection["total_bytes"]) - 10  # a projection over the limit is shown, without alarm
     text = quant_ledger.format_ledger(led)
-    assert f"{int(led.projection['total_bytes']):,} B, 10 over {led.limit:,}, if the full" in text
+    assert f"{int(led.projection['total_bytes']):,} B of {led.limit:,}, if its values" in text
     assert "WARNING" not in text and "WARNING" not in out
 
 

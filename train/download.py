@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from model.cli import nonnegative_int
 from model.io import write_atomic
 from train.data import ShardError, load_shard
 
@@ -187,8 +188,9 @@ def download(train_shards: int = DEFAULT_TRAIN_SHARDS, out_root="data", repo_id:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.download", description=__doc__.split("\n")[0])
-    parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
-                        help=f"train shards of 10^8 tokens to fetch (default {DEFAULT_TRAIN_SHARDS})")
+    parser.add_argument("--train-shards", type=nonnegative_int, default=DEFAULT_TRAIN_SHARDS,
+                        help=f"train shards of 10^8 tokens to fetch, 0: only val and the tokenizer "
+                             f"(default {DEFAULT_TRAIN_SHARDS})")
     parser.add_argument("--out-root", default="data", help="folder receiving datasets/ and tokenizers/")
     parser.add_argument("--repo-id", default=None,
                         help=f"dataset repo (default $PARAMETER_GOLF_REPO_ID or {DEFAULT_REPO_ID})")

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import sentencepiece as spm
 from filelock import FileLock
 from tqdm import tqdm
 
+from model.cli import positive_int
 from model.io import write_atomic
 from train.data import write_shard
 
@@ -303,22 +305,30 @@ def prepare(out_root="data", force: bool = False, *, vocab_size: int = 1024, see
                         progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--out-root", default="data", help="folder holding datasets/ and tokenizers/ (default: data)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=positive_int, default=1024)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the val split and document order")
-    parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, help="cap on val tokens")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per train shard")
+    parser.add_argument("--val-tokens", type=positive_int, default=DEFAULT_VAL_TOKENS, help="cap on val tokens")
+    parser.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
+                        help="tokens per train shard")
     args = parser.parse_args(argv)
-    for name in ("vocab_size", "val_tokens", "shard_tokens"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0")
-    summary = prepare(args.out_root, args.force, vocab_size=args.vocab_size, seed=args.seed,
-                      max_val_tokens=args.val_tokens, shard_tokens=args.shard_tokens)
+    out_root = Path(args.out_root)
+    existing = next(p for p in (out_root, *out_root.parents) if p.exists())  # its deepest existing part
+    if not existing.is_dir():
+        print(f"error: --out-root {out_root} cannot be a folder: {existing} is a file", file=sys.stderr)
+        return 2
+    try:
+        summary = prepare(out_root, args.force, vocab_size=args.vocab_size, seed=args.seed,
+                          max_val_tokens=args.val_tokens, shard_tokens=args.shard_tokens)
+    except ValueError as err:  # settings the corpus cannot meet: a vocab beyond uint16 ids, a val cap too small
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("\n".join(summary.lines()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -324,9 +324,8 @@ def claim_run_dir(runs_dir: Path, run_id: str, echo: bool = True) -> RunLog:
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
             run_dir = new_run_dir(runs_dir)
-    except (NotADirectoryError, FileExistsError, PermissionError) as err:  # a file in the way, or no rights
-        raise ConfigError(f"RUNS_DIR={runs_dir}: cannot make a run folder there ({err.strerror}: "
-                          f"{err.filename})") from None
+    except OSError as err:  # a file in the way, no rights, a full disk
+        raise ConfigError(f"RUNS_DIR={runs_dir}: cannot make a run folder there ({err})") from None
     log = RunLog(run_dir / "train.log", echo=echo)
     try:
         if (run_dir / "summary.json").exists() or (run_dir / "final_model.pt").exists():
@@ -355,16 +354,13 @@ def held_run_message(run_dir: Path) -> str:
     """Why a RUN_ID is refused: the run its folder holds, and for one that stopped before its artifact was
     written and scored, the command that finishes it."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError):
-        summary = {}
-    status = summary.get("status")
-    if status == "trained" or (not summary and (run_dir / "final_model.pt").exists()):
-        return (f"run folder {run_dir} holds a run that trained but did not finish its export step (status "
-                f"{status or 'unknown: no summary.json'}); finish it with `{finish_command(run_dir / 'final_model.pt')}`, "
-                "or choose another RUN_ID")
-    return (f"run folder {run_dir} already holds a run (status {status!r}): choose another RUN_ID or remove "
-            "the folder")
+        status = "trained"  # no summary: killed right after the checkpoint
+    if status == "trained":
+        return (f"run folder {run_dir} holds a run that did not finish its export step; finish it with "
+                f"`{finish_command(run_dir / 'final_model.pt')}`, or choose another RUN_ID")
+    return f"run folder {run_dir} already holds a run (status {status!r}): choose another RUN_ID or remove it"
 
 
 def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path, RunLog]:
@@ -450,12 +446,10 @@ def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def check_model_fits(cfg: Config, device: torch.device) -> int:
@@ -464,15 +458,10 @@ def check_model_fits(cfg: Config, device: torch.device) -> int:
     params = parameter_count(cfg)
     need, free = TRAINING_BYTES_PER_PARAMETER * params, available_memory(device)
     if free is not None and need > free:
-        raise ConfigError(f"the model is too large for this machine: MODEL_DIM={cfg.model_dim}, NUM_FLAT_LAYERS="
-                          f"{cfg.num_flat_layers} and the rest make {params:,} parameters, which need at least "
-                          f"{need / 2**30:,.1f} GiB for weights, gradients and optimizer state; {free / 2**30:,.1f} "
-                          f"GiB is free on {device.type}")
+        raise ConfigError(f"MODEL_DIM={cfg.model_dim}: the model's {params:,} parameters need {need / 2**30:,.1f} "
+                          f"GiB for weights, gradients and optimizer state; {free / 2**30:,.1f} GiB is free on "
+                          f"{device.type}")
     return params
-
-
-def _allocation_failed(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> dict:
@@ -543,7 +532,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     try:
         base_model = build_model(cfg).to(device)
     except RuntimeError as err:  # check_model_fits passed, but the memory was not there after all
-        if not _allocation_failed(err):
+        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
             raise
         raise ConfigError(f"the model ({parameter_count(cfg):,} parameters) could not be allocated on {device}: "
                           f"{str(err).splitlines()[0]}") from None

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from model.cli import positive_int
+from model.config import Config
 from train.data import load_shard, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, evaluate_bpb
+from train.trainer import load_tokenizer
 
 def unigram_log_probs(token_arrays, vocab_size: int, chunk_tokens: int = 1 << 24) -> torch.Tensor:
     """Add-one smoothed log-probabilities of each id over the given token arrays (memmaps read in chunks)."""
@@ -28,27 +30,25 @@ def unigram_log_probs(token_arrays, vocab_size: int, chunk_tokens: int = 1 << 24
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.unigram", description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", default=os.environ.get("DATA_PATH") or "data/datasets/embedded_sp1024")
     parser.add_argument("--tokenizer-path",
                         default=os.environ.get("TOKENIZER_PATH") or "data/tokenizers/embedded_1024_bpe.model")
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    parser.add_argument("--vocab-size", type=positive_int, default=1024)
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="sliding-window stride (default: non-overlapping)")
     args = parser.parse_args(argv)
-    import sentencepiece as spm
-
-    if not Path(args.tokenizer_path).is_file():
-        sys.exit(f"tokenizer {args.tokenizer_path} not found: run `python -m train.prepare` "
-                 f"(or `python -m train.download` for FineWeb)")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     try:
+        # the trainer's checks: a missing file, not a sentencepiece model, or another vocab size
+        sp = load_tokenizer(Config(tokenizer_path=args.tokenizer_path, vocab_size=args.vocab_size))
         luts = build_byte_luts(sp, args.vocab_size)
         log_probs = unigram_log_probs((load_shard(p) for p in shard_paths(args.data_path, "train")), args.vocab_size)
         val_tokens = load_val_tokens(shard_paths(args.data_path, "val"), args.seq_len)
-    except (FileNotFoundError, ValueError) as e:  # ShardError is a ValueError; the messages name the file
-        sys.exit(f"train.unigram: {e}")
+    except (FileNotFoundError, ValueError) as e:  # ConfigError and ShardError are ValueErrors; each names its file
+        print(f"train.unigram: {e}", file=sys.stderr)
+        return 2
 
     def unigram_logits(ids):
         return log_probs.expand(*ids.shape, -1)
@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     val_loss, val_bpb = evaluate_bpb(unigram_logits, val_tokens, luts, args.seq_len, args.stride)
     print(f"unigram model on {args.data_path}: {val_tokens.numel() - 1} val targets, val_loss:{val_loss:.4f}")
     print(f"val_bpb:{val_bpb:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
