@@ -1,23 +1,28 @@
 """The submission's one train_gpt.py (quant/bundle.py) and the records check (quant/records_check.py).
 
-The bundle holds exactly the modules a run imports, stays under SIZE_TARGET, and runs from a temporary
-folder under `python -I` with this checkout's editable install still importable: every module comes from the
-bundle, the Triton kernels decorate without the interpreter (a loader that exec()s strings fails there,
-shown by a variant that compiles under "<bundle>"), and tracebacks show its lines. The full check (the
-short run from the bundle against `python -m train`) runs once per source state, cached under .cache/tests
-behind a file lock, on the folder `quant.records export` makes from a real tiny run; the cheap failure
-cases use folders written here in the same format (write_folder).
+The bundle holds exactly the modules a run imports, stays under SIZE_TARGET, keeps its lzma blob in a
+latin-1 string literal that gives back every byte value (compiled from bytes and read by `python -I`), and
+runs from a temporary folder under `python -I` with this checkout's editable install still importable:
+every module comes from the bundle, the Triton kernels decorate without the interpreter (a loader that
+exec()s strings fails there, shown by a variant that compiles under "<bundle>"), and tracebacks show its
+lines. The full check (the short run from the bundle against `python -m train`) runs once per source state,
+cached under .cache/tests behind a file lock, on the folder `quant.records export` makes from a real tiny
+run; the cheap failure cases use folders written here in the same format (write_folder).
 """
 import ast
 import hashlib
 import inspect
+import io
 import json
+import lzma
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tokenize
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,6 +139,46 @@ def test_bundle_size_and_bytes_per_package(code, capsys):
     assert set(sizes) == {*bundle.PACKAGES, "loader"} and all(v > 0 for v in sizes.values())
     assert sizes["loader"] < 1200  # the loader stays small
     assert bundle.main([]) == 0 and "train_gpt.py:" in capsys.readouterr().out
+
+
+# What the literal escapes, in every context that changes how: runs of quotes (the third would close the
+# literal; trailing ones would run into the closing quotes), NUL before octal and other digits, backslash before
+# a quote or a newline, CR alone and in CRLF.
+LITERAL_EDGES = [b"", b'"', b'""', b'"""', b'""""', b'a"""b', b'"' * 7 + b"x" + b'"' * 5, b'\\"""',
+                 b"\\", b"\\\n", b"\r", b"\r\n", b"\n\r", b"\0", b"\0" + b"0", b"\0" + b"7", b"\0" + b"8", b"\0\0\0"]
+ESCAPED_AND_NEIGHBOURS = b'"\\\r\n\0' + b"078"
+
+
+def test_latin1_literal_gives_back_every_byte_value(tmp_path):
+    cases = [bytes(range(256)) * 4, bytes(range(255, -1, -1)) * 4, *LITERAL_EDGES]
+    cases += [bytes([a, b, c]) for a in ESCAPED_AND_NEIGHBOURS for b in ESCAPED_AND_NEIGHBOURS
+              for c in ESCAPED_AND_NEIGHBOURS]
+    literals = [bundle.latin1_literal(data) for data in cases]
+    # per 256 byte values, only the backslash, CR and NUL take a second character; 6 are the quotes
+    assert len(literals[0]) == len(cases[0]) + 3 * 4 + 6
+    source = ("# coding: latin-1\nimport sys\nX=[" + ",\n".join(literals) + "]\n"
+              "sys.stdout.write(repr([x.encode('latin-1') for x in X]))\n").encode("latin-1")
+    path = tmp_path / "literals.py"
+    path.write_bytes(source)
+    space = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an invalid escape is only a warning; it must not be there either
+        exec(compile(source, str(path), "exec"), space)  # the way runpy and py_compile read a file: from its bytes
+    assert [x.encode("latin-1") for x in space["X"]] == cases
+    # the way `python train_gpt.py` reads it: the interpreter's own file reader
+    out = subprocess.run([sys.executable, "-I", "-W", "error", str(path)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, check=True).stdout
+    assert out == repr(cases)
+
+
+def test_bundle_is_latin1_and_its_literal_is_the_lzma_of_the_sources(code):
+    assert tokenize.detect_encoding(io.BytesIO(code).readline)[0] == "iso-8859-1"
+    assert code.startswith(b"# coding: latin-1\n") and b"\0" not in code and b"\r" not in code
+    literals = [node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant)
+                and isinstance(node.value, str) and len(node.value) > 10_000]
+    assert len(literals) == 1
+    names_and_sources = lzma.decompress(literals[0].encode("latin-1")).decode().split(bundle._SEP)
+    assert dict(zip(names_and_sources[::2], names_and_sources[1::2])) == bundle._built(None)[1]
 
 
 def test_build_is_cached_by_source_hash(tmp_path):
