@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import model
-from model.gpt import CrawlerGPT
+from model.gpt import GPT
 
 GROUPS = ("attention", "mlp", "other_linears", "muon", "embed_head_ce", "norms_elementwise", "communication", "other")
 
@@ -99,13 +99,13 @@ def newton_schulz_cost(rows: int, cols: int, steps: int = NS_STEPS) -> tuple[flo
 def matrix_shapes(cfg: model.Config) -> list[tuple[int, int]]:
     """Muon's matrices in the optimizer's order (round-robin sharding follows it), from a meta-device model."""
     with torch.device("meta"):
-        net = CrawlerGPT(cfg)
+        net = GPT(cfg)
     return [tuple(p.shape) for p in model.param_groups(net)["matrix"]]
 
 
 def parameter_counts(cfg: model.Config) -> dict:
     with torch.device("meta"):
-        net = CrawlerGPT(cfg)
+        net = GPT(cfg)
     groups = model.param_groups(net)
     return {name: sum(p.numel() for p in params) for name, params in groups.items()}
 

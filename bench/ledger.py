@@ -37,7 +37,8 @@ import kernels  # noqa: E402
 from bench.flops import (ACHIEVABLE_TBPS, ACHIEVABLE_TFLOPS, GROUPS, NVLINK_GBPS, PEAK_TBPS,  # noqa: E402
                          PEAK_TFLOPS, AnalyticLedger, analytic_ledger)
 from model.cli import positive_int  # noqa: E402
-from model.gpt import MLP, Block, CrawlerGPT  # noqa: E402
+from model.blocks import MLP, Block  # noqa: E402
+from model.gpt import GPT  # noqa: E402
 from train.step import PROFILE_PREFIX as SCOPE_PREFIX  # noqa: E402  (the training step's phase ranges)
 
 GROUP_LABELS = {"attention": "attention (core + XSA)", "mlp": "MLP (up, activation, down)", "other_linears": "other linears (q/k/v/out, bigram, inst)",
@@ -72,7 +73,7 @@ class _Scopes:
 
 
 @contextlib.contextmanager
-def instrumented(net: CrawlerGPT):
+def instrumented(net: GPT):
     """Open ledger:: ranges for the parts of the model no kernels op covers while the block is active;
     removes every hook after.
 
@@ -81,8 +82,8 @@ def instrumented(net: CrawlerGPT):
     embeddings, their norm, SmearGate) and other_linears around every nn.Linear outside an MLP. What is
     left in the forward (residuals, QK-norm, RoPE, skips) is `norms_elementwise`.
     """
-    if not isinstance(net, CrawlerGPT):
-        raise TypeError(f"ledger: expected an eager CrawlerGPT to instrument, got {type(net).__name__} "
+    if not isinstance(net, GPT):
+        raise TypeError(f"ledger: expected an eager GPT to instrument, got {type(net).__name__} "
                         "(profile the uncompiled model: compiled regions drop record_function ranges)")
     scopes = _Scopes()
     handles = [net.register_forward_pre_hook(lambda *_: scopes.push("embed_head_ce")),

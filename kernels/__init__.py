@@ -140,10 +140,14 @@ def mlp(x, w_up, w_down, slope: float):
 
 
 @_profiled
-def attention(q, k, v, q_gain, xsa: bool):
+def attention(q, k, v, q_gain, xsa: bool, gate=None, cu_seqlens=None):
     """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    # TEMPORARY until the varlen/gate kernels land (branch i20-attn): the gate outside, no segments
+    if cu_seqlens is not None:
+        raise NotImplementedError("cu_seqlens: pending the varlen attention kernels")
     impl = _triton_impl(_attention, "attention") or _attention.attention_sdpa
-    return impl(q, k, v, q_gain, xsa)
+    y = impl(q, k, v, q_gain, xsa)
+    return y if gate is None else y * gate[..., None]
 
 
 @_profiled

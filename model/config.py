@@ -57,13 +57,14 @@ class Config:
     xsa_blocks: str = setting("", choices=("", "crawler"))  # "crawler": the original's crawler-only placement
                                                             # (overrides xsa_last_n)
     inst_dim: int = setting(32, bound=">=0")         # per-loop instruction bottleneck; 0 = off
-    bigram_vocab_size: int = setting(2048, bound=">0")
+    bigram_vocab_size: int = setting(2048, bound=">=0")  # 0 = no BigramHash
     bigram_dim: int = setting(128, bound=">0")
     rope_dims: int = setting(16, bound=">=0")
     rope_base: float = 10000.0
     # The original as it ran: its model.bfloat16() rounded every rotary inv_freq buffer to bf16, and each crawler
     # loop divides that rounded buffer by its scale (its flat blocks rebuilt exact tables at 2048). False: exact.
     rope_inv_freq_bf16: bool = setting(False)
+    ln_scale: bool = setting(True)  # norm outputs x 1/sqrt(i+1), i the physical block index
     logit_softcap: float = setting(30.0, bound=">0")
     tied_embed_init_std: float = 0.005
     train_seq_len: int = setting(2048, bound=">0")   # also fixes the flat blocks' NTK RoPE base
@@ -118,13 +119,32 @@ class Config:
     checkpoint_fallback_dir: str = setting(tempfile.gettempdir())
     # how long ranks wait on each other (a collective, a barrier) before the survivors stop with a message
     dist_timeout_seconds: float = setting(120.0, bound=">0")
-    # --- the original's switches for features this project does not have ---
-    use_crawler: int = setting(1, fixed=True)
+    # --- the layout (model/schedule.py): the crawler, or looped layers (the 1.0611 record, R1) ---
+    use_crawler: int = setting(1, choices=(0, 1))
+    num_layers: int = setting(11, bound=">0")       # looped layers: physical blocks
+    loop_start: int = setting(3, bound=">=0")       # ... LOOP_START..LOOP_END run NUM_LOOPS+1 times
+    loop_end: int = setting(5, bound=">=0")
+    num_loops: int = setting(2, bound=">=0")
+    # --- R1's model switches, for every layout (off: the Ouroboros entry) ---
+    parallel_start_layer: int = setting(0, bound=">=0")  # decoder blocks of physical index >= this: two lanes
+    parallel_final_lane: str = setting("mean", choices=("mean", "attn", "mlp"))
+    skip_gates_enabled: bool = setting(False)        # skips merge by lerp with sigmoid gates, not by adding
+    smear_gate_enabled: bool = setting(False)        # R1's input-dependent, BOS-masked SmearGate before the norm
+    static_smear_enabled: bool = setting(True)       # the seed's per-channel SmearGate after the norm
+    gate_window: int = setting(12, bound=">0")       # leading dims fed to the SmearGate and the attention gate
+    sparse_attn_gate_enabled: bool = setting(False)  # per-head gate on the attention output, after XSA
+    sparse_attn_gate_scale: float = setting(1.0, bound=">0")
+    sparse_attn_gate_init_std: float = setting(0.0, bound=">=0")  # 0: zero init
+    # --- switches of the original or of R1 for features this project does not have ---
     num_crawler_layers: int = setting(1, fixed=True)
     skip_ema: int = setting(1, fixed=True)
     crawler_tap_dim: int = setting(0, fixed=True)
     anchor_dim: int = setting(0, fixed=True)
     crawler_mlp_choke_dim: int = setting(0, fixed=True)
+    tie_embeddings: int = setting(1, fixed=True)
+    rope_yarn: int = setting(0, fixed=True)
+    attn_out_gate_enabled: int = setting(0, fixed=True)
+    gated_attn_enabled: int = setting(0, fixed=True)
 
     # ---- derived values ----
     @property
@@ -194,6 +214,28 @@ PRESETS: dict[str, dict] = {
     # 400 steps of 2,048 tokens, the last third as warmdown. Unigram val_bpb on this corpus is 3.221; the
     # bar (25% lower) is 2.416. Measured (idle 2 cores): 138 s of training, val_bpb 2.432 / 2.258 / 2.179 at
     # steps 100 / 200 / 300, 2.004 sliding at the end (38% below the unigram); 200 steps would end at 2.141.
+    # The 1.0611 record (R1, ../shared/frontier/MODEL.md) as it ran: 11 blocks with 3..5 looped three times,
+    # two-lane decoder from block 8, gated skips, R1's SmearGate and attention gate; 35,945,671 parameters.
+    # (NUM_LAYERS, LOOP_START, LOOP_END and NUM_LOOPS default to R1's 11, 3, 5 and 2.)
+    "frontier": dict(vocab_size=8192, use_crawler=0, mlp_mult=4.0, qk_gain_init=5.0, rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0,
+                     parallel_start_layer=8, skip_gates_enabled=True, smear_gate_enabled=True,
+                     static_smear_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                     quant_method="gptq",
+                     data_path="data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                     tokenizer_path="data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
+    # Every frontier switch at CPU size on the embedded corpus: 6 blocks, 2..3 looped, two-lane from block 4;
+    # head dim 64 and GQA 2:1 as R1 (the Triton attention kernel takes head dims 64 and 128).
+    "frontier-tiny": dict(seed=1337, use_crawler=0, num_layers=6, loop_start=2, loop_end=3,
+                          model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4.0, qk_gain_init=5.0,
+                          rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0, parallel_start_layer=4,
+                          skip_gates_enabled=True, smear_gate_enabled=True, static_smear_enabled=False,
+                          sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, quant_method="gptq",
+                          train_seq_len=256, train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400,
+                          max_wallclock_seconds=0.0, warmdown_iters=130, warmup_steps=0, val_loss_every=100,
+                          train_log_every=25, swa_every=10, muon_momentum_warmup_steps=100, compile_fullgraph=False,
+                          eval_seq_len=256, eval_batch_seqs=64, gptq_cal_samples=32, gptq_cal_seq_len=256,
+                          quant_small_numel=4096, data_path="data/datasets/embedded_sp1024",
+                          tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
                  train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400, max_wallclock_seconds=0.0,
                  warmdown_iters=130, warmup_steps=0, val_loss_every=100, train_log_every=25, swa_every=10,
@@ -277,6 +319,17 @@ def _validated(cfg: Config) -> Config:
         bad("muon_momentum", "momenta must lie in [0, 1)")
     if cfg.eval_stride > cfg.eval_seq_len:
         bad("eval_stride", f"must be at most EVAL_SEQ_LEN={cfg.eval_seq_len}")
+    if cfg.bigram_vocab_size == 1:
+        bad("bigram_vocab_size", "must be 0 (off) or at least 2 (the last bucket is reserved)")
+    if not cfg.use_crawler:
+        if cfg.inst_dim:
+            bad("inst_dim", "the per-loop instruction is the crawler's: set INST_DIM=0 with USE_CRAWLER=0")
+        if cfg.xsa_blocks:
+            bad("xsa_blocks", "names the crawler: leave it empty with USE_CRAWLER=0")
+        if not cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+            bad("loop_end", f"needs LOOP_START={cfg.loop_start} <= LOOP_END < NUM_LAYERS={cfg.num_layers}")
+    if (cfg.smear_gate_enabled or cfg.sparse_attn_gate_enabled) and cfg.gate_window > cfg.model_dim:
+        bad("gate_window", f"must be at most MODEL_DIM={cfg.model_dim}")
     if cfg.gptq_block_size > GPTQ_MAX_BLOCK:  # checked at start-up, not after training, in calibration
         bad("gptq_block_size", f"must be at most {GPTQ_MAX_BLOCK} (the Triton GPTQ kernel keeps a block's columns "
                                "in registers)")

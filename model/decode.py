@@ -1,23 +1,27 @@
-"""KV-cached incremental forward of CrawlerGPT, for generation.
+"""KV-cached incremental forward of the model, for generation.
 
     cache = KVCache(net, batch_size=1, max_len=prompt_len + new_tokens)
     logits = decode_step(net, prompt_ids, cache)        # prefill: [B, prompt_len, vocab]
     logits = decode_step(net, next_ids[:, None], cache) # then one token (or any chunk) at a time
 
 decode_step gives the logits model(ids) gives at the same positions (tests/test_generate.py checks it at
-every position), reusing the model's own modules: the embedding, bigram and smear modules, each block's
-own forward (its residual mixes, norms and MLP, so kernels.mlp / QuantLinear dispatch is unchanged),
-the instruction projections and the tied head. What is new here is only what a cache changes:
+every position), reusing the model's own code: its embedding (GPT.embed), each block's own forward and
+two-lane forward (its residual mixes, norms and MLP, so kernels.mlp / QuantLinear dispatch is unchanged),
+the skips, instructions and lanes of GPT.run_blocks, and the tied head. What is new here is only what a
+cache changes:
 
-- attention over the cached keys and values (an explicit fp32 softmax with q_gain, GQA and XSA in
-  PyTorch: at decode time there is one query row per sequence, so a fused kernel buys little);
-- the first new token's bigram bucket and smear blend, which need the previous token's id and its
-  pre-smear hidden, kept in the cache.
+- attention over the cached keys and values (an explicit fp32 softmax with q_gain, GQA, XSA and the
+  output gate in PyTorch: at decode time there is one query row per sequence, so a fused kernel buys
+  little);
+- the first new token's bigram bucket and smear blends, which need the previous token's id, its
+  embedding and its normalized embedding, kept in the cache (GPT.embed's `before`).
 
-The order of block applications, their skips, instructions and RoPE tables is the model's own schedule
-(CrawlerGPT.run_blocks over model.schedule). One cache slot per slot of it, at the slot's position: the
-encoder blocks, each crawler loop (the shared block sees different inputs, and different RoPE
-frequencies, on every loop) and the decoder blocks.
+With `documents=True` (a model trained document-isolated, as R1) a BOS token starts a new context for its
+row: its keys and every later query see nothing before it, as model(ids, cu_seqlens) with segments at the
+BOS tokens computes; positions keep counting.
+
+The order of block applications is the model's own schedule (model.schedule). One cache slot per slot of
+it, at the slot's position: a repeated block sees different inputs on every pass.
 """
 from __future__ import annotations
 
@@ -26,20 +30,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.norm import rms_norm_reference
 
-from .gpt import Attention, CrawlerGPT, Slot, _unwrap
+from .blocks import BOS_ID, Attention
+from .gpt import GPT, _unwrap
 
 
 class KVCache:
     """Preallocated keys and values of every block application, plus what the next token's embedding needs.
 
-    k[p], v[p]: [batch, max_len, kv_heads, head_dim] for the schedule's slot at position p (forward order:
-    encoder blocks, crawler loops, decoder blocks). `length` tokens are filled. The RoPE tables for
-    max_len positions are built once here, one per distinct Rope of the schedule (the model's own rope_tables).
+    k[p], v[p]: [batch, max_len, kv_heads, head_dim] for the schedule's slot at position p (forward order).
+    `length` tokens are filled. The RoPE tables for max_len positions are built once here, one per distinct
+    Rope of the schedule (the model's own rope_tables). documents: a BOS token starts a fresh context for
+    its row (`context_start`, the first position each row attends to).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, device=None, dtype=None):
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, device=None, dtype=None,
+                 documents: bool = False):
         model = _unwrap(model)
         cfg = model.config
         if batch_size <= 0 or max_len <= 0:
@@ -54,28 +60,31 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.ropes = model.rope_tables(max_len, device)
+        self.documents = documents
         self.length = 0
-        self.last_ids: torch.Tensor | None = None     # [B, 1] the last token fed
-        self.last_hidden: torch.Tensor | None = None  # [B, 1, d] its normalized embedding, before the smear
+        self.context_start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.last: tuple | None = None  # GPT.embed's record of the last token fed
 
     def reset(self) -> None:
         """Forget every token (the buffers are reused; stale entries past `length` are never read)."""
         self.length = 0
-        self.last_ids = self.last_hidden = None
+        self.context_start.zero_()
+        self.last = None
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor, q_gain: torch.Tensor,
-                     xsa: bool, start: int) -> torch.Tensor:
+                     xsa: bool, start: int, context: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of n new queries at positions start..start+n-1 over keys/values 0..start+n-1, in fp32.
 
     q [B, n, Hq, D]; k, v [B, start + n, Hkv, D] (cache contents, new tokens included); v_new [B, n, Hkv, D]
-    the new tokens' own values (for XSA). Same maths as kernels/attention.py's reference.
+    the new tokens' own values (for XSA); context [B, n]: the first key position each query may see (None:
+    0). Same maths as kernels/attention.py's reference.
     """
     with torch.autocast(q.device.type, enabled=False):  # fp32 scores and softmax, also under CUDA autocast
-        return _cached_attention_fp32(q, k, v, v_new, q_gain, xsa, start)
+        return _cached_attention_fp32(q, k, v, v_new, q_gain, xsa, start, context)
 
 
-def _cached_attention_fp32(q, k, v, v_new, q_gain, xsa: bool, start: int) -> torch.Tensor:
+def _cached_attention_fp32(q, k, v, v_new, q_gain, xsa: bool, start: int, context) -> torch.Tensor:
     B, n, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
@@ -86,6 +95,9 @@ def _cached_attention_fp32(q, k, v, v_new, q_gain, xsa: bool, start: int) -> tor
     scores = qf @ kf.transpose(-1, -2) / D ** 0.5     # [B, Hkv, group, n, L]
     keys_at = torch.arange(k.shape[1], device=q.device)
     visible = keys_at[None, :] <= (start + torch.arange(n, device=q.device))[:, None]   # causal, [n, L]
+    if context is not None:  # [B, n, L]: nothing before the query's document
+        visible = visible & (keys_at[None, None, :] >= context[:, :, None])
+        visible = visible[:, None, None]                                                # [B, 1, 1, n, L]
     y = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf             # [B, Hkv, group, n, D]
     y = y.permute(0, 3, 1, 2, 4)                                                       # [B, n, Hkv, group, D]
     if xsa:  # remove the component along the token's own normalized value (its KV head's)
@@ -98,24 +110,29 @@ class _CachedAttention:
     """Stands in for a block's Attention during one decode step: Attention.qkv (its projections, QK-norm and
     RoPE), then appends k, v to the cache slot and attends over everything cached."""
 
-    def __init__(self, attn: Attention, cache: KVCache, slot: int):
-        self.attn, self.cache, self.slot = attn, cache, slot
+    def __init__(self, attn: Attention, cache: KVCache, slot: int, context: torch.Tensor | None):
+        self.attn, self.cache, self.slot, self.context = attn, cache, slot, context
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         a, cache = self.attn, self.cache
         q, k, v = a.qkv(x, cos, sin)
         start, end = cache.length, cache.length + x.shape[1]
         cache.k[self.slot, :, start:end] = k
         cache.v[self.slot, :, start:end] = v
-        y = cached_attention(q, cache.k[self.slot, :, :end], cache.v[self.slot, :, :end], v, a.q_gain, a.xsa, start)
+        y = cached_attention(q, cache.k[self.slot, :, :end], cache.v[self.slot, :, :end], v, a.q_gain, a.xsa, start,
+                             self.context)
+        gate = a.gate(x, y.dtype)
+        if gate is not None:
+            y = y * gate[..., None]
         return a.proj(y.to(v.dtype).flatten(2))
 
 
 class _BlockWithCache:
     """The block as its own forward sees it, except that `attn` is the cached attention.
 
-    Block.forward is called with this in place of `self`, so the block's residual maths (mix_norm,
-    add_norm, its scales, its MLP) is the model's own code, not a copy that could drift from it.
+    Block.forward and Block.forward_parallel run with this in place of `self`, so the block's residual
+    maths (mix_norm, add_norm, its scales, its MLP, its lanes) is the model's own code, not a copy that
+    could drift from it.
     """
 
     def __init__(self, block: nn.Module, attn: _CachedAttention):
@@ -124,14 +141,14 @@ class _BlockWithCache:
     def __getattr__(self, name):
         return getattr(self._block, name)
 
+    def __call__(self, *args):
+        return type(self._block).forward(self, *args)
 
-def _run_block(model: CrawlerGPT, cache: KVCache, slot: Slot, x, x0, cos, sin) -> torch.Tensor:
-    block = model.block(slot)
-    view = _BlockWithCache(block, _CachedAttention(block.attn, cache, slot.position))
-    return type(block).forward(view, x, x0, cos, sin)
+    def forward_parallel(self, *args):
+        return type(self._block).forward_parallel(self, *args)
 
 
-def _check_step(model: CrawlerGPT, ids: torch.Tensor, cache: KVCache) -> None:
+def _check_step(model: GPT, ids: torch.Tensor, cache: KVCache) -> None:
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"decode_step: ids_new must be [batch, n_new] with n_new >= 1, got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):
@@ -159,22 +176,20 @@ def decode_step(model: nn.Module, ids_new: torch.Tensor, cache: KVCache) -> torc
     n, start = ids_new.shape[1], cache.length
     end = start + n
 
-    # Embedding. Bigram and smear look one token back: prepend the last cached token (and its hidden) so
-    # the model's own modules compute the first new position exactly, then drop the prepended position.
-    if start == 0:
-        hidden = rms_norm_reference(model.tok_emb(ids_new) + model.bigram(ids_new))
-        x = model.smear(hidden)
-    else:
-        bigram = model.bigram(torch.cat((cache.last_ids, ids_new), dim=1))[:, 1:]
-        hidden = rms_norm_reference(model.tok_emb(ids_new) + bigram)
-        x = model.smear(torch.cat((cache.last_hidden, hidden), dim=1))[:, 1:]
-    x0 = x
+    # The bigram and both smears look one token back: the embedding continues from the cached last token.
+    x0, last = model.embed(ids_new, cache.last)
+    context = None
+    if cache.documents:  # each position's document start: the latest BOS at or before it, else the row's
+        positions = torch.arange(start, end, device=ids_new.device).expand_as(ids_new)
+        bos_at = torch.where(ids_new == BOS_ID, positions, torch.zeros_like(positions))
+        context = torch.maximum(bos_at.cummax(dim=1).values, cache.context_start[:, None])
+        cache.context_start = context[:, -1].clone()
 
     ropes = {rope: (cos[start:end], sin[start:end]) for rope, (cos, sin) in cache.ropes.items()}
-    x = model.run_blocks(x, x0, ropes, lambda slot, *args: _run_block(model, cache, slot, *args))
+    x = model.run_blocks(x0, x0, ropes, lambda slot: _BlockWithCache(
+        model.block(slot), _CachedAttention(model.block(slot).attn, cache, slot.position, context)))
 
     cache.length = end
-    cache.last_ids = ids_new[:, -1:]
-    cache.last_hidden = hidden[:, -1:]
+    cache.last = last
     logits = F.linear(kernels.rms_norm(x), model.tok_emb.weight).float()
     return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)

@@ -1,21 +1,24 @@
-"""CrawlerGPT (SPEC 3): a U-Net of flat blocks around one shared "crawler" block looped CRAWLER_LOOPS times.
+"""The model: blocks walked along a schedule, for the crawler (SPEC 3) and for looped layers (R1).
 
-    h  = RMSNorm(E[ids] + BigramHash(ids));  x0 = x = SmearGate(h)
-    encoder blocks (stack their outputs) -> crawler block x CRAWLER_LOOPS -> decoder blocks (+ skips)
+    h  = RMSNorm(SmearGate_R1(E[ids] + BigramHash(ids)));  x0 = x = SmearGate(h)
+    x  = the schedule's blocks in order (encoder slots keep their outputs, decoder slots merge them back)
     logits = 30·tanh(RMSNorm(x)·Eᵀ / 30)      (E tied with the input embedding)
 
-Every block sees the same x0. The heavy ops go through kernels/ (`kernels.attention`, `kernels.mlp`),
-which pick the Triton kernel or the PyTorch path. Parameter names follow the original's state dict, so
-its checkpoints load by name (`from_seed_state_dict`) and quant/ finds linear layers by name.
+Every block sees the same x0. Which parts exist is the config's: BigramHash (BIGRAM_VOCAB_SIZE > 0), the
+seed's static SmearGate after the norm (STATIC_SMEAR_ENABLED), R1's input-dependent one before it
+(SMEAR_GATE_ENABLED), gated skips (SKIP_GATES_ENABLED), two-lane decoder blocks (PARALLEL_START_LAYER),
+the attention output gate (SPARSE_ATTN_GATE_ENABLED). The plan of block applications is
+model/schedule.py's `block_schedule`, one plan with recurrence on and one with it off; `recurrence_active`
+picks which one forward, the KV-cached decode (model/decode.py) and calibration walk (`model.schedule`).
 
-The order of block applications is one static plan, `block_schedule(config)`, kept as `model.schedule`
-(a tuple of `Slot`s): __init__ reads each block's XSA flag from it, and forward (`run_blocks`) and the
-KV-cached decode (model/decode.py) walk it.
+Parameter names follow the original's state dict (crawler: flat_blocks, crawler_blocks) and R1's flat
+names (looped layers: blocks.{i}, skip_gates, parallel_*_lambdas, smear_gate, smear_lambda), so their
+checkpoints load by name (`from_seed_state_dict`, model/record.py) and quant/ finds linear layers by name.
 
 Calibration (quant/): the MLP normally runs fused (`kernels.mlp` takes the weights, so forward hooks on
 `mlp.fc` / `mlp.proj` never fire). Inside `with calibration_mode(model):` every MLP calls `fc` and `proj`
-through their own forward, so ordinary forward (pre-)hooks on every nn.Linear see its input; the shared
-crawler block's hooks fire once per loop.
+through their own forward, so ordinary forward (pre-)hooks on every nn.Linear see its input; a repeated
+block's hooks fire once per pass.
 """
 from __future__ import annotations
 
@@ -23,281 +26,121 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.mlp import leaky_relu_squared
 from kernels.norm import rms_norm_reference
 
+from .blocks import MLP, BigramHash, Block, SmearGate, input_smear, rope_tables
 from .config import Config, ConfigError, from_env
 from .io import write_atomic
-
-# The original's hash multipliers (SPEC 3).
-BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
+from .schedule import Rope, Slot, block_schedule, skip_slots
 
 
 class CheckpointError(ValueError):
     """A checkpoint or state dict that cannot be loaded; the message names the file or tensor."""
 
 
-# ---------------------------------------------------------------- rotary embedding (partial, O's direction)
-
-class Rope(NamedTuple):
-    """What a block's RoPE tables are built from: inv_freq_i = base^(-2i/rope_dims) / scale, with
-    base^(-2i/rope_dims) first rounded to bf16 when inv_freq_bf16 (the original as it ran)."""
-    base: float
-    scale: float
-    inv_freq_bf16: bool = False
-
-
-def bf16_rounded(x: torch.Tensor) -> torch.Tensor:
-    """fp32 x rounded to the nearest bf16 value (ties to even), still fp32. Rounded on the bits because
-    torch.compile fuses x.to(torch.bfloat16).float() into nothing, which would drop the rounding."""
-    bits = x.view(torch.int32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).view(torch.float32)
-
-
-def rope_tables(seq_len: int, base: float, scale: float, rope_dims: int, device,
-                inv_freq_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq_len, rope_dims/2] of the angles t·inv_freq_i, inv_freq_i = base^(-2i/rope_dims) / scale
-    (base^(-2i/rope_dims) rounded to bf16 first when inv_freq_bf16).
-
-    Recomputed on every forward: it is a few thousand elements, and plain tensor maths keeps the model
-    free of Python-side caches that torch.compile(fullgraph=True) would have to break on.
-    """
-    exponents = torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims
-    inv_freq = 1.0 / (base ** exponents)
-    if inv_freq_bf16:  # the original's model.bfloat16() rounded its inv_freq buffers; its loops divide those
-        inv_freq = bf16_rounded(inv_freq)
-    inv_freq = inv_freq / scale
-    # Elementwise product, not torch.outer, so CUDA autocast never lowers the angles to bf16.
-    angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2·cos.size(-1) dims of x [B, T, H, D]; the rest pass through.
-
-    Rotate-half within the rotary dims, in the original's direction: with x1, x2 the two halves,
-    out1 = x1·cos + x2·sin, out2 = -x1·sin + x2·cos.
-    """
-    half = cos.size(-1)
-    if half == 0:
-        return x
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
-
-
-# ---------------------------------------------------------------- embedding side
-
-def bigram_buckets(ids: torch.Tensor, table_size: int) -> torch.Tensor:
-    """Hash bucket of each (previous, current) token pair, in int32 as the original.
-
-    Position t >= 1: (36313·id_t XOR 27191·id_{t-1}) mod (table_size - 1); position 0 of every
-    sequence gets the reserved last bucket, table_size - 1.
-    """
-    ids = ids.to(torch.int32)
-    pairs = torch.bitwise_xor(BIGRAM_MUL_CURRENT * ids[:, 1:], BIGRAM_MUL_PREVIOUS * ids[:, :-1])
-    first = torch.full_like(ids[:, :1], table_size - 1)
-    return torch.cat((first, pairs % (table_size - 1)), dim=1)
-
-
-class BigramHash(nn.Module):
-    """A hashed bigram table (zero init) projected to the model dim and scaled by a learned scalar."""
-
-    def __init__(self, table_size: int, table_dim: int, model_dim: int):
-        super().__init__()
-        if table_size < 2:
-            raise ConfigError(f"BIGRAM_VOCAB_SIZE={table_size}: needs at least 2 buckets (the last is reserved)")
-        self.table_size = table_size
-        self.embed = nn.Embedding(table_size, table_dim)
-        self.proj = nn.Linear(table_dim, model_dim, bias=False)
-        self.scale = nn.Parameter(torch.tensor(0.05))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.embed(bigram_buckets(ids, self.table_size))) * self.scale
-
-
-class SmearGate(nn.Module):
-    """out_t = (1 - σ(g))·h_t + σ(g)·h_{t-1}, with h_{-1} = 0: a learned per-channel blend with the previous token."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.gate)
-        previous = F.pad(h[:, :-1], (0, 0, 1, 0))
-        return (1 - g) * h + g * previous
-
-
-# ---------------------------------------------------------------- the block
-
-class Attention(nn.Module):
-    """QK-normed, partially rotated GQA attention; q_gain, causal softmax and XSA happen in kernels.attention."""
-
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, xsa: bool):
-        super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = dim // num_heads
-        self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
-        self.xsa = xsa
-
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B, T, Hq, D], k, v [B, T, Hkv, D]: projected, q and k RMS-normed and rotated, all in v's dtype
-        (under CUDA autocast F.rms_norm returns fp32 while v is bf16). model/decode.py shares it."""
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_rope(rms_norm_reference(q), cos, sin)
-        k = apply_rope(rms_norm_reference(k), cos, sin)
-        return q.to(v.dtype), k.to(v.dtype), v
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x, cos, sin)
-        y = kernels.attention(q, k, v, self.q_gain, self.xsa)
-        return self.proj(y.flatten(2))
-
-
-class MLP(nn.Module):
-    """y = W_down · leaky_relu(W_up · x, slope)², fused in kernels.mlp (slope 0 = relu²)."""
-
-    def __init__(self, dim: int, hidden: int, slope: float):
-        super().__init__()
-        self.fc = nn.Linear(dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, dim, bias=False)
-        self.slope = float(slope)
-        self.unfused = False  # set by calibration_mode()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unfused:  # calibration: each Linear's own forward runs, so hooks on fc and proj fire
-            return self.proj(leaky_relu_squared(self.fc(x), self.slope))
-        return kernels.mlp(x, self.fc.weight, self.proj.weight, self.slope)
-
-
-class Block(nn.Module):
-    """x_in = m0⊙x + m1⊙x0;  x = x_in + a⊙Attn(RMSNorm(x_in)·s);  x = x + b⊙MLP(RMSNorm(x)·s),  s = 1/sqrt(layer+1)."""
-
-    def __init__(self, config: Config, layer_idx: int, mlp_mult: float, slope: float, xsa: bool):
-        super().__init__()
-        dim = config.model_dim
-        self.attn = Attention(dim, config.num_heads, config.num_kv_heads, config.qk_gain_init, xsa)
-        self.mlp = MLP(dim, int(mlp_mult * dim), slope)
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # rows: x, x0
-        self.norm_scale = 1.0 / math.sqrt(layer_idx + 1)  # deeper blocks see smaller inputs (the original's rule)
-
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # Each residual update and the RMSNorm after it run as one fused pass (kernels/norm.py).
-        x, h = kernels.mix_norm(x, x0, self.resid_mix, self.norm_scale)
-        x, h = kernels.add_norm(x, self.attn(h, cos, sin), self.attn_scale, self.norm_scale)
-        return x + self.mlp_scale * self.mlp(h)
-
-
-# ---------------------------------------------------------------- the block schedule
-
-ENCODER, CRAWLER, DECODER = "encoder", "crawler", "decoder"
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One block application, in forward order.
-
-    blocks, index: the module applied, `getattr(model, blocks)[index]` (state-dict prefix `name`).
-    kind: ENCODER, CRAWLER (loop `loop` of the shared block) or DECODER.
-    position: its place in forward order, which is also its KV-cache slot (model/decode.py).
-    rope: what its RoPE tables are built from (a Rope).
-    inst: the loop_inst_up row applied to x before the block (None: no instruction).
-    push_skip: the block's output is kept for a decoder (encoder slots).
-    skip: the skip_weights row with which the last kept output is added before the block (None: none left).
-    xsa: XSA on the module (per distinct block, so every loop of the crawler agrees).
-    """
-    blocks: str
-    index: int
-    kind: str
-    position: int
-    rope: Rope
-    xsa: bool
-    loop: int | None = None
-    inst: int | None = None
-    push_skip: bool = False
-    skip: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.blocks}.{self.index}"
-
-
-def block_schedule(config: Config) -> tuple[Slot, ...]:
-    """The U-Net's block applications: encoder blocks (each keeps its output), the crawler block once per
-    loop (its own RoPE scale and instruction), then decoder blocks (decoder i adds encoder n_enc-1-i's
-    output with skip_weights[i] while encoder outputs remain).
-
-    XSA counts the distinct blocks in forward order (encoder blocks, the crawler, decoder blocks):
-    XSA_LAST_N=N turns it on for the last N of them (N >= their count: all); XSA_BLOCKS=crawler is the
-    original's placement, the crawler only.
-    """
-    n_enc, n_dec = config.num_encoder_layers, config.num_decoder_layers
-    distinct = config.num_flat_layers + 1
-
-    def xsa(d: int) -> bool:  # d: the block's place among the distinct blocks
-        return d == n_enc if config.xsa_blocks == "crawler" else d >= distinct - config.xsa_last_n
-
-    flat_rope = Rope(config.flat_rope_base, 1.0)
-    encoder = [Slot("flat_blocks", i, ENCODER, i, flat_rope, xsa(i), push_skip=True) for i in range(n_enc)]
-    # Each loop sees its own RoPE frequencies (base 10000 divided by its scale, never NTK-rescaled).
-    crawler = [Slot("crawler_blocks", 0, CRAWLER, n_enc + k,
-                    Rope(config.rope_base, config.crawler_loop_rope_scales[k], config.rope_inv_freq_bf16),
-                    xsa(n_enc), loop=k, inst=k if config.inst_dim > 0 else None)
-               for k in range(config.crawler_loops)]
-    decoder = [Slot("flat_blocks", n_enc + i, DECODER, n_enc + config.crawler_loops + i, flat_rope,
-                    xsa(n_enc + 1 + i), skip=i if i < n_enc else None) for i in range(n_dec)]
-    return tuple(encoder + crawler + decoder)
-
-
-# ---------------------------------------------------------------- the model
-
-class CrawlerGPT(nn.Module):
+class GPT(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         dim = config.model_dim
-        self.schedule = block_schedule(config)
-        self.rope_keys = tuple(dict.fromkeys(slot.rope for slot in self.schedule))  # distinct Ropes
-        xsa = {slot.name: slot.xsa for slot in self.schedule}
+        self.schedules = {on: block_schedule(config, on) for on in (True, False)}
+        self.recurrence_active = True  # the plan forward walks; the training issue switches it at a step
+        self.rope_keys = tuple(dict.fromkeys(s.rope for plan in self.schedules.values() for s in plan))
+        xsa = {slot.name: slot.xsa for slot in self.schedules[True]}
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
-        self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim)
-        self.smear = SmearGate(dim)
-        self.skip_weights = nn.Parameter(torch.ones(min(config.num_encoder_layers, config.num_decoder_layers), dim))
-        self.flat_blocks = nn.ModuleList(
-            Block(config, i, config.mlp_mult, config.mlp_leaky_slope, xsa[f"flat_blocks.{i}"])
-            for i in range(config.num_flat_layers))
-        self.crawler_blocks = nn.ModuleList([Block(config, config.num_flat_layers, config.crawler_mlp_mult,
-                                                   config.crawler_mlp_leaky_slope, xsa["crawler_blocks.0"])])
-        if config.inst_dim > 0:  # per-loop instruction: x_loop = x + up_k(proj(x))
-            self.loop_inst_proj = nn.Linear(dim, config.inst_dim, bias=False)
-            self.loop_inst_up = nn.ModuleList(nn.Linear(config.inst_dim, dim, bias=False)
-                                              for _ in range(config.crawler_loops))
+        if config.use_crawler:
+            # Modules are made in the original's order: their constructors draw from the RNG, and the pinned
+            # crawler presets depend on it.
+            if config.bigram_vocab_size:
+                self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim)
+            if config.static_smear_enabled:
+                self.smear = SmearGate(dim)
+            self.skip_weights = nn.Parameter(torch.ones(skip_slots(config), dim))
+            self.flat_blocks = nn.ModuleList(
+                Block(config, i, config.mlp_mult, config.mlp_leaky_slope, xsa[f"flat_blocks.{i}"])
+                for i in range(config.num_flat_layers))
+            self.crawler_blocks = nn.ModuleList([Block(config, config.num_flat_layers, config.crawler_mlp_mult,
+                                                       config.crawler_mlp_leaky_slope, xsa["crawler_blocks.0"])])
+            if config.inst_dim > 0:  # per-loop instruction: x_loop = x + up_k(proj(x))
+                self.loop_inst_proj = nn.Linear(dim, config.inst_dim, bias=False)
+                self.loop_inst_up = nn.ModuleList(nn.Linear(config.inst_dim, dim, bias=False)
+                                                  for _ in range(config.crawler_loops))
+            if config.smear_gate_enabled:
+                self._add_input_smear(config)
+        else:
+            # R1's RNG order: the embedding's and the SmearGate's constructors draw, its banked matrices do
+            # not, so the blocks' constructor draws are dropped and reset_parameters draws in R1's order.
+            if config.smear_gate_enabled:
+                self._add_input_smear(config)
+            if config.bigram_vocab_size:
+                self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim)
+            if config.static_smear_enabled:
+                self.smear = SmearGate(dim)
+            self.skip_weights = nn.Parameter(torch.ones(skip_slots(config), dim))
+            with torch.random.fork_rng(devices=[]):
+                self.blocks = nn.ModuleList(Block(config, i, config.mlp_mult, config.mlp_leaky_slope,
+                                                  xsa[f"blocks.{i}"]) for i in range(config.num_layers))
+        if config.skip_gates_enabled:
+            self.skip_gates = nn.Parameter(torch.zeros(skip_slots(config), dim))
+        if config.parallel_start_layer > 0:  # a row per physical block (R1 keeps the rows it never reads)
+            rows = config.num_flat_layers if config.use_crawler else config.num_layers
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(rows, 2, 2))   # [block, source, lane]
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((rows, 2), 1.1))
         self.reset_parameters()
+
+    def _add_input_smear(self, config: Config) -> None:
+        self.smear_gate = nn.Linear(config.gate_window, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+
+    @property
+    def schedule(self) -> tuple[Slot, ...]:
+        """The plan forward walks now: recurrence on (the crawler's loops, the looped segment) or off."""
+        return self.schedules[self.recurrence_active]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The original's init (SPEC 3), also a full reset for the trainer; deterministic given torch.manual_seed."""
+        """The original's init (SPEC 3) or R1's (MODEL.md §3), also a full reset for the trainer;
+        deterministic given torch.manual_seed."""
+        cfg = self.config
+        if cfg.use_crawler:
+            self._reset_crawler()
+        else:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+            for block in self.blocks:
+                for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                    nn.init.orthogonal_(linear.weight, gain=1.0)
+            for block in self.blocks:
+                nn.init.orthogonal_(block.mlp.fc.weight, gain=1.0)
+                nn.init.zeros_(block.attn.proj.weight)
+                nn.init.zeros_(block.mlp.proj.weight)
+                self._reset_controls(block)
+            if hasattr(self, "bigram"):
+                self._reset_bigram(cfg.num_layers)
+            if hasattr(self, "smear"):
+                nn.init.zeros_(self.smear.gate)
+            self.skip_weights.fill_(1.0)
+        if hasattr(self, "smear_gate"):
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda.zero_()
+        if hasattr(self, "skip_gates"):
+            self.skip_gates.zero_()
+        if hasattr(self, "parallel_post_lambdas"):
+            self.parallel_post_lambdas.fill_(1.0)
+            self.parallel_resid_lambdas.fill_(1.1)
+        for module in self.modules():
+            if isinstance(module, Block) and hasattr(module.attn, "attn_gate_w"):
+                nn.init.normal_(module.attn.attn_gate_w, std=cfg.sparse_attn_gate_init_std) \
+                    if cfg.sparse_attn_gate_init_std > 0 else nn.init.zeros_(module.attn.attn_gate_w)
+
+    def _reset_crawler(self) -> None:
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and name != "smear_gate":
                 if name.endswith(("attn.proj", "mlp.proj")) or name.startswith("loop_inst_up."):
                     nn.init.zeros_(module.weight)  # every residual branch and instruction starts as identity
                 elif name == "loop_inst_proj":
@@ -307,19 +150,28 @@ class CrawlerGPT(nn.Module):
                 else:  # too thin for the orthogonal rule (small test configs): PyTorch's default
                     module.reset_parameters()
             elif isinstance(module, Block):
-                module.attn_scale.fill_(1.0)
-                module.mlp_scale.fill_(1.0)
-                module.resid_mix[0].fill_(1.0)
-                module.resid_mix[1].fill_(0.0)
-                module.attn.q_gain.fill_(self.config.qk_gain_init)
-        # The original scales every "*.proj" by 1/sqrt(2·layers) after init (10 layers: 9 flat + the crawler);
-        # attn.proj and mlp.proj are zero, so only the bigram projection changes.
-        self.bigram.proj.weight.mul_(1.0 / math.sqrt(2 * (self.config.num_flat_layers + 1)))
+                self._reset_controls(module)
+        if hasattr(self, "bigram"):
+            self._reset_bigram(self.config.num_flat_layers + 1)
         nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
-        nn.init.zeros_(self.bigram.embed.weight)
-        self.bigram.scale.fill_(0.05)
-        nn.init.zeros_(self.smear.gate)
+        if hasattr(self, "bigram"):
+            nn.init.zeros_(self.bigram.embed.weight)
+            self.bigram.scale.fill_(0.05)
+        if hasattr(self, "smear"):
+            nn.init.zeros_(self.smear.gate)
         self.skip_weights.fill_(1.0)
+
+    def _reset_controls(self, block: Block) -> None:
+        block.attn_scale.fill_(1.0)
+        block.mlp_scale.fill_(1.0)
+        block.resid_mix[0].fill_(1.0)
+        block.resid_mix[1].fill_(0.0)
+        block.attn.q_gain.fill_(self.config.qk_gain_init)
+
+    def _reset_bigram(self, layers: int) -> None:
+        # The original scales every "*.proj" by 1/sqrt(2·layers) after init; attn.proj and mlp.proj are zero,
+        # so only the bigram projection changes.
+        self.bigram.proj.weight.mul_(1.0 / math.sqrt(2 * layers))
 
     def block(self, slot: Slot) -> Block:
         """The module a slot applies."""
@@ -330,31 +182,82 @@ class CrawlerGPT(nn.Module):
         return {rope: rope_tables(seq_len, rope.base, rope.scale, self.config.rope_dims, device, rope.inv_freq_bf16)
                 for rope in self.rope_keys}
 
+    def embed(self, ids: torch.Tensor, before: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """(x0 [B, T, d], what the next call needs of the last token) for ids [B, T]. before: that tuple from
+        the call for the tokens just before ids (the KV-cached decode); None: ids start their rows."""
+        prev_ids, prev_e, prev_h = before if before is not None else (None, None, None)
+        T = ids.size(1)
+
+        def with_previous(prev, cur):  # the previous token prepended for the parts that look one back
+            return cur if prev is None else torch.cat((prev, cur), dim=1)
+
+        all_ids = with_previous(prev_ids, ids)
+        e = self.tok_emb(ids)
+        if hasattr(self, "bigram"):
+            e = e + self.bigram(all_ids)[:, -T:]
+        smeared = e
+        if hasattr(self, "smear_gate"):
+            smeared = input_smear(with_previous(prev_e, e), all_ids, self.smear_gate.weight, self.smear_lambda)[:, -T:]
+        h = rms_norm_reference(smeared)
+        x = self.smear(with_previous(prev_h, h))[:, -T:] if hasattr(self, "smear") else h
+        return x, (ids[:, -1:], e[:, -1:], h[:, -1:])
+
+    def merge_skip(self, row: int, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """x with a kept encoder output merged back: x + w⊙s, or with skip gates lerp(w⊙s, x, σ(g))."""
+        weighted = self.skip_weights[row] * kept
+        if hasattr(self, "skip_gates"):
+            return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[row]))
+        return x + weighted
+
     def run_blocks(self, x: torch.Tensor, x0: torch.Tensor, ropes: Mapping,
-                   apply: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """x after every slot of the schedule, in order; apply(slot, x, x0, cos, sin) runs the slot's block
-        (its module in forward, the cached attention in decode_step); ropes: {slot.rope: (cos, sin)}."""
-        skips = []
+                   block_for: Callable[[Slot], nn.Module] | None = None,
+                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x after every slot of the schedule, in order. block_for(slot): what runs the slot's block (its
+        module in forward, the block with cached attention in decode_step); ropes: {slot.rope: (cos, sin)}.
+
+        Two-lane slots start both lanes from x (before their skip merge, which goes into lane0); after the
+        last slot x is their mean (PARALLEL_FINAL_LANE: or lane0, or lane1)."""
+        block_for = block_for or self.block
+        skips, lanes = [], None
         for slot in self.schedule:
+            block = block_for(slot)
             if slot.inst is not None:  # x_loop = x + up_k(proj(x))
                 x = x + self.loop_inst_up[slot.inst](self.loop_inst_proj(x))
+            if slot.parallel and lanes is None:
+                lanes = (x, x)
             if slot.skip is not None:  # decoder 0 gets the last encoder's output, and so on inwards
-                x = x + self.skip_weights[slot.skip] * skips.pop()
-            x = apply(slot, x, x0, *ropes[slot.rope])
+                if lanes is None:
+                    x = self.merge_skip(slot.skip, x, skips.pop())
+                else:
+                    lanes = (self.merge_skip(slot.skip, lanes[0], skips.pop()), lanes[1])
+            cos, sin = ropes[slot.rope]
+            if lanes is None:
+                x = block(x, x0, cos, sin, cu_seqlens)
+            else:
+                lanes = block.forward_parallel(*lanes, x0, cos, sin, cu_seqlens,
+                                               self.parallel_resid_lambdas[slot.index],
+                                               self.parallel_post_lambdas[slot.index])
             if slot.push_skip:
                 skips.append(x)
+        if lanes is not None:
+            final = self.config.parallel_final_lane
+            x = lanes[0] if final == "attn" else lanes[1] if final == "mlp" else 0.5 * (lanes[0] + lanes[1])
         return x
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, T] -> softcapped fp32 logits [B, T, vocab], or the fp32 mean cross-entropy given targets [B, T]."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> softcapped fp32 logits [B, T, vocab], or the fp32 mean cross-entropy given targets [B, T].
+
+        cu_seqlens: int32 segment offsets into one packed row (B = 1): attention stays within each segment
+        (R1's document isolation); RoPE positions stay row positions."""
         if ids.dim() != 2:
-            raise ValueError(f"CrawlerGPT: ids must be [batch, seq], got shape {tuple(ids.shape)}")
+            raise ValueError(f"GPT: ids must be [batch, seq], got shape {tuple(ids.shape)}")
         if targets is not None and targets.shape != ids.shape:
-            raise ValueError(f"CrawlerGPT: targets shape {tuple(targets.shape)} != ids shape {tuple(ids.shape)}")
+            raise ValueError(f"GPT: targets shape {tuple(targets.shape)} != ids shape {tuple(ids.shape)}")
         cfg = self.config
         T, device = ids.size(1), ids.device
-        x = x0 = self.smear(rms_norm_reference(self.tok_emb(ids) + self.bigram(ids)))
-        x = self.run_blocks(x, x0, self.rope_tables(T, device), lambda slot, *args: self.block(slot)(*args))
+        x0 = self.embed(ids)[0]
+        x = self.run_blocks(x0, x0, self.rope_tables(T, device), cu_seqlens=cu_seqlens)
         h = kernels.rms_norm(x)
         if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
             return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)
@@ -364,19 +267,19 @@ class CrawlerGPT(nn.Module):
 
 # ---------------------------------------------------------------- helpers for the trainer, quant/ and the CLIs
 
-def _unwrap(model: nn.Module) -> CrawlerGPT:
-    """The CrawlerGPT inside a torch.compile and/or DDP wrapper."""
-    while not isinstance(model, CrawlerGPT):
+def _unwrap(model: nn.Module) -> GPT:
+    """The GPT inside a torch.compile and/or DDP wrapper."""
+    while not isinstance(model, GPT):
         inner = getattr(model, "_orig_mod", None)
         if inner is None:
             inner = getattr(model, "module", None)
         if inner is None:
-            raise TypeError(f"expected a CrawlerGPT (possibly compiled or DDP-wrapped), got {type(model).__name__}")
+            raise TypeError(f"expected a GPT (possibly compiled or DDP-wrapped), got {type(model).__name__}")
         model = inner
     return model
 
 
-def build_model(config: Config | None = None, **overrides) -> CrawlerGPT:
+def build_model(config: Config | None = None, **overrides) -> GPT:
     """The model for `config`, or for the environment (PRESET and the seed's variables) when it is None.
 
     Keyword overrides replace config fields (`build_model(preset="tiny", model_dim=64)`).
@@ -385,7 +288,7 @@ def build_model(config: Config | None = None, **overrides) -> CrawlerGPT:
         config = from_env(**overrides)
     elif overrides:
         config = config.replace(**overrides)
-    return CrawlerGPT(config)
+    return GPT(config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -393,11 +296,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Parameters by optimizer: "matrix" (Muon: every nn.Linear weight, i.e. the blocks' matrices, the
-    bigram and instruction projections), "embed" (AdamW: tok_emb, bigram.embed), "scalar" (AdamW: the rest)."""
+    """Parameters by optimizer: "matrix" (Muon: every nn.Linear weight but R1's SmearGate row, i.e. the
+    blocks' matrices, the bigram and instruction projections), "embed" (AdamW: tok_emb, bigram.embed),
+    "scalar" (AdamW: the rest, the SmearGate's 1 x GATE_WINDOW weight included, as R1 groups it)."""
     model = _unwrap(model)
-    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    embeddings = {id(model.tok_emb.weight), id(model.bigram.embed.weight)}
+    matrices = {id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "smear_gate"}
+    embeddings = {id(model.tok_emb.weight)} | ({id(model.bigram.embed.weight)} if hasattr(model, "bigram") else set())
     groups = {"matrix": [], "embed": [], "scalar": []}
     for p in model.parameters():
         key = "matrix" if id(p) in matrices else "embed" if id(p) in embeddings else "scalar"
@@ -420,14 +324,14 @@ def calibration_mode(model: nn.Module):
             m.unfused = state
 
 
-def _load_exact(config: Config, state_dict: Mapping, source: str) -> CrawlerGPT:
+def _load_exact(config: Config, state_dict: Mapping, source: str) -> GPT:
     """A model for `config` holding `state_dict`, after naming every missing, unexpected or mis-shaped tensor.
 
     The model is built on the meta device and takes the tensors as they are (assign=True): loading
     should not pay for a random init that is overwritten at once.
     """
     with torch.device("meta"):
-        model = CrawlerGPT(config)
+        model = GPT(config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -446,7 +350,7 @@ def _load_exact(config: Config, state_dict: Mapping, source: str) -> CrawlerGPT:
     return model
 
 
-def from_seed_state_dict(state_dict: Mapping) -> CrawlerGPT:
+def from_seed_state_dict(state_dict: Mapping) -> GPT:
     """The `ouroboros-as-run` model carrying a checkpoint saved by the original script (SPEC 3).
 
     Tensors are cast to fp32; `ve_*` (never used) are ignored; `loop_inst_*` are ignored after checking
@@ -479,8 +383,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     write_atomic(path, lambda f: torch.save(payload, f), size_hint=tensor_bytes)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> CrawlerGPT:
-    """The model saved by save_checkpoint, built from its stored config, on `map_location`."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> GPT:
+    """The model saved by save_checkpoint, built from its stored config, on `map_location`; or R1's
+    `final_model.pt` (its banked state dict alone) as the `frontier` model."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
@@ -489,6 +394,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> CrawlerGPT:
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: unreadable, corrupt or not a torch file "
                               f"({type(e).__name__}: {e})") from e
+    if isinstance(payload, dict) and "qo_bank" in payload and "config" not in payload:  # R1's torch.save(state_dict)
+        from .record import from_record_state_dict
+
+        return from_record_state_dict(payload).to(map_location)
     if not isinstance(payload, dict) or not {"config", "state_dict"} <= set(payload):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path}: expected keys 'config' and 'state_dict', found {found}")

@@ -10,7 +10,7 @@ import torch
 import model as model_lib
 from kernels.int6 import QuantLinear
 from model.config import Config, ConfigError
-from model.gpt import MLP
+from model.blocks import MLP
 
 from .artifact import Artifact, read_artifact
 from .scheme import KIND_INT6, ArtifactError, dequantize_state_dict

@@ -34,8 +34,10 @@ LIVE = {"SEED": ("7", "seed", 7), "MAX_WALLCLOCK_SECONDS": ("300", "max_wallcloc
         "SWA_EVERY": ("0", "swa_every", 0), "MATRIX_LR": ("0.02", "matrix_lr", 0.02),
         "MLP_LEAKY_SLOPE": ("0", "mlp_leaky_slope", 0.0), "CRAWLER_MLP_LEAKY_SLOPE": ("0.25", "crawler_mlp_leaky_slope", 0.25),
         "SKIP_GPTQ": ("1", "quant_method", "rtn"), "LOOP_AWARE_GPTQ": ("0", "quant_method", "gptq"),
-        "COMPILE_FULLGRAPH": ("0", "compile_fullgraph", False)}
-FIXED_ENV = {"USE_CRAWLER": "0", "NUM_CRAWLER_LAYERS": "2", "SKIP_EMA": "0", "CRAWLER_TAP_DIM": "32",
+        "COMPILE_FULLGRAPH": ("0", "compile_fullgraph", False), "USE_CRAWLER": ("0", "use_crawler", 0)}
+# What a live variable's other value needs beside it: looped layers have no per-loop instruction.
+LIVE_NEEDS = {"USE_CRAWLER": {"INST_DIM": "0"}}
+FIXED_ENV = {"NUM_CRAWLER_LAYERS": "2", "SKIP_EMA": "0", "CRAWLER_TAP_DIM": "32",
              "ANCHOR_DIM": "16", "CRAWLER_MLP_CHOKE_DIM": "128"}
 
 
@@ -79,8 +81,14 @@ STORED = {
 
 # Fields added since, as a config stored without them loads (their defaults: what ran before they existed),
 # and what `ouroboros-as-run` sets them to now.
-ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean"}
-ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum"}
+# R1's model switches and the looped layout (issue 20), off: what every stored config ran.
+ADDED_LAYOUT = {"ln_scale": True, "num_layers": 11, "loop_start": 3, "loop_end": 5, "num_loops": 2,
+                "parallel_start_layer": 0, "parallel_final_lane": "mean", "skip_gates_enabled": False,
+                "smear_gate_enabled": False, "static_smear_enabled": True, "gate_window": 12,
+                "sparse_attn_gate_enabled": False, "sparse_attn_gate_scale": 1.0, "sparse_attn_gate_init_std": 0.0,
+                "tie_embeddings": 1, "rope_yarn": 0, "attn_out_gate_enabled": 0, "gated_attn_enabled": 0}
+ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean", **ADDED_LAYOUT}
+ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum", **ADDED_LAYOUT}
 
 
 @pytest.mark.parametrize("preset", sorted(STORED))
@@ -184,8 +192,13 @@ def test_ouroboros_preset_is_the_reproduce_command():
 def test_live_variables_change_their_field(env_name):
     text, field, value = LIVE[env_name]
     base = from_env(dict(REPRODUCE_ENV, PRESET="ouroboros"))
-    cfg = from_env(dict(REPRODUCE_ENV, PRESET="ouroboros", **{env_name: text}))
+    cfg = from_env(dict(REPRODUCE_ENV, PRESET="ouroboros", **{env_name: text, **LIVE_NEEDS.get(env_name, {})}))
     assert getattr(cfg, field) == value != getattr(base, field)
+
+
+def test_looped_layers_refuse_the_crawlers_instruction():
+    with pytest.raises(ConfigError, match=r"^INST_DIM=32: the per-loop instruction is the crawler's"):
+        from_env(dict(REPRODUCE_ENV, PRESET="ouroboros", USE_CRAWLER="0"))
 
 
 @pytest.mark.parametrize("env_name", sorted(FIXED_ENV))

@@ -29,7 +29,9 @@ from conftest import REPO
 from model import ConfigError, load_checkpoint
 from model.config import KNOWN_VARIABLES, Config, check_variable_names, from_env
 from model.decode import KVCache, decode_step
-from model.gpt import CRAWLER, Block, CrawlerGPT, Rope, bf16_rounded, rope_tables
+from model.blocks import Block, bf16_rounded, rope_tables
+from model.gpt import GPT
+from model.schedule import CRAWLER, Rope
 from quant import records, records_check
 from train.step import TrainStep
 from train.trainer import train
@@ -283,7 +285,7 @@ def _as_run_pair(seed=0, **changes):
     original's init), so attention is as peaked as the original's rather than flattened by random gains."""
     cfg = from_env(environ={}, preset="tiny", train_seq_len=2048, crawler_loop_rope_scales=(9.0, 1.0), **changes)
     torch.manual_seed(seed)
-    exact = CrawlerGPT(cfg).eval()
+    exact = GPT(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in exact.named_parameters():
@@ -293,7 +295,7 @@ def _as_run_pair(seed=0, **changes):
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
             else:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-    as_run = CrawlerGPT(cfg.replace(rope_inv_freq_bf16=True)).eval()
+    as_run = GPT(cfg.replace(rope_inv_freq_bf16=True)).eval()
     as_run.load_state_dict(exact.state_dict())
     return exact, as_run
 
@@ -963,10 +965,10 @@ def test_a_flag_that_is_not_one_exits_2_naming_it(run_env, tmp_path, module):
 
 
 def test_every_count_setting_refuses_negatives():
-    """Item 3: every integer setting but the seed has a bound (the fixed switches take one value), so a
-    negative count is a ConfigError naming it; a new count cannot slip in unchecked."""
+    """Item 3: every integer setting but the seed has a bound (the fixed switches take one value, USE_CRAWLER
+    one of two), so a negative count is a ConfigError naming it; a new count cannot slip in unchecked."""
     unbounded = [f.name for f in fields(Config) if f.type in (int, "int") and not f.metadata.get("bound")
-                 and not f.metadata.get("fixed") and f.name != "seed"]
+                 and not f.metadata.get("fixed") and not f.metadata.get("choices") and f.name != "seed"]
     assert unbounded == []
     for f in fields(Config):
         if f.type in (int, "int") and f.metadata.get("bound"):

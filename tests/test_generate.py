@@ -15,7 +15,7 @@ import kernels
 import model
 from kernels.int6 import QuantLinear
 from model.decode import KVCache, decode_step
-from model.gpt import MLP
+from model.blocks import MLP
 from quant import artifact as art
 from quant import generate as gen
 from quant.load import load_model
@@ -102,9 +102,11 @@ def test_the_comparison_sees_a_broken_cache(small, broken):
     if broken == "no context":
         cache.reset()
     elif broken == "previous hidden lost":  # the smear gate blends in the previous token's hidden
-        cache.last_hidden = torch.zeros_like(cache.last_hidden)
+        last_ids, last_e, last_h = cache.last
+        cache.last = (last_ids, last_e, torch.zeros_like(last_h))
     else:  # the bigram bucket hashes the previous token
-        cache.last_ids = (cache.last_ids + 1) % cfg.vocab_size
+        last_ids, last_e, last_h = cache.last
+        cache.last = ((last_ids + 1) % cfg.vocab_size, last_e, last_h)
     diff = (decode_step(net, ids[:, 11:], cache) - full[:, 11:]).abs().max().item()
     assert diff > 100 * ATOL, f"{broken}: the decode still matched the forward (max diff {diff:.2e})"
 

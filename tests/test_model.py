@@ -1,4 +1,4 @@
-"""CrawlerGPT against SPEC 3: parameter counts, each module against its formula written out by hand,
+"""The crawler model (model.GPT) against SPEC 3: parameter counts, each module against its formula written out by hand,
 the U-Net / crawler wiring seen through hooks, the init rules, and loading the original's state dict.
 
 Forward tests use small configs in fp32 with the PyTorch kernels path (the Triton kernels are tested
@@ -17,8 +17,9 @@ import model
 from kernels.attention import attention_reference
 from model.config import from_env
 from kernels.norm import rms_norm_reference
-from model.gpt import (CRAWLER, DECODER, ENCODER, MLP, Block, CheckpointError, CrawlerGPT, Rope, Slot, apply_rope,
-                       bigram_buckets, block_schedule, rope_tables)
+from model.blocks import MLP, Block, apply_rope, bigram_buckets, rope_tables
+from model.gpt import GPT, CheckpointError
+from model.schedule import CRAWLER, DECODER, ENCODER, Rope, Slot, block_schedule
 
 AS_RUN_PARAMETERS = 26_040_913          # SPEC: the original's 26,253,908 less its unused ve_* and loop_inst_*
 # as-run + the live instruction: loop_inst_proj 32x512 + two loop_inst_up 512x32
@@ -35,7 +36,7 @@ def config(**changes):
 
 def tiny_model(seed=0, **changes):
     torch.manual_seed(seed)
-    net = CrawlerGPT(config(**changes))
+    net = GPT(config(**changes))
     randomize_(net)
     return net
 
@@ -233,7 +234,7 @@ def test_xsa_placement_counts_distinct_blocks_in_forward_order():
     assert xsa_placement(config(xsa_last_n=6)) == [False] * 4 + [True] * 6
     assert xsa_placement(config(xsa_last_n=11)) == [True] * 10
     assert xsa_placement(config(xsa_blocks="crawler", xsa_last_n=3)) == [i == 4 for i in range(10)]
-    net = CrawlerGPT(config(xsa_last_n=6))
+    net = GPT(config(xsa_last_n=6))
     assert [b.attn.xsa for b in net.flat_blocks] == [False] * 4 + [True] * 5
     assert net.crawler_blocks[0].attn.xsa
     assert all(net.block(slot).attn.xsa == slot.xsa for slot in net.schedule)
@@ -282,12 +283,12 @@ def test_schedule_wiring_for_odd_even_and_tiny_depths(flat, kinds, skips):
     assert all(s.skip is None for s in schedule if s.kind != DECODER)
     flat_names = [s.name for s in schedule if s.kind != CRAWLER]
     assert flat_names == [f"flat_blocks.{i}" for i in range(flat)]
-    net = CrawlerGPT(config(num_flat_layers=flat, crawler_loops=1))
+    net = GPT(config(num_flat_layers=flat, crawler_loops=1))
     assert net.skip_weights.shape[0] == sum(s is not None for s in skips)
 
 
 def reference_forward(net, ids):
-    """The U-Net written out by hand, as CrawlerGPT.forward ran before the schedule: encoder blocks keep
+    """The U-Net written out by hand, as the crawler's forward ran before the schedule: encoder blocks keep
     their outputs, the crawler loops (instruction, then the block with its own RoPE scale), decoder i adds
     encoder n_enc-1-i's output, every table and float op in the same order."""
     cfg = net.config
@@ -466,10 +467,10 @@ def assert_init_rules(net):
 
 def test_init_rules_deterministic_and_reset():
     torch.manual_seed(3)
-    net = CrawlerGPT(config())
+    net = GPT(config())
     assert_init_rules(net)
     torch.manual_seed(3)
-    again = CrawlerGPT(net.config)
+    again = GPT(net.config)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     randomize_(again)
     again.reset_parameters()  # the trainer's reset after its compile warmup
@@ -477,7 +478,7 @@ def test_init_rules_deterministic_and_reset():
 
 
 def test_param_groups_cover_every_parameter_once():
-    net = CrawlerGPT(config())
+    net = GPT(config())
     groups = model.param_groups(net)
     names = {id(p): n for n, p in net.named_parameters()}
     by_group = {k: {names[id(p)] for p in v} for k, v in groups.items()}

@@ -154,7 +154,7 @@ def test_instrumented_removes_its_hooks_and_patches_nothing():
         assert kernels.attention is dispatch  # the kernels' own profiler ranges are used
         assert any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
-    with pytest.raises(TypeError, match="eager CrawlerGPT"):
+    with pytest.raises(TypeError, match="eager GPT"):
         with ledger.instrumented(torch.nn.Linear(2, 2)):
             pass
 

@@ -21,6 +21,7 @@ import kernels
 from kernels.selftest import SelfTestFailed
 from model import ConfigError, from_env
 from model.config import check_variable_names, default_preset
+from model.schedule import block_schedule, describe
 from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
@@ -53,6 +54,12 @@ def dry_run(cfg) -> bool:
         _say(f"  {key}={value}")
     _say(f"kernels: {kernels.backend()}")
     _say(f"model_params: {parameter_count(cfg):,}")
+    for on in (True, False):
+        lines = describe(block_schedule(cfg, recurrence_active=on))
+        if on or lines != describe(block_schedule(cfg)):
+            _say(f"block schedule, recurrence {'on' if on else 'off'} ({len(lines)} slots):")
+            for line in lines:
+                _say(f"  {line}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
     try:
