@@ -1,7 +1,8 @@
 """`python -m quant.generate --artifact runs/<id>/final_model.int6.ptz --prompt "..." --tokens 64`: text from the artifact.
 
 Loads the quantized artifact (on CUDA its int6 layers are QuantLinear, so one token at a time runs the
-M = 1 int6 kernel path; on CPU the dequantized fp32 reference), encodes the prompt as training documents
+M = 1 int6 kernel path; on CPU the dequantized fp32 reference), or with --checkpoint a float checkpoint
+(a run's final_model.pt, or R1's, which loads as the `frontier` model), encodes the prompt as training documents
 are ([BOS] + sentencepiece ids), prefills a KV cache with it and samples one token at a time:
 temperature 0 is greedy, otherwise softmax(logits / temperature) over the top-k tokens (0: all).
 A BOS from the model ends its document, and the generation, unless --no-stop.
@@ -25,7 +26,7 @@ import torch
 import kernels
 from kernels import selftest
 from kernels.int6 import QuantLinear
-from model import ConfigError
+from model import CheckpointError, ConfigError, load_checkpoint
 from model.cli import nonnegative_float, nonnegative_int, positive_int
 from model.decode import KVCache, decode_step
 from model.io import synchronize
@@ -138,7 +139,9 @@ def _tokenizer(path: Path, where: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--artifact", required=True, help="runs/<id>/final_model.int6.ptz")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--artifact", help="runs/<id>/final_model.int6.ptz")
+    weights.add_argument("--checkpoint", help="a float checkpoint: runs/<id>/final_model.pt, or R1's final_model.pt")
     parser.add_argument("--prompt", default="", help="text to continue (default: none, the model starts a document)")
     parser.add_argument("--tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 = greedy (default 0.8)")
@@ -166,17 +169,22 @@ def main(argv=None) -> int:
             raise ValueError("--device cuda: no CUDA device is available")
         kernels.backend()  # a bad KERNELS or KERNELS_STRICT is bad input too (kernels.BackendError is a ValueError)
         kernels.strict()
-        artifact = Path(args.artifact)
-        if not artifact.is_file():
-            raise FileNotFoundError(f"artifact {artifact}: no such file")
-        net, cfg = load_model(artifact, device, quant_linear=args.quant_linear)
-        where = "from --tokenizer" if args.tokenizer else "the artifact's stored TOKENIZER_PATH"
+        if args.checkpoint:
+            net = load_checkpoint(args.checkpoint, map_location=device)
+            cfg = net.config
+        else:
+            artifact = Path(args.artifact)
+            if not artifact.is_file():
+                raise FileNotFoundError(f"artifact {artifact}: no such file")
+            net, cfg = load_model(artifact, device, quant_linear=args.quant_linear)
+        where = "from --tokenizer" if args.tokenizer else f"the {'checkpoint' if args.checkpoint else 'artifact'}'s " \
+                                                          "stored TOKENIZER_PATH"
         sp = _tokenizer(Path(args.tokenizer or cfg.tokenizer_path), where)
         if sp.get_piece_size() > cfg.vocab_size:
             raise ValueError(f"tokenizer {args.tokenizer or cfg.tokenizer_path}: {sp.get_piece_size()} pieces, "
                              f"more than the model's VOCAB_SIZE={cfg.vocab_size}")
         prompt = encode_prompt(sp, args.prompt)
-    except (ArtifactError, ConfigError, FileNotFoundError, ValueError) as err:
+    except (ArtifactError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -202,7 +210,7 @@ def main(argv=None) -> int:
     # Decoded after the prompt's pieces: a continuation decoded alone would lose its leading space.
     shown = sp.decode(prompt[1:])
     print(args.prompt + sp.decode(prompt[1:] + new)[len(shown):])
-    weights = "int6 QuantLinear" if quant_linear else "dequantized fp32"
+    weights = "float checkpoint" if args.checkpoint else "int6 QuantLinear" if quant_linear else "dequantized fp32"
     print(f"\n[{len(new)} tokens{' (stopped at BOS)' if result.stopped_at_bos else ''}; prompt of {len(prompt)} tokens "
           f"prefilled in {result.prefill_seconds * 1e3:.1f} ms; decode {result.tokens_per_second:.1f} tokens/s "
           f"on {device}, {weights} weights, kernels={kernels.backend()}]")

@@ -218,3 +218,14 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_data, tmp_path):
     assert summary["params"] == count_parameters(build_model(cfg))
     export = summary["export"]
     assert export["method"] == "gptq" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
+
+
+def test_generate_takes_r1s_checkpoint(tmp_path, prepared_corpus, capsys):
+    """`python -m quant.generate --checkpoint` runs R1's final_model.pt (the frontier model) like an artifact."""
+    from quant.generate import main
+
+    torch.save(ref.r1_state_dict_random(ref.R1Shape(), seed=6), tmp_path / "final_model.pt")
+    assert main(["--checkpoint", str(tmp_path / "final_model.pt"), "--tokenizer", str(prepared_corpus.tokenizer_path),
+                 "--prompt", "The Congress", "--tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The Congress") and "float checkpoint" in out and "prompt of" in out
