@@ -229,3 +229,21 @@ def test_generate_takes_r1s_checkpoint(tmp_path, prepared_corpus, capsys):
                  "--prompt", "The Congress", "--tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("The Congress") and "float checkpoint" in out and "prompt of" in out
+
+
+def test_switching_the_recurrence_costs_one_extra_graph():
+    """recurrence_active switches the plan at run time: no rebuild, and torch.compile(fullgraph=True) traces
+    exactly one more graph, reused on every later switch."""
+    from torch._dynamo.testing import CompileCounter
+
+    net = build_model(_small_frontier()).eval()
+    compiled_graphs = CompileCounter()
+    compiled = torch.compile(net, backend=compiled_graphs, fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        on = compiled(ids)
+        for active in (False, True, False, True):
+            net.recurrence_active = active
+            out = compiled(ids)
+            assert torch.equal(out, net(ids))
+    assert compiled_graphs.frame_count == 2 and torch.equal(on, out)
