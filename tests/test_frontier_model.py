@@ -247,3 +247,29 @@ def test_switching_the_recurrence_costs_one_extra_graph():
             out = compiled(ids)
             assert torch.equal(out, net(ids))
     assert compiled_graphs.frame_count == 2 and torch.equal(on, out)
+
+
+def test_the_crawler_takes_every_r1_switch():
+    """R1's parts on the crawler layout: gated skips, R1's SmearGate beside the static one, the attention
+    gate and two-lane decoder blocks; its forward and KV-cached decode agree, and every switch is live."""
+    from model.decode import KVCache, decode_step
+
+    switches = dict(skip_gates_enabled=True, smear_gate_enabled=True, sparse_attn_gate_enabled=True,
+                    sparse_attn_gate_scale=0.5, parallel_start_layer=7)
+    cfg = from_env(environ={}, preset="tiny", num_flat_layers=9, **switches)
+    plan = block_schedule(cfg)
+    assert [s.name for s in plan if s.parallel] == ["flat_blocks.7", "flat_blocks.8"]
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    plain = build_model(preset="tiny")
+    d, n_flat = cfg.model_dim, cfg.num_flat_layers
+    assert count_parameters(net) - count_parameters(plain) == (
+        4 * d + cfg.gate_window + 1 + (n_flat + 1) * cfg.num_heads * cfg.gate_window + n_flat * 6)
+    with torch.no_grad():
+        for p in net.parameters():  # every switch's zero or constant init made live
+            p.add_(0.1 * torch.randn_like(p))
+        ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+        full = net(ids)
+        cache = KVCache(net, 2, 24)
+        got = torch.cat([decode_step(net, ids[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 24))], dim=1)
+    torch.testing.assert_close(got, full, atol=2e-5, rtol=2e-5)
