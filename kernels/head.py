@@ -77,48 +77,59 @@ def _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_h, stride_w,
     return z
 
 
+# Logits are carried in log2 units, logit2 = log2(e)·c·tanh(z/c), as in kernels/attention.py, so the softmax's
+# exponentials are bare exp2 (MUFU.EX2, no multiply in front); the host folds c into the two scales
+# tanh_scale = −2·log2(e)/c and logit2_scale = c·log2(e) (_softcap_scales).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def _tanh(u):
-    # tanh from exp(−2|u|), which never overflows (interpreter-safe, no libdevice needed).
-    e = tl.exp(-2.0 * tl.abs(u))
+def _softcapped_tanh(z, tanh_scale):
+    """tanh(z / c) for tanh_scale = −2·log2(e)/c: exp(−2|z|/c) as one exp2, which never overflows (no libdevice).
+
+    Two MUFU ops per element (EX2 and the division's RCP); dividing z by c first cost a third. Why it counts:
+    at d = 512 the z tile's MMA takes 2·512 / 4096 = 0.25 SM cycles per element on the H100, and MUFU issues
+    16 results per SM cycle, so four MUFU ops per element (with the softmax's exp2) took as long as the MMA."""
+    e = tl.exp2(tl.abs(z) * tanh_scale)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t)
+    return tl.where(z < 0, -t, t)
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, targets_ptr, loss_ptr, lse_ptr, N, V, D, stride_h, stride_w, softcap,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _forward_kernel(h_ptr, w_ptr, targets_ptr, loss_ptr, lse_ptr, N, V, D, stride_h, stride_w,
+                    tanh_scale, logit2_scale, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per row: lse = logsumexp_v(c·tanh(z/c)) and loss = lse − logit[target] (NaN for a target outside [0, V))."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     target = tl.load(targets_ptr + offs_m, mask=mask_m, other=0)
     valid = (target >= 0) & (target < V)
     target = target.to(tl.int32)
-    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max and sum, log2 units
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target_logit2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_h, stride_w,
                     DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
-        logit = softcap * _tanh(z / softcap)
-        logit = tl.where(mask_v[None, :], logit, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logit, 1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), 1)
+        logit2 = logit2_scale * _softcapped_tanh(z, tanh_scale)
+        logit2 = tl.where(mask_v[None, :], logit2, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logit2, 1))
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(logit2 - new_max[:, None]), 1)
         row_max = new_max
-        target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], logit, 0.0), 1)
-    lse = row_max + tl.log(row_sum)
+        target_logit2 += tl.sum(tl.where(offs_v[None, :] == target[:, None], logit2, 0.0), 1)
+    lse = row_max * _LN2 + tl.log(row_sum)  # row_sum is a sum of exp(logit − max): its log is in natural units
     lse = tl.where(valid, lse, float("nan"))
     tl.store(lse_ptr + offs_m, lse, mask=mask_m)
-    tl.store(loss_ptr + offs_m, lse - target_logit, mask=mask_m)
+    tl.store(loss_ptr + offs_m, lse - target_logit2 * _LN2, mask=mask_m)
 
 
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dz_ptr, N, V, D, stride_h, stride_w, stride_dz,
-               softcap, inv_count, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+               tanh_scale, logit2_scale, inv_count, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz tile = (softmax − onehot) · grad / count · (1 − tanh²(z/c)), z recomputed; stored in dz's dtype."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -127,10 +138,10 @@ def _dz_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, dz_ptr, N, V, D, st
     z = _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_h, stride_w,
                 DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
     target = tl.load(targets_ptr + offs_m, mask=mask_m, other=0).to(tl.int32)  # invalid rows have lse NaN
-    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    lse2 = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * _LOG2E
     scale = tl.load(grad_ptr).to(tl.float32) * inv_count
-    t = _tanh(z / softcap)
-    prob = tl.exp(softcap * t - lse[:, None])
+    t = _softcapped_tanh(z, tanh_scale)
+    prob = tl.exp2(logit2_scale * t - lse2[:, None])
     dlogit = prob - tl.where(offs_v[None, :] == target[:, None], 1.0, 0.0)
     dz = dlogit * scale * (1.0 - t * t)
     tl.store(dz_ptr + offs_m[:, None] * stride_dz + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty),
@@ -172,6 +183,11 @@ CHUNK_ROWS = 8192  # backward rows per dz chunk: 16.8 MB of bf16 at V = 1024, wh
 # ---------------------------------------------------------------------------------------------------
 _DTYPES = (torch.bfloat16, torch.float32)
 _INT32_LIMIT = 2 ** 31
+
+
+def _softcap_scales(softcap: float) -> tuple[float, float]:
+    """The kernels' softcap constants (tanh_scale, logit2_scale) = (−2·log2(e)/c, c·log2(e))."""
+    return -2.0 * math.log2(math.e) / softcap, softcap * math.log2(math.e)
 
 
 def _check_inputs(where, h, weight, targets, softcap):
@@ -228,7 +244,7 @@ def softcap_cross_entropy_forward(h: torch.Tensor, weight: torch.Tensor, targets
     row_loss = torch.empty(N, device=h.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)
     _LAUNCH["forward", h.dtype][grid](h, weight, targets, row_loss, lse, N, V, D, h.stride(0), weight.stride(0),
-                                      float(softcap), DOT_PRECISION=_DOT_PRECISION[h.dtype])
+                                      *_softcap_scales(softcap), DOT_PRECISION=_DOT_PRECISION[h.dtype])
     return row_loss.mean(), lse
 
 
@@ -252,7 +268,7 @@ def softcap_cross_entropy_backward(grad: torch.Tensor, h: torch.Tensor, weight: 
         h_chunk, dz_chunk = h[start:end], dz[:end - start]
         grid = lambda meta: (triton.cdiv(end - start, meta["BLOCK_M"]), triton.cdiv(V, meta["BLOCK_V"]))
         kernel[grid](h_chunk, weight, targets[start:end], lse[start:end], grad, dz_chunk, end - start, V, D,
-                     h.stride(0), weight.stride(0), dz_chunk.stride(0), float(softcap), 1.0 / N,
+                     h.stride(0), weight.stride(0), dz_chunk.stride(0), *_softcap_scales(softcap), 1.0 / N,
                      DOT_PRECISION=_DOT_PRECISION[h.dtype])
         torch.mm(dz_chunk, weight, out=dh[start:end])
         dweight += torch.mm(dz_chunk.t(), h_chunk)  # fp32 accumulation across chunks
@@ -329,13 +345,13 @@ def sm90_configs() -> list[dict]:
             if launch == "forward":
                 signature = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "targets_ptr": "*i64", "loss_ptr": "*fp32",
                              "lse_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
-                             "stride_w": "i32", "softcap": "fp32"}
+                             "stride_w": "i32", "tanh_scale": "fp32", "logit2_scale": "fp32"}
                 ints = ["N", "V", "D", "stride_h", "stride_w"]
             else:
                 signature = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
                              "grad_ptr": "*fp32", "dz_ptr": f"*{ty}", "N": "i32", "V": "i32", "D": "i32",
-                             "stride_h": "i32", "stride_w": "i32", "stride_dz": "i32", "softcap": "fp32",
-                             "inv_count": "fp32"}
+                             "stride_h": "i32", "stride_w": "i32", "stride_dz": "i32", "tanh_scale": "fp32",
+                             "logit2_scale": "fp32", "inv_count": "fp32"}
                 ints = ["N", "V", "D", "stride_h", "stride_w", "stride_dz"]
             for cfg in table[launch]:
                 kw = cfg.kwargs

@@ -196,14 +196,14 @@ def test_targets_out_of_range_are_rejected_on_the_cpu(bad_value):
 def test_kernel_poisons_rows_with_out_of_range_targets():
     """The device-side guard (what CUDA relies on): such a row's loss, lse and gradients are NaN, the others
     are not. The kernel is called directly here, past the CPU host check."""
-    from kernels.head import _DOT_PRECISION, _LAUNCH
+    from kernels.head import _DOT_PRECISION, _LAUNCH, _softcap_scales
 
     h, weight, targets = _inputs(5, 16, 24, seed=10)
     targets[1], targets[3] = 24, -2
     lse = torch.empty(5, device=DEVICE)
     row_loss = torch.empty(5, device=DEVICE)
     _LAUNCH["forward", torch.float32][lambda meta: (1,)](
-        h, weight, targets, row_loss, lse, 5, 24, 16, h.stride(0), weight.stride(0), SOFTCAP,
+        h, weight, targets, row_loss, lse, 5, 24, 16, h.stride(0), weight.stride(0), *_softcap_scales(SOFTCAP),
         DOT_PRECISION=_DOT_PRECISION[torch.float32])
     bad = torch.tensor([False, True, False, True, False], device=DEVICE)
     assert torch.isnan(row_loss[bad]).all() and torch.isnan(lse[bad]).all(), (row_loss, lse)
