@@ -112,6 +112,61 @@ def test_training_width_and_vocab(dtype):
     _compare_to_reference(100, 512, 1024, dtype, seed=15)
 
 
+# R1's vocabulary, V = 8192, runs the large-vocabulary tables (V >= LARGE_VOCAB): a pairwise cover of
+# N x d x V x dtype in five cases. V = 8100 = 31·256 + 164 leaves a partial last V tile (the interpreter's
+# large-vocabulary tile is 256 wide); N = 130 spans three row blocks, the last partial; d = 48 a partial d tile.
+LARGE_VOCAB_CASES = [
+    (37, 48, 8100, torch.float32),
+    (37, 64, 8192, torch.bfloat16),
+    (130, 48, 8192, torch.bfloat16),
+    (130, 64, 8100, torch.bfloat16),
+    (130, 64, 8192, torch.float32),
+]
+
+
+@pytest.mark.parametrize("n, d, vocab, dtype", LARGE_VOCAB_CASES,
+                         ids=[f"N{c[0]}-d{c[1]}-V{c[2]}-{str(c[3])[6:]}" for c in LARGE_VOCAB_CASES])
+def test_large_vocab_matches_reference(n, d, vocab, dtype):
+    _compare_to_reference(n, d, vocab, dtype, seed=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_width_at_r1_vocab(dtype):
+    """d = 512 and V = 8192 as R1 trains: 32 V tiles of 256 in each row's online log-sum-exp, 8 d steps each."""
+    _compare_to_reference(37, 512, 8192, dtype, seed=17)
+
+
+def test_vocab_size_picks_the_tile_tables(monkeypatch):
+    """V = 1024 launches the tables tuned for it and R1's V = 8192 the large-vocabulary ones (the class switches
+    at LARGE_VOCAB); every GPU table offers one to three tiles per launch, the interpreter one."""
+    from kernels import head
+
+    assert [head._vocab_class(v) for v in (1024, head.LARGE_VOCAB - 1, head.LARGE_VOCAB, 8192)] == [
+        "small", "small", "large", "large"]
+    for table in head._GPU_CONFIGS.values():
+        assert all(1 <= len(table[launch]) <= 3 for launch in head._KERNELS), table
+    assert all(len(configs) == 1 for configs in head._INTERPRETER_CONFIGS.values())
+
+    launched = []
+
+    class Recorder:  # stands in for an autotuned kernel: notes which table's launch ran, then runs it
+        def __init__(self, key):
+            self.key, self.kernel = key, head._LAUNCH[key]
+
+        def __getitem__(self, grid):
+            launched.append(self.key)
+            return self.kernel[grid]
+
+    for key in list(head._LAUNCH):
+        monkeypatch.setitem(head._LAUNCH, key, Recorder(key))
+    for vocab in (1024, 8192):
+        h, weight, targets = _inputs(5, 16, vocab, seed=18)
+        loss, lse = softcap_cross_entropy_forward(h, weight, targets, SOFTCAP)
+        softcap_cross_entropy_backward(torch.ones((), device=DEVICE), h, weight, targets, lse, SOFTCAP)
+    assert launched == [("forward", torch.float32, "small"), ("dz", torch.float32, "small"),
+                        ("forward", torch.float32, "large"), ("dz", torch.float32, "large")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saturated_softcap_and_upstream_scale(dtype):
     """Logits pushed deep into the tanh (|z| up to ~100 against c = 30) and an upstream gradient of 0.37:
@@ -196,14 +251,14 @@ def test_targets_out_of_range_are_rejected_on_the_cpu(bad_value):
 def test_kernel_poisons_rows_with_out_of_range_targets():
     """The device-side guard (what CUDA relies on): such a row's loss, lse and gradients are NaN, the others
     are not. The kernel is called directly here, past the CPU host check."""
-    from kernels.head import _DOT_PRECISION, _LAUNCH
+    from kernels.head import _DOT_PRECISION, _LAUNCH, _softcap_scales
 
     h, weight, targets = _inputs(5, 16, 24, seed=10)
     targets[1], targets[3] = 24, -2
     lse = torch.empty(5, device=DEVICE)
     row_loss = torch.empty(5, device=DEVICE)
-    _LAUNCH["forward", torch.float32][lambda meta: (1,)](
-        h, weight, targets, row_loss, lse, 5, 24, 16, h.stride(0), weight.stride(0), SOFTCAP,
+    _LAUNCH["forward", torch.float32, "small"][lambda meta: (1,)](
+        h, weight, targets, row_loss, lse, 5, 24, 16, h.stride(0), weight.stride(0), *_softcap_scales(SOFTCAP),
         DOT_PRECISION=_DOT_PRECISION[torch.float32])
     bad = torch.tensor([False, True, False, True, False], device=DEVICE)
     assert torch.isnan(row_loss[bad]).all() and torch.isnan(lse[bad]).all(), (row_loss, lse)
