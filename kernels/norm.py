@@ -71,6 +71,20 @@ _MODE_NAMES = {MODE_NORM: "rms_norm", MODE_MIX: "mix_norm", MODE_ADD: "add_norm"
 
 
 @triton.jit
+def _rstd(res, D, eps):
+    """1/sqrt(mean(res²) + eps) for each row of a [BLOCK_M, BLOCK_D] tile whose masked columns hold 0."""
+    return 1.0 / tl.sqrt(tl.sum(res * res, axis=1) / D + eps)
+
+
+@triton.jit
+def _rms_norm_input_grad(res, rstd, g, D):
+    """The gradient reaching res from h = res·rstd·scale (g = dh·scale): rstd·(g − r̂·mean(g·r̂)), r̂ = res·rstd."""
+    r_hat = res * rstd[:, None]
+    dot = tl.sum(g * r_hat, axis=1) / D
+    return rstd[:, None] * (g - r_hat * dot[:, None])
+
+
+@triton.jit
 def _norm_fwd_kernel(x_ptr, other_ptr, vec_ptr, res_ptr, h_ptr, rstd_ptr, M, D, scale, eps,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """BLOCK_M whole rows per program; every tensor is [M, D] row-major, vec is [2, D] (MIX) or [D] (ADD).
@@ -99,7 +113,7 @@ def _norm_fwd_kernel(x_ptr, other_ptr, vec_ptr, res_ptr, h_ptr, rstd_ptr, M, D, 
         res = res.to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + offs, res, mask=mask)
         res = res.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(res * res, axis=1) / D + eps)
+    rstd = _rstd(res, D, eps)
     h = res * rstd[:, None] * scale
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=mask_m)
@@ -139,9 +153,7 @@ def _norm_bwd_kernel(dres_ptr, dh_ptr, x_ptr, other_ptr, vec_ptr, rstd_ptr, dx_p
             res = x  # NORM: the input; ADD: the saved x_new
         rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)  # 0 on padding rows: they add nothing
         g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
-        r_hat = res * rstd[:, None]
-        dot = tl.sum(g * r_hat, axis=1) / D
-        dr = rstd[:, None] * (g - r_hat * dot[:, None])
+        dr = _rms_norm_input_grad(res, rstd, g, D)
         if MODE != 0:
             dr += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
@@ -474,23 +486,26 @@ def sm90_configs() -> list[dict]:
     """Every (kernel x mode x dtype variant) at d = 512, for bench/sm90.py. No tensor cores: "hgmma" is False."""
     block_d = SM90_D
     tiles = {"fwd": _tile(block_d, interpret=False), "bwd": _tile(block_d, backward=True, interpret=False)}
+
+    def config(name, kernel, direction, signature, **constexprs):
+        tile = tiles[direction]
+        return {"name": name, "kernel": kernel, "num_warps": tile["num_warps"], "num_stages": 1, "hgmma": False,
+                "constexprs": {**constexprs, "BLOCK_M": tile["BLOCK_M"], "BLOCK_D": block_d},
+                "divisible_by_16": ["D"], "signature": signature}
+
     out = []
+    no_branch = [(r, h) for r, b, h in _VARIANTS if b == r]  # MIX and NORM: other has the stream dtype
     for mode, name in _MODE_NAMES.items():
-        variants = _VARIANTS if mode == MODE_ADD else \
-            [(r, r, h) for r, b, h in _VARIANTS if b == r]  # no branch: other has the residual dtype
-        for res_t, other_t, h_t in variants:
+        for res_t, other_t, h_t in _VARIANTS if mode == MODE_ADD else [(r, r, h) for r, h in no_branch]:
             r, o, hh = _TY[res_t], _TY[other_t], _TY[h_t]
-            common = {direction: {"num_warps": tile["num_warps"], "num_stages": 1, "hgmma": False,
-                                  "constexprs": {"MODE": mode, "BLOCK_M": tile["BLOCK_M"], "BLOCK_D": block_d},
-                                  "divisible_by_16": ["D"]} for direction, tile in tiles.items()}
             suffix = f"{r}" + (f"_branch_{o}" if mode == MODE_ADD else "") + f"_h_{hh}"
-            out.append({"name": f"norm_fwd_{name}_{suffix}", "kernel": _norm_fwd_kernel, **common["fwd"],
-                        "signature": {"x_ptr": f"*{r}", "other_ptr": f"*{o}", "vec_ptr": f"*{r}",
-                                      "res_ptr": f"*{r}", "h_ptr": f"*{hh}", "rstd_ptr": "*fp32",
-                                      "M": "i32", "D": "i32", "scale": "fp32", "eps": "fp32"}})
-            out.append({"name": f"norm_bwd_{name}_{suffix}", "kernel": _norm_bwd_kernel, **common["bwd"],
-                        "signature": {"dres_ptr": f"*{r}" if mode != MODE_NORM else f"*{hh}", "dh_ptr": f"*{hh}",
-                                      "x_ptr": f"*{r}", "other_ptr": f"*{o}", "vec_ptr": f"*{r}",
-                                      "rstd_ptr": "*fp32", "dx_ptr": f"*{r}", "dother_ptr": f"*{o}",
-                                      "dvec_ptr": "*fp32", "M": "i32", "D": "i32", "scale": "fp32"}})
+            out.append(config(f"norm_fwd_{name}_{suffix}", _norm_fwd_kernel, "fwd",
+                              {"x_ptr": f"*{r}", "other_ptr": f"*{o}", "vec_ptr": f"*{r}", "res_ptr": f"*{r}",
+                               "h_ptr": f"*{hh}", "rstd_ptr": "*fp32", "M": "i32", "D": "i32", "scale": "fp32",
+                               "eps": "fp32"}, MODE=mode))
+            out.append(config(f"norm_bwd_{name}_{suffix}", _norm_bwd_kernel, "bwd",
+                              {"dres_ptr": f"*{r}" if mode != MODE_NORM else f"*{hh}", "dh_ptr": f"*{hh}",
+                               "x_ptr": f"*{r}", "other_ptr": f"*{o}", "vec_ptr": f"*{r}", "rstd_ptr": "*fp32",
+                               "dx_ptr": f"*{r}", "dother_ptr": f"*{o}", "dvec_ptr": "*fp32", "M": "i32", "D": "i32",
+                               "scale": "fp32"}, MODE=mode))
     return out
