@@ -126,9 +126,11 @@ def _int6_inputs(gen, small):
 # Each family's accuracy bars, the one definition: tests/test_<family>.py reads its bars from here too.
 # fp32 ("ieee" dots) differs from the reference only in summation order; the floor covers values that are
 # exactly zero in the reference (relu² dead units, T = 1 attention gradients, a ~0 scalar loss).
+# lane_update's d(resid) and d(post) are sums over every element of the stream: there the fp32 reference's
+# own summation error reaches ~1.2e-6 of the result (measured at 128 x 128), past the norms' 1e-6.
 BARS = {"mlp": Bars(1e-5, 2.0 ** -14, 1e-6), "attention": Bars(1e-4, 2.0 ** -12, 1e-5),
         "head": Bars(1e-5, 2.0 ** -14, 1e-7), "norm": Bars(1e-6, 2.0 ** -18, 1e-6),
-        "int6": Bars(1e-5, 2.0 ** -16, 1e-6)}
+        "lane_update": Bars(1e-5, 2.0 ** -16, 1e-6), "int6": Bars(1e-5, 2.0 ** -16, 1e-6)}
 
 CASES = [
     Case("mlp", "", "mlp", _mlp_inputs, mlp_reference, mlp_reference, ("y", "dx", "dw_up", "dw_down"),
