@@ -46,7 +46,8 @@ GROUP_LABELS = {"attention": "attention (core + XSA)", "mlp": "MLP (up, activati
                 "norms_elementwise": "norms and elementwise", "communication": "communication", "other": "other (AdamW, clip, autograd)"}
 # The group of each kernels op, whose calls run in a range kernels.PROFILE_PREFIX + <op> (kernels/__init__.py).
 KERNEL_GROUPS = {"attention": "attention", "mlp": "mlp", "mix_norm": "norms_elementwise", "add_norm": "norms_elementwise",
-                 "rms_norm": "norms_elementwise", "softcap_cross_entropy": "embed_head_ce",
+                 "rms_norm": "norms_elementwise", "skip_mix_norm": "norms_elementwise",
+                 "lane_update": "norms_elementwise", "softcap_cross_entropy": "embed_head_ce",
                  "gptq_quantize_layer": "other"}  # calibration, after training: never in a step
 
 

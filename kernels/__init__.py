@@ -7,7 +7,8 @@ written yet falls back to its reference and says so once; so does, for the rest 
 that fails the start-up self-test (kernels/selftest.py, through use_reference).
 
 Names, one rule: `kernels.<op>` is always an op's dispatching function (mlp, attention,
-softcap_cross_entropy, mix_norm, add_norm, rms_norm, gptq_quantize_layer), and a kernel family's module is only ever
+softcap_cross_entropy, mix_norm, add_norm, rms_norm, skip_mix_norm, lane_update,
+gptq_quantize_layer), and a kernel family's module is only ever
 reached as `from kernels.<family> import ...` (mlp, attention, head, norm, int6, gptq). Two families
 share their op's name, so `kernels.mlp` and `kernels.attention` are the functions, never the modules;
 `kernels.rms_norm` is the op (fused on the triton backend); where the model wants the plain PyTorch
@@ -178,6 +179,25 @@ def rms_norm(x, scale: float = 1.0):
     """Weightless RMSNorm over the last dim times scale (eps: F.rms_norm's default)."""
     impl = _triton_impl(_norm, "rms_norm") or _norm.rms_norm_reference
     return impl(x, scale)
+
+
+@_profiled
+def skip_mix_norm(x, kept, weight, gate, x0, mix, scale: float, *, keep_merged: bool = True, keep_x_in: bool = True):
+    """(merged, x_in, h): a U-Net skip merged into x, merged = lerp(weight⊙kept, x, σ(gate)) (or x + weight⊙kept,
+    gate None), then the next block's mix_norm of merged; x, kept, x0 [..., d], weight, gate [d], mix [2, d].
+
+    An output not kept is None (the Triton path does not write it): a sequential slot keeps x_in, a two-lane
+    slot merged."""
+    impl = _triton_impl(_norm, "skip_mix_norm") or _norm.skip_mix_norm_reference
+    return impl(x, kept, weight, gate, x0, mix, scale, keep_merged=keep_merged, keep_x_in=keep_x_in)
+
+
+@_profiled
+def lane_update(lane0, lane1, attn_out, mlp_out, attn_scale, mlp_scale, resid, post):
+    """R1's two-lane update: lane_k <- resid[k]·lane_k + post[0,k]·(attn_scale⊙attn_out) + post[1,k]·(mlp_scale⊙mlp_out)
+    in one pass; lanes and branches [..., d], scales [d], resid [2], post [2, 2] (source, lane)."""
+    impl = _triton_impl(_norm, "lane_update") or _norm.lane_update_reference
+    return impl(lane0, lane1, attn_out, mlp_out, attn_scale, mlp_scale, resid, post)
 
 
 @_profiled

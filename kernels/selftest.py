@@ -33,11 +33,13 @@ from kernels.attention import attention_reference, attention_sdpa
 from kernels.head import softcap_cross_entropy_reference
 from kernels.int6 import int6_matmul_reference, int6_matmul_torch, pack_int6_planes
 from kernels.mlp import mlp_reference
-from kernels.norm import add_norm_reference, mix_norm_reference, rms_norm_reference
+from kernels.norm import (add_norm_reference, lane_update_reference, mix_norm_reference, rms_norm_reference,
+                          skip_mix_norm_reference)
 
 STRICT_ENV = kernels.STRICT_ENV
 # What training runs; evaluation and generation of a quantized artifact add QUANT_OPS when QuantLinear is used.
-TRAINING_OPS = ("mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm")
+TRAINING_OPS = ("mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm", "skip_mix_norm",
+                "lane_update")
 QUANT_OPS = ("int6_matmul",)
 CALIBRATION_OPS = ("gptq_quantize_layer",)  # GPTQ in the export step (not for QUANT_METHOD=rtn)
 BF16_REL_FLOOR = 2.0 ** -8  # bf16: half an ulp at 1, relative to the result's max |ref|
@@ -64,8 +66,10 @@ class Case:
 
     Every floating leaf gets a gradient; `bf16_leaves` are the leaves the model holds in bf16 under autocast
     (activations, as matmul outputs are). The Triton entry is looked up as <family module>.<op>_triton on each
-    run, as kernels/__init__ dispatches. torch_path: the op's PyTorch path (the bf16 baseline); reference: the
-    fp32 ground truth; names: the outputs, then the leaves' gradients."""
+    run, as kernels/__init__ dispatches, and called as adapt(entry) when the op takes more than leaves and
+    constants (a None argument, an output left out); torch_path and reference come adapted the same way.
+    torch_path: the op's PyTorch path (the bf16 baseline); reference: the fp32 ground truth; names: the
+    outputs, then the leaves' gradients."""
     op: str
     label: str
     family: str
@@ -75,6 +79,7 @@ class Case:
     names: tuple
     bars: Bars
     bf16_leaves: tuple = ()
+    adapt: Callable | None = None
 
 
 # ------------------------------------------------------------------------------------------- the inputs
@@ -116,6 +121,39 @@ def _norm_inputs(op):
     return build
 
 
+def _skip_inputs(gated):
+    def build(gen, small):
+        m, d = (37, 48) if small else (97, 512)
+        mix = torch.stack((1 + 0.2 * _randn(gen, d), 0.5 * _randn(gen, d)))
+        gate = [_randn(gen, d)] if gated else []  # both sides of 0: both of lerp's formulas
+        return [_randn(gen, m, d), _randn(gen, m, d), 1 + 0.2 * _randn(gen, d), *gate, _randn(gen, m, d), mix], (0.7,)
+    return build
+
+
+def _skip_form(gated: bool, keep: str):
+    """skip_mix_norm as the model calls it: gated or additive (no gate leaf), keeping x_in (a sequential slot)
+    or merged (a two-lane slot); the outputs are the one kept, then h."""
+    flags, index = {"x_in": ({"keep_merged": False}, 1), "merged": ({"keep_x_in": False}, 0)}[keep]
+
+    def adapt(fn):
+        def call(x, kept, weight, *rest):
+            gate, (x0, mix, scale) = (rest[0], rest[1:]) if gated else (None, rest)
+            out = fn(x, kept, weight, gate, x0, mix, scale, **flags)
+            return out[index], out[2]
+        return call
+    grads = ("dx", "dkept", "dweight") + (("dgate",) if gated else ()) + ("dx0", "dmix")
+    return dict(label=f"{'lerp' if gated else 'add'}, keep {keep}", build=_skip_inputs(gated),
+                torch_path=adapt(skip_mix_norm_reference), reference=adapt(skip_mix_norm_reference),
+                names=(keep, "h") + grads, adapt=adapt)
+
+
+def _lane_inputs(gen, small):
+    m, d = (37, 48) if small else (97, 512)
+    lanes_and_branches = [_randn(gen, m, d) for _ in range(4)]
+    return [*lanes_and_branches, 1 + 0.2 * _randn(gen, d), 1 + 0.2 * _randn(gen, d), 1.1 + 0.1 * _randn(gen, 2),
+            1 + 0.2 * _randn(gen, 2, 2)], ()
+
+
 def _int6_inputs(gen, small):
     m, k, n = (5, 70, 45) if small else (17, 512, 1536)
     codes = torch.randint(-32, 32, (n, k), generator=gen, dtype=torch.int8)
@@ -126,9 +164,11 @@ def _int6_inputs(gen, small):
 # Each family's accuracy bars, the one definition: tests/test_<family>.py reads its bars from here too.
 # fp32 ("ieee" dots) differs from the reference only in summation order; the floor covers values that are
 # exactly zero in the reference (relu² dead units, T = 1 attention gradients, a ~0 scalar loss).
+# lane_update's d(resid) and d(post) are sums over every element of the stream: there the fp32 reference's
+# own summation error reaches ~1.2e-6 of the result (measured at 128 x 128), past the norms' 1e-6.
 BARS = {"mlp": Bars(1e-5, 2.0 ** -14, 1e-6), "attention": Bars(1e-4, 2.0 ** -12, 1e-5),
         "head": Bars(1e-5, 2.0 ** -14, 1e-7), "norm": Bars(1e-6, 2.0 ** -18, 1e-6),
-        "int6": Bars(1e-5, 2.0 ** -16, 1e-6)}
+        "lane_update": Bars(1e-5, 2.0 ** -16, 1e-6), "int6": Bars(1e-5, 2.0 ** -16, 1e-6)}
 
 CASES = [
     Case("mlp", "", "mlp", _mlp_inputs, mlp_reference, mlp_reference, ("y", "dx", "dw_up", "dw_down"),
@@ -144,6 +184,12 @@ CASES = [
          ("x_new", "h", "dx", "dbranch", "dgain"), BARS["norm"], bf16_leaves=(1,)),
     Case("rms_norm", "", "norm", _norm_inputs("rms_norm"), rms_norm_reference, rms_norm_reference,
          ("h", "dx"), BARS["norm"]),
+    # the forms the model runs: R1's gated skips (sequential and two-lane slots) and the crawler's additive ones
+    *(Case(op="skip_mix_norm", family="norm", bars=BARS["norm"], **_skip_form(gated, keep))
+      for gated, keep in ((True, "x_in"), (True, "merged"), (False, "x_in"))),
+    Case("lane_update", "", "norm", _lane_inputs, lane_update_reference, lane_update_reference,
+         ("lane0", "lane1", "dlane0", "dlane1", "dattn_out", "dmlp_out", "dattn_scale", "dmlp_scale", "dresid",
+          "dpost"), BARS["lane_update"], bf16_leaves=(2, 3)),
     Case("int6_matmul", "", "int6", _int6_inputs, int6_matmul_torch, int6_matmul_reference, ("y", "dx"),
          BARS["int6"], bf16_leaves=(0,)),
 ]
@@ -210,6 +256,7 @@ def check_case(case: Case, device, bf16: bool, seed: int = 0) -> str | None:
         return upstream
 
     triton_entry = getattr(importlib.import_module(f"kernels.{case.family}"), f"{case.op}_triton")
+    triton_entry = triton_entry if case.adapt is None else case.adapt(triton_entry)
     got = _run(triton_entry, leaves, constants, draw, autocast=bf16)
     # The reference gets the upstream gradients as the kernel's outputs received them (rounded to their dtype).
     upstream = [g.to(o.dtype).float() for o, g in zip(got, upstream)]

@@ -57,6 +57,12 @@ def _call(op):
     if op == "rms_norm":
         (x,) = _tensors(6, (5, 16))
         return norm_family.rms_norm_triton, [x, 0.5], ()
+    if op == "skip_mix_norm":
+        x, kept, x0, weight, gate, mix = _tensors(9, (5, 16), (5, 16), (5, 16), (16,), (16,), (2, 16))
+        return norm_family.skip_mix_norm_triton, [x, kept, weight, gate, x0, mix, 0.5], ()
+    if op == "lane_update":
+        tensors = _tensors(10, (5, 16), (5, 16), (5, 16), (5, 16), (16,), (16,), (2,), (2, 2))
+        return norm_family.lane_update_triton, tensors, ()
     if op == "int6_matmul":
         packed, scale = _int6_layer()
         (x,) = _tensors(7, (3, 20))
@@ -67,9 +73,10 @@ def _call(op):
     raise AssertionError(op)
 
 
-OPS = ["mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm", "int6_matmul",
-       "quantize_layer_triton"]
-WITH_BACKWARD = {"mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm", "int6_matmul"}
+OPS = ["mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm", "skip_mix_norm", "lane_update",
+       "int6_matmul", "quantize_layer_triton"]
+WITH_BACKWARD = {"mlp", "attention", "softcap_cross_entropy", "mix_norm", "add_norm", "rms_norm", "skip_mix_norm",
+                 "lane_update", "int6_matmul"}
 
 
 def _outputs(result):
@@ -152,13 +159,31 @@ def test_autocast_gives_norms_h_in_the_autocast_dtype(op):
         assert got[0].dtype == torch.float32 and torch.equal(got[0], plain[0])
 
 
+def test_autocast_leaves_the_skip_and_lane_streams_alone():
+    """skip_mix_norm casts no input and gives h in the autocast dtype, merged and x_in in the stream's;
+    lane_update casts nothing and gives the lanes in their own dtype (bf16 branches are read as they come)."""
+    entry, args, _ = _call("skip_mix_norm")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = entry(*args)
+    plain = entry(*args)
+    raw = torch.ops.ouroboros.skip_mix_norm(*args[:-1], float(args[-1]), torch.bfloat16, True, True)
+    assert got[2].dtype == torch.bfloat16 and plain[2].dtype == torch.float32 and torch.equal(got[2], raw[2])
+    assert all(got[i].dtype == torch.float32 and torch.equal(got[i], plain[i]) for i in (0, 1))
+    entry, args, _ = _call("lane_update")
+    args = [a.to(torch.bfloat16) if i in (2, 3) else a for i, a in enumerate(args)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = entry(*args)
+    assert all(g.dtype == torch.float32 and torch.equal(g, p) for g, p in zip(got, entry(*args)))
+
+
 def test_autocast_leaves_fp64_alone_and_the_check_names_it():
     entry, args, _ = _call("mlp")
     with torch.autocast(DEVICE, dtype=torch.bfloat16), pytest.raises(ValueError, match="one dtype out of bfloat16"):
         entry(args[0].double(), *args[1:])
 
 
-@pytest.mark.parametrize("op", ["mix_norm", "softcap_cross_entropy", "int6_matmul", "attention"])
+@pytest.mark.parametrize("op", ["mix_norm", "skip_mix_norm", "lane_update", "softcap_cross_entropy", "int6_matmul",
+                                "attention"])
 def test_non_contiguous_inputs_give_the_contiguous_result(op):
     entry, args, _ = _call(op)
     strided = [a.transpose(0, -1).contiguous().transpose(0, -1) if isinstance(a, torch.Tensor) and a.dim() > 1
