@@ -200,19 +200,27 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if config.ln_scale else 1.0
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        # Each residual update and the RMSNorm after it run as one fused pass (kernels/norm.py).
-        x, h = kernels.mix_norm(x, x0, self.resid_mix, self.norm_scale)
+                cu_seqlens: torch.Tensor | None = None, skip: tuple | None = None) -> torch.Tensor:
+        """skip: (kept, weight, gate or None), a U-Net skip merged into x before the block (GPT.skip_for)."""
+        # Each residual update and the RMSNorm after it run as one fused pass (kernels/norm.py), the skip
+        # merge included.
+        if skip is None:
+            x, h = kernels.mix_norm(x, x0, self.resid_mix, self.norm_scale)
+        else:
+            _, x, h = kernels.skip_mix_norm(x, *skip, x0, self.resid_mix, self.norm_scale, keep_merged=False)
         x, h = kernels.add_norm(x, self.attn(h, cos, sin, cu_seqlens), self.attn_scale, self.norm_scale)
         return x + self.mlp_scale * self.mlp(h)
 
     def forward_parallel(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, cu_seqlens: torch.Tensor | None, resid: torch.Tensor,
-                         post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """R1's two-lane block (MODEL.md §2.8): attention reads lane0 (mixed with x0), the MLP reads lane1,
-        and each lane takes both: lane_k <- resid[k]·lane_k + post[0,k]·A + post[1,k]·M."""
-        _, h = kernels.mix_norm(lane0, x0, self.resid_mix, self.norm_scale)
-        attn = self.attn_scale * self.attn(h, cos, sin, cu_seqlens)
-        mlp = self.mlp_scale * self.mlp(kernels.rms_norm(lane1, self.norm_scale))
-        return (resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp,
-                resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
+                         post: torch.Tensor, skip: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """R1's two-lane block (MODEL.md §2.8): the skip merges into lane0; attention reads lane0 (mixed with
+        x0), the MLP reads lane1, and each lane takes both: lane_k <- resid[k]·lane_k + post[0,k]·A + post[1,k]·M,
+        A and M scaled by attn_scale and mlp_scale (one fused pass, kernels.lane_update)."""
+        if skip is None:
+            _, h = kernels.mix_norm(lane0, x0, self.resid_mix, self.norm_scale)
+        else:
+            lane0, _, h = kernels.skip_mix_norm(lane0, *skip, x0, self.resid_mix, self.norm_scale, keep_x_in=False)
+        attn = self.attn(h, cos, sin, cu_seqlens)
+        mlp = self.mlp(kernels.rms_norm(lane1, self.norm_scale))
+        return kernels.lane_update(lane0, lane1, attn, mlp, self.attn_scale, self.mlp_scale, resid, post)

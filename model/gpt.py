@@ -202,12 +202,10 @@ class GPT(nn.Module):
         x = self.smear(with_previous(prev_h, h))[:, -T:] if hasattr(self, "smear") else h
         return x, (ids[:, -1:], e[:, -1:], h[:, -1:])
 
-    def merge_skip(self, row: int, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """x with a kept encoder output merged back: x + w⊙s, or with skip gates lerp(w⊙s, x, σ(g))."""
-        weighted = self.skip_weights[row] * kept
-        if hasattr(self, "skip_gates"):
-            return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[row]))
-        return x + weighted
+    def skip_for(self, row: int, kept: torch.Tensor) -> tuple:
+        """A kept encoder output as the next block merges it: x + w⊙s, or with skip gates lerp(w⊙s, x, σ(g))
+        (kernels.skip_mix_norm: (kept, weight row, gate row or None))."""
+        return kept, self.skip_weights[row], self.skip_gates[row] if hasattr(self, "skip_gates") else None
 
     def run_blocks(self, x: torch.Tensor, x0: torch.Tensor, ropes: Mapping,
                    block_for: Callable[[Slot], nn.Module] | None = None,
@@ -225,18 +223,15 @@ class GPT(nn.Module):
                 x = x + self.loop_inst_up[slot.inst](self.loop_inst_proj(x))
             if slot.parallel and lanes is None:
                 lanes = (x, x)
-            if slot.skip is not None:  # decoder 0 gets the last encoder's output, and so on inwards
-                if lanes is None:
-                    x = self.merge_skip(slot.skip, x, skips.pop())
-                else:
-                    lanes = (self.merge_skip(slot.skip, lanes[0], skips.pop()), lanes[1])
+            # decoder 0 gets the last encoder's output, and so on inwards; the block merges it (into lane0)
+            skip = self.skip_for(slot.skip, skips.pop()) if slot.skip is not None else None
             cos, sin = ropes[slot.rope]
             if lanes is None:
-                x = block(x, x0, cos, sin, cu_seqlens)
+                x = block(x, x0, cos, sin, cu_seqlens, skip)
             else:
                 lanes = block.forward_parallel(*lanes, x0, cos, sin, cu_seqlens,
                                                self.parallel_resid_lambdas[slot.index],
-                                               self.parallel_post_lambdas[slot.index])
+                                               self.parallel_post_lambdas[slot.index], skip)
             if slot.push_skip:
                 skips.append(x)
         if lanes is not None:
