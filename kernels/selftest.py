@@ -19,6 +19,7 @@ reference and its bars (those of tests/test_<family>.py).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class Case:
     Every floating leaf gets a gradient; `bf16_leaves` are the leaves the model holds in bf16 under autocast
     (activations, as matmul outputs are). The Triton entry is looked up as <family module>.<op>_triton on each
     run, as kernels/__init__ dispatches. torch_path: the op's PyTorch path (the bf16 baseline); reference: the
-    fp32 ground truth; names: the outputs, then the leaves' gradients."""
+    fp32 ground truth; names: the outputs, then the leaves' gradients. `call`, when set, calls each of the three
+    as call(fn, *leaves, *constants), for an op whose signature does not put its leaves first."""
     op: str
     label: str
     family: str
@@ -75,6 +77,7 @@ class Case:
     names: tuple
     bars: Bars
     bf16_leaves: tuple = ()
+    call: Callable | None = None
 
 
 # ------------------------------------------------------------------------------------------- the inputs
@@ -97,6 +100,21 @@ def _attention_inputs(xsa):
         q_gain = 1.5 + 0.1 * _randn(gen, hq)
         return [_randn(gen, b, t, hq, dh), _randn(gen, b, t, hkv, dh), _randn(gen, b, t, hkv, dh), q_gain], (xsa,)
     return build
+
+
+def _gated_segments_inputs(gen, small):
+    """R1's attention: one packed row of segments (one of a single token, boundaries inside and at tiles, an empty
+    one and the padding copies of T) with the sigmoid output gate, XSA on."""
+    hq, hkv, dh, offsets = (2, 1, 64, [0, 17, 18, 45, 45]) if small else (8, 4, 64, [0, 100, 101, 128, 262, 262])
+    t = offsets[-1]
+    q_gain = 1.5 + 0.1 * _randn(gen, hq)
+    gate = torch.sigmoid(_randn(gen, 1, t, hq))
+    return ([_randn(gen, 1, t, hq, dh), _randn(gen, 1, t, hkv, dh), _randn(gen, 1, t, hkv, dh), q_gain, gate],
+            (True, torch.tensor(offsets, dtype=torch.int32)))
+
+
+def _gated_segments_call(fn, q, k, v, q_gain, gate, xsa, cu_seqlens):
+    return fn(q, k, v, q_gain, xsa, gate=gate, cu_seqlens=cu_seqlens)
 
 
 def _head_inputs(gen, small):
@@ -136,6 +154,9 @@ CASES = [
     *(Case("attention", "xsa" if xsa else "no xsa", "attention", _attention_inputs(xsa), attention_sdpa,
            attention_reference, ("y", "dq", "dk", "dv", "dq_gain"), BARS["attention"], bf16_leaves=(0, 1, 2))
       for xsa in (False, True)),
+    Case("attention", "xsa, gate, segments", "attention", _gated_segments_inputs, attention_sdpa, attention_reference,
+         ("y", "dq", "dk", "dv", "dq_gain", "dgate"), BARS["attention"], bf16_leaves=(0, 1, 2, 4),
+         call=_gated_segments_call),
     Case("softcap_cross_entropy", "", "head", _head_inputs, softcap_cross_entropy_reference,
          softcap_cross_entropy_reference, ("loss", "dh", "dweight"), BARS["head"], bf16_leaves=(0,)),
     Case("mix_norm", "", "norm", _norm_inputs("mix_norm"), mix_norm_reference, mix_norm_reference,
@@ -209,12 +230,15 @@ def check_case(case: Case, device, bf16: bool, seed: int = 0) -> str | None:
         upstream.extend(torch.randn(tuple(o.shape), generator=gen).to(device) for o in outs)
         return upstream
 
+    def bind(fn):
+        return functools.partial(case.call, fn) if case.call else fn
+
     triton_entry = getattr(importlib.import_module(f"kernels.{case.family}"), f"{case.op}_triton")
-    got = _run(triton_entry, leaves, constants, draw, autocast=bf16)
+    got = _run(bind(triton_entry), leaves, constants, draw, autocast=bf16)
     # The reference gets the upstream gradients as the kernel's outputs received them (rounded to their dtype).
     upstream = [g.to(o.dtype).float() for o, g in zip(got, upstream)]
-    ref = _run(case.reference, [t.float() for t in leaves], constants, upstream, autocast=False)
-    baseline = _run(case.torch_path, leaves, constants, upstream, autocast=True) if bf16 else [None] * len(got)
+    ref = _run(bind(case.reference), [t.float() for t in leaves], constants, upstream, autocast=False)
+    baseline = _run(bind(case.torch_path), leaves, constants, upstream, autocast=True) if bf16 else [None] * len(got)
     for name, g, r, b in zip(case.names, got, ref, baseline):
         failure = _mismatch(name, g, r, b, case.bars)
         if failure:
