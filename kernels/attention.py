@@ -704,37 +704,30 @@ def sm90_configs() -> list[dict]:
     switches each kernel has), for the sm_90 compile check. Tensor-core kernels on bf16 must use Hopper's
     warpgroup MMA. Pointers a launch does not use get the dummy types the launchers pass."""
     out = []
-    kernels = {"fwd": _attn_fwd_kernel, "preprocess": _attn_bwd_preprocess_kernel,
-               "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-    switches = {"fwd": ("XSA", "HAS_GATE", "HAS_SEGMENTS"), "preprocess": ("XSA", "HAS_GATE"),
-                "dkdv": ("XSA", "HAS_SEGMENTS"), "dq": ("HAS_SEGMENTS",)}
-    scalars = {"T": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "sm_scale": "fp32"}
-    f32 = "*fp32"
+    kernels = {"fwd": (_attn_fwd_kernel, ("XSA", "HAS_GATE", "HAS_SEGMENTS")),
+               "preprocess": (_attn_bwd_preprocess_kernel, ("XSA", "HAS_GATE")),
+               "dkdv": (_attn_bwd_dkdv_kernel, ("XSA", "HAS_SEGMENTS")), "dq": (_attn_bwd_dq_kernel, ("HAS_SEGMENTS",))}
+    # every other pointer has the inputs' dtype; SEGMENTS is int32, or the LSE as a dummy without segments
+    types = {"T": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "sm_scale": "fp32", "QGAIN": "*fp32",
+             "LSE": "*fp32", "XDOT": "*fp32", "DELTA": "*fp32", "DVX": "*fp32", "GAIN_PARTS": "*fp32",
+             "SEGMENTS": "*fp32"}
     for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
         for head_dim in SUPPORTED_HEAD_DIMS:
-            for name, kernel in kernels.items():
-                for values in itertools.product((False, True), repeat=len(switches[name])):
-                    on = dict(zip(switches[name], values))
-                    cfg = _launch_table(dtype, head_dim, interpret=False, segments=on.get("HAS_SEGMENTS", False))[name]
-                    bounds = "*i32" if on.get("HAS_SEGMENTS") else f32
-                    sigs = {
-                        "fwd": dict(Q=ty, K=ty, V=ty, QGAIN=f32, GATE=ty, SEGMENTS=bounds, Y=ty, Y_PRE=ty, LSE=f32,
-                                    XDOT=f32),
-                        "preprocess": dict(DY=ty, Y=ty, V=ty, GATE=ty, XDOT=f32, DO=ty, DELTA=f32, DVX=f32, DGATE=ty),
-                        "dkdv": dict(Q=ty, K=ty, V=ty, QGAIN=f32, SEGMENTS=bounds, DO=ty, LSE=f32, DELTA=f32, DVX=f32,
-                                     DK=ty, DV=ty),
-                        "dq": dict(Q=ty, K=ty, V=ty, QGAIN=f32, SEGMENTS=bounds, DO=ty, LSE=f32, DELTA=f32, DQ=ty,
-                                   GAIN_PARTS=f32),
-                    }
-                    signature = {a: sigs[name].get(a, scalars.get(a)) for a in kernel.arg_names
-                                 if a in sigs[name] or a in scalars}
+            for name, (kernel, switches) in kernels.items():
+                for values in itertools.product((False, True), repeat=len(switches)):
+                    on = dict(zip(switches, values))
+                    segments = on.get("HAS_SEGMENTS", False)
+                    cfg = _launch_table(dtype, head_dim, interpret=False, segments=segments)[name]
+                    constexprs = {"D": head_dim, **_tiles(cfg), **on}
+                    signature = {a: "*i32" if a == "SEGMENTS" and segments else types.get(a, ty)
+                                 for a in kernel.arg_names if a not in constexprs}
                     tag = ("" if "XSA" not in on else "_xsa" if on["XSA"] else "_noxsa") + \
-                        ("_gate" if on.get("HAS_GATE") else "") + ("_varlen" if on.get("HAS_SEGMENTS") else "")
+                        ("_gate" if on.get("HAS_GATE") else "") + ("_varlen" if segments else "")
                     out.append({
                         "name": f"attention_{name}_{ty[1:]}_d{head_dim}{tag}",
                         "kernel": kernel,
                         "signature": signature,
-                        "constexprs": {"D": head_dim, **_tiles(cfg), **on},
+                        "constexprs": constexprs,
                         "num_warps": cfg["num_warps"],
                         "num_stages": cfg["num_stages"],
                         "hgmma": dtype == torch.bfloat16 and name != "preprocess",
