@@ -142,13 +142,11 @@ def mlp(x, w_up, w_down, slope: float):
 
 @_profiled
 def attention(q, k, v, q_gain, xsa: bool, gate=None, cu_seqlens=None):
-    """Causal GQA attention with q_gain and optional XSA; q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    # TEMPORARY until the varlen/gate kernels land (branch i20-attn): the gate outside, no segments
-    if cu_seqlens is not None:
-        raise NotImplementedError("cu_seqlens: pending the varlen attention kernels")
+    """Causal GQA attention with q_gain, optional XSA, an optional output gate [B, T, Hq] (applied after XSA) and
+    optional segments (cu_seqlens int32 [n + 1] into one packed row, B = 1); q [B, T, Hq, D], k, v [B, T, Hkv, D]
+    -> [B, T, Hq, D]."""
     impl = _triton_impl(_attention, "attention") or _attention.attention_sdpa
-    y = impl(q, k, v, q_gain, xsa)
-    return y if gate is None else y * gate[..., None]
+    return impl(q, k, v, q_gain, xsa, gate=gate, cu_seqlens=cu_seqlens)
 
 
 @_profiled

@@ -104,6 +104,24 @@ def _attention_inputs(xsa):
     return build
 
 
+def _gated_segments_inputs(gen, small):
+    """R1's attention: one packed row of segments (one of a single token, boundaries inside and at tiles, an empty
+    one and the padding copies of T) with the sigmoid output gate, XSA on."""
+    hq, hkv, dh, offsets = (2, 1, 64, [0, 17, 18, 45, 45]) if small else (8, 4, 64, [0, 100, 101, 128, 262, 262])
+    t = offsets[-1]
+    q_gain = 1.5 + 0.1 * _randn(gen, hq)
+    gate = torch.sigmoid(_randn(gen, 1, t, hq))
+    return ([_randn(gen, 1, t, hq, dh), _randn(gen, 1, t, hkv, dh), _randn(gen, 1, t, hkv, dh), q_gain, gate],
+            (True, torch.tensor(offsets, dtype=torch.int32)))
+
+
+def _gated_segments(fn):
+    """The attention entry called with its leaves first (gate is a leaf, after the constant xsa in its signature)."""
+    def call(q, k, v, q_gain, gate, xsa, cu_seqlens):
+        return fn(q, k, v, q_gain, xsa, gate=gate, cu_seqlens=cu_seqlens)
+    return call
+
+
 def _head_inputs(gen, small):
     n, d, vocab = (37, 48, 200) if small else (97, 512, 1024)
     return [_randn(gen, n, d), _randn(gen, vocab, d, std=d ** -0.5)], (torch.randint(0, vocab, (n,), generator=gen), 30.0)
@@ -176,6 +194,9 @@ CASES = [
     *(Case("attention", "xsa" if xsa else "no xsa", "attention", _attention_inputs(xsa), attention_sdpa,
            attention_reference, ("y", "dq", "dk", "dv", "dq_gain"), BARS["attention"], bf16_leaves=(0, 1, 2))
       for xsa in (False, True)),
+    Case("attention", "xsa, gate, segments", "attention", _gated_segments_inputs, _gated_segments(attention_sdpa),
+         _gated_segments(attention_reference), ("y", "dq", "dk", "dv", "dq_gain", "dgate"), BARS["attention"],
+         bf16_leaves=(0, 1, 2, 4), adapt=_gated_segments),
     Case("softcap_cross_entropy", "", "head", _head_inputs, softcap_cross_entropy_reference,
          softcap_cross_entropy_reference, ("loss", "dh", "dweight"), BARS["head"], bf16_leaves=(0,)),
     Case("mix_norm", "", "norm", _norm_inputs("mix_norm"), mix_norm_reference, mix_norm_reference,

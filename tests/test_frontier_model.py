@@ -273,3 +273,37 @@ def test_the_crawler_takes_every_r1_switch():
         cache = KVCache(net, 2, 24)
         got = torch.cat([decode_step(net, ids[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 24))], dim=1)
     torch.testing.assert_close(got, full, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_with_document_segments_equal_r1s(backend):
+    """cu_seqlens as R1 builds it (a segment at every BOS and every max_len tokens of a document): the same
+    logits as the reference, on the PyTorch path and through the varlen Triton kernel (interpreted)."""
+    sd = ref.r1_state_dict_random(TINY, seed=13)
+    net = from_record_state_dict(sd, preset="frontier-tiny").eval()
+    ids = torch.randint(2, TINY.vocab_size, (1, 160), generator=torch.Generator().manual_seed(4))
+    ids[0, [0, 33, 34, 90]] = ref.BOS_ID
+    cu = ref.build_cu_seqlens(ids[0], max_len=48, pad_to=16)
+    assert cu.numel() == 16 and cu[-1] == 160  # padded with copies of T, as R1 pads to 64 entries
+    kernels.set_backend(backend)
+    with torch.no_grad():
+        got, want = net(ids, cu_seqlens=cu), ref.r1_logits(sd, ids, TINY, cu_seqlens=cu)
+        plain = net(ids)
+    assert _spread_error(got, want) < LOGITS_RTOL
+    assert _spread_error(plain, want) > 1e-2  # the segments matter
+
+
+def test_decode_with_documents_starts_a_fresh_context_at_bos():
+    """KVCache(documents=True): a BOS starts a new context for its row, as model(ids, cu_seqlens) with a
+    segment at every BOS computes (positions keep counting)."""
+    from model.decode import KVCache, decode_step
+
+    net = from_record_state_dict(ref.r1_state_dict_random(TINY, seed=14), preset="frontier-tiny").eval()
+    ids = torch.randint(2, TINY.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    ids[0, [0, 12, 21]] = ref.BOS_ID
+    cu = ref.build_cu_seqlens(ids[0], max_len=2048, pad_to=1)
+    with torch.no_grad():
+        full = net(ids, cu_seqlens=cu)
+        cache = KVCache(net, 1, 30, documents=True)
+        got = torch.cat([decode_step(net, ids[:, a:b], cache) for a, b in ((0, 8), (8, 13), (13, 14), (14, 30))], 1)
+    torch.testing.assert_close(got, full, atol=2e-5, rtol=2e-5)
