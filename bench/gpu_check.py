@@ -52,7 +52,7 @@ INSTALL_ALLOWANCE_S = 50          # carried wheels + pip install --no-deps + wri
 # family's own test file (small odd shapes, the custom ops under compile, the wiring tests).
 KERNEL_TESTS = ("tests/test_real_shapes.py", "tests/test_mlp.py", "tests/test_attention.py", "tests/test_norm.py", "tests/test_head.py",
                 "tests/test_int6.py", "tests/test_gptq.py")
-KERNEL_BENCH = ("mlp", "attention", "norm", "head", "int6", "gptq")
+KERNEL_BENCH = ("mlp", "attention", "norm", "head", "int6", "gptq", "attention_varlen")  # R1's varlen last: flex compiles
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The model (SPEC 3 for the crawler, ../shared/frontier/MODEL.md for looped layers) and its configuration.
+"""The model (SPEC 3 for the crawler, MODEL.md for looped layers: R1) and its configuration.
 
     import model
     net = model.build_model()                      # PRESET and the seed's variables from the environment

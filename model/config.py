@@ -214,7 +214,7 @@ PRESETS: dict[str, dict] = {
     # 400 steps of 2,048 tokens, the last third as warmdown. Unigram val_bpb on this corpus is 3.221; the
     # bar (25% lower) is 2.416. Measured (idle 2 cores): 138 s of training, val_bpb 2.432 / 2.258 / 2.179 at
     # steps 100 / 200 / 300, 2.004 sliding at the end (38% below the unigram); 200 steps would end at 2.141.
-    # The 1.0611 record (R1, ../shared/frontier/MODEL.md) as it ran: 11 blocks with 3..5 looped three times,
+    # The 1.0611 record (R1; MODEL.md states it) as it ran: 11 blocks with 3..5 looped three times,
     # two-lane decoder from block 8, gated skips, R1's SmearGate and attention gate; 35,945,671 parameters.
     # (NUM_LAYERS, LOOP_START, LOOP_END and NUM_LOOPS default to R1's 11, 3, 5 and 2.)
     "frontier": dict(vocab_size=8192, use_crawler=0, mlp_mult=4.0, qk_gain_init=5.0, rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0,

@@ -1,4 +1,4 @@
-"""R1's checkpoint format (../shared/frontier/MODEL.md §4) to and from the `frontier` model.
+"""R1's checkpoint format (MODEL.md §4) to and from the `frontier` model.
 
 R1 saves `torch.save(state_dict)` with its matrices in four banks (qo_bank [2L, d, d]: W_q then W_o,
 kv_bank [2L, kv, d]: W_k then W_v, mlp_up_bank [L, hidden, d], mlp_down_bank [L, d, hidden]) and a bf16

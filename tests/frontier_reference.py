@@ -1,5 +1,5 @@
 """An independent fp32 reference of the challenge record R1's model function, written from
-/work/shared/frontier/MODEL.md alone (section numbers below are MODEL.md's).
+the specification of R1 alone, MODEL.md (section numbers below are its).
 
 It deliberately shares no code with model/ or kernels/: the project's model is tested against it, and a
 shared bug would hide. Everything is eager fp32 torch, written for clarity, not speed (attention builds an

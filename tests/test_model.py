@@ -395,9 +395,13 @@ def test_unet_skips_crawler_loops_and_shared_x0():
             inst = previous @ net.loop_inst_proj.weight.T @ net.loop_inst_up[k].weight.T
             torch.testing.assert_close(args[0], previous + inst)
             previous = out
-        for i, (_, args, out) in enumerate(decoder_calls):  # decoder i gets encoder (n_enc-1-i)'s output
-            want = previous + sw[i] * enc_out[n_enc - 1 - i] if i < n_enc else previous
-            torch.testing.assert_close(args[0], want)
+        for i, (_, args, out) in enumerate(decoder_calls):  # decoder i merges encoder (n_enc-1-i)'s output
+            torch.testing.assert_close(args[0], previous)
+            skip = args[5]  # (kept, weight, gate): the block adds weight⊙kept (no gate on the crawler)
+            if i < n_enc:
+                assert skip[0] is enc_out[n_enc - 1 - i] and torch.equal(skip[1], sw[i]) and skip[2] is None
+            else:
+                assert skip is None
             previous = out
         head = 30 * torch.tanh((hand_rms(previous) @ net.tok_emb.weight.T) / 30)
         torch.testing.assert_close(logits, head, rtol=1e-5, atol=1e-5)
