@@ -99,6 +99,9 @@ class Config:
     eval_seq_len: int = setting(2048, bound=">0")
     eval_stride: int = setting(64, bound=">0")
     eval_batch_seqs: int = setting(32, bound=">0")
+    # sliding: windows of EVAL_SEQ_LEN every EVAL_STRIDE (the Ouroboros entry's score); doc: attention cut at each
+    # BOS and every EVAL_SEQ_LEN tokens of a document, spans of EVAL_BATCH_SEQS windows (R1's score)
+    eval_mode: str = setting("sliding", choices=("sliding", "doc"))
     # --- quantization (SPEC 5) ---
     quant_method: str = setting("loop_aware", choices=QUANT_METHODS)  # the seed's SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
     gptq_cal_samples: int = setting(128, bound=">0")
@@ -110,6 +113,7 @@ class Config:
     gptq_inverse: str = setting("cholesky", choices=GPTQ_INVERSES)  # plain: the original's never-downdated inverse
     quant_small_numel: int = setting(65536, bound=">=0")  # tensors with at most this many elements are stored fp16
     # --- paths and run control ---
+    caseops_enabled: bool = setting(False)  # the CaseOps data: val bytes come from its byte sidecars
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
     runs_dir: str = "runs"

@@ -23,7 +23,7 @@ from kernels import selftest
 from model import CheckpointError, ConfigError, load_checkpoint
 from model.cli import nonnegative_int
 from model.io import DiskFullError, write_atomic
-from train.data import ShardError, load_val_tokens, shard_paths
+from train.data import ShardError, load_val_bytes, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
 from train.trainer import load_tokenizer, record_export
 
@@ -70,11 +70,14 @@ def main(argv=None) -> int:
         # the trainer's checks: a missing file, not a sentencepiece model, or another vocab size
         sp = load_tokenizer(cfg.replace(tokenizer_path=args.tokenizer_path or cfg.tokenizer_path))
         luts = build_byte_luts(sp, cfg.vocab_size)
-        val_tokens = load_val_tokens(shard_paths(data_path, "val"), cfg.eval_seq_len)
+        val_paths = shard_paths(data_path, "val")
+        val_tokens = load_val_tokens(val_paths, cfg.eval_seq_len)
+        val_bytes = load_val_bytes(val_paths, val_tokens.numel())
         whole_val = val_tokens.numel()
         if args.val_tokens > 0:
             keep = max(1, (min(args.val_tokens, val_tokens.numel()) - 1) // cfg.eval_seq_len) * cfg.eval_seq_len + 1
             val_tokens = val_tokens[:keep]
+            val_bytes = val_bytes[:keep] if val_bytes is not None else None
         train_paths = shard_paths(data_path, "train")
     except (CheckpointError, ConfigError, FileNotFoundError, ShardError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
                              + (selftest.QUANT_OPS if device.type == "cuda" else ()))
         print(selftest.record_line(paths), flush=True)
         run_dir = Path(args.checkpoint).parent
-        result = export_run(net, cfg, run_dir, val_tokens=val_tokens, luts=luts, train_paths=train_paths,
+        result = export_run(net, cfg, run_dir, val_tokens=val_tokens, luts=luts, val_bytes=val_bytes,
+                            train_paths=train_paths,
                             compare=args.compare, log=lambda line: print(line, flush=True))
     except (OverBudgetError, selftest.SelfTestFailed, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The export step a run ends with: calibrate, quantize, write the artifact, read it back, evaluate.
 
     result = export_run(model, cfg, run_dir, val_tokens=..., luts=..., train_paths=[...], log=print)
+    (val_bytes=: a CaseOps byte sidecar's counts, charged instead of the lookup tables')
 
 The trainer calls it (train/__main__.py finds it) with the final float weights, after training stopped
 GPTQ_RESERVE_SECONDS early; `python -m quant --checkpoint runs/<id>/final_model.pt` calls it for a saved
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 from model.io import DiskFullError, from_rank0, synchronize
 from train.data import TokenStream
-from train.evaluate import autocast_for, validate
+from train.evaluate import SCORE_NAMES, autocast_for, validate
 
 from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, write_artifact
 from .calibrate import Calibrator, objective_summary
@@ -55,18 +56,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def evaluate_sliding(net: torch.nn.Module, config, val_tokens, luts, device) -> tuple[float, float]:
-    """(val_loss, val_bpb) with sliding windows (EVAL_SEQ_LEN, EVAL_STRIDE), as the challenge scores: the
-    trainer's own validation pass (train.evaluate.validate), so float and round-trip scores compare alike."""
+def evaluate_final(net: torch.nn.Module, config, val_tokens, luts, device, val_bytes=None) -> tuple[float, float]:
+    """(val_loss, val_bpb) as the run reports its score (EVAL_MODE: sliding windows of EVAL_SEQ_LEN every
+    EVAL_STRIDE, or document-isolated): the trainer's own validation pass (train.evaluate.validate), so float
+    and round-trip scores compare alike."""
     return validate(net, net, val_tokens, luts, seq_len=config.eval_seq_len, stride=config.eval_stride,
-                    batch_seqs=config.eval_batch_seqs, device=device)
+                    batch_seqs=config.eval_batch_seqs, device=device, mode=config.eval_mode, val_bytes=val_bytes)
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
-def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor, luts, train_paths=None,
+def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor, luts, val_bytes=None, train_paths=None,
                calib_tokens: torch.Tensor | None = None, log=print, reserve_seconds: float | None = None,
                float_val: tuple[float, float] | None = None, compare: bool | None = None,
                limit: int = SIZE_LIMIT, train_seconds: float | None = None, env=None, **_context) -> dict:
@@ -153,24 +155,25 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
         dist.barrier()
 
     if float_val is None:
-        float_val = evaluate_sliding(model, cfg, val_tokens, luts, device)
+        float_val = evaluate_final(model, cfg, val_tokens, luts, device, val_bytes)
     synchronize(device)
     t_eval = time.perf_counter()
-    roundtrip = evaluate_sliding(load_model(path, device)[0], cfg, val_tokens, luts, device)
+    roundtrip = evaluate_final(load_model(path, device)[0], cfg, val_tokens, luts, device, val_bytes)
     eval_s = time.perf_counter() - t_eval
     gap = roundtrip[1] - float_val[1]
     log(f"quant: round trip ({method}) val_loss:{roundtrip[0]:.4f} val_bpb:{roundtrip[1]:.4f}  float "
         f"val_bpb:{float_val[1]:.4f}  quantization gap:{gap:+.4f} bpb")
     # The challenge's names for the artifact's score, as reviewers grep for them
-    log(f"final_int6_sliding_window val_loss:{roundtrip[0]:.4f} val_bpb:{roundtrip[1]:.4f} "
-        f"eval_time:{1000 * eval_s:.0f}ms")
-    log(f"final_int6_sliding_window_exact val_loss:{roundtrip[0]:.8f} val_bpb:{roundtrip[1]:.8f}")
+    name = SCORE_NAMES[cfg.eval_mode]
+    log(f"final_int6_{name} val_loss:{roundtrip[0]:.4f} val_bpb:{roundtrip[1]:.4f} eval_time:{1000 * eval_s:.0f}ms")
+    log(f"final_int6_{name}_exact val_loss:{roundtrip[0]:.8f} val_bpb:{roundtrip[1]:.8f}")
     result = dict(artifact_path=str(path), limit=limit, method=method, reserve_seconds=reserve_seconds,
                   float_val_loss=float_val[0], float_val_bpb=float_val[1], roundtrip_val_loss=roundtrip[0],
                   roundtrip_val_bpb=roundtrip[1], roundtrip_eval_seconds=eval_s, quant_gap_bpb=gap, **report)
 
     if compare:
-        result.update(_compare(calibrator, cfg, run_dir, method, gap, float_val, val_tokens, luts, device, log))
+        result.update(_compare(calibrator, cfg, run_dir, method, gap, float_val, val_tokens, luts, val_bytes, device,
+                               log))
     return result
 
 
@@ -187,7 +190,8 @@ def gap_ratios(gaps: dict) -> dict:
     return {f"{a}/{b}": _ratio(gaps[a], gaps[b]) for i, a in enumerate(names) for b in names[:i]}
 
 
-def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val, val_tokens, luts, device, log) -> dict:
+def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val, val_tokens, luts, val_bytes, device,
+             log) -> dict:
     """Round trips of the other registered methods, and every method's gap with the ratio of each pair.
     Optional: when its scratch files cannot be written (a full disk) it is skipped with one warning line."""
     folder = run_dir / "quant_compare"
@@ -214,7 +218,7 @@ def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val,
     gaps = {method: gap}
     for m in others:
         net, _ = load_model(folder / f"{m}.ptz", device)
-        gaps[m] = evaluate_sliding(net, cfg, val_tokens, luts, device)[1] - float_val[1]
+        gaps[m] = evaluate_final(net, cfg, val_tokens, luts, device, val_bytes)[1] - float_val[1]
     ratios = gap_ratios(gaps)
     log("quant gaps (round-trip minus float val_bpb): " + "  ".join(f"{m} {gaps[m]:+.4f}" for m in METHODS))
     log("quant gap ratios: " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))

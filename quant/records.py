@@ -57,7 +57,8 @@ FOLDER_FILES = ("train_gpt.py", "requirements.txt", "README.md", "submission.jso
 # The folder an export writes before renaming it to its final name; the pid says whose it is
 PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)")
 
-EXACT_LINE = re.compile(r"^final_int6_sliding_window_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.M)
+# the artifact's score line, in either evaluation mode (train.evaluate.SCORE_NAMES)
+EXACT_LINE = re.compile(r"^final_int6_(?:sliding_window|doc_isolated)_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.M)
 VERSIONS_LINE = re.compile(r"^versions: torch:(\S+) triton:(\S+) cuda:(\S+) gpu:(.+?)\s*$", re.M)
 
 
@@ -355,8 +356,10 @@ def readme_text(sub: dict, runs: list[Run], stats: list[str] | None) -> str:
         f"(torch {sub['pytorch_version']}, triton {sub['triton_version']}, CUDA {sub['cuda_version'] or 'none'}).",
         "",
         f"**val_bpb {sub['val_bpb']:.8f}{std}** (val_loss {sub['val_loss']:.8f}): the artifact read back and "
-        f"scored with sliding windows of {cfg['eval_seq_len']} tokens, stride {cfg['eval_stride']} "
-        f"(`final_int6_sliding_window_exact` in each log).", "",
+        + (f"scored with attention cut at every document start and every {cfg['eval_seq_len']} tokens "
+           f"(`final_int6_doc_isolated_exact` in each log)." if cfg.get("eval_mode") == "doc" else
+           f"scored with sliding windows of {cfg['eval_seq_len']} tokens, stride {cfg['eval_stride']} "
+           f"(`final_int6_sliding_window_exact` in each log)."), "",
         "## Command", "",
         f"For each seed, from this folder, with DATA_PATH and TOKENIZER_PATH set to the shards and tokenizer "
         f"(the runs used `{cfg['data_path']}` and `{cfg['tokenizer_path']}`) and RUNS_DIR to where runs/<id>/ "

@@ -15,7 +15,7 @@ import kernels
 import kernels.gptq
 import model
 from quant.calibrate import Calibrator
-from quant.export import calibration_tokens, evaluate_sliding
+from quant.export import calibration_tokens, evaluate_final
 from quant.scheme import dequantize_state_dict
 from train.data import load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts
@@ -50,7 +50,7 @@ def _round_trip_bpb(quantized: dict, cfg, val, luts) -> float:
     net = model.build_model(cfg)
     net.load_state_dict(dequantize_state_dict(quantized), strict=True)
     kernels.set_backend("torch")
-    return evaluate_sliding(net, cfg, val, luts, torch.device("cpu"))[1]
+    return evaluate_final(net, cfg, val, luts, torch.device("cpu"))[1]
 
 
 def test_calibration_through_the_triton_kernel_matches_the_reference_path(tiny_run, prepared_corpus, monkeypatch):

@@ -86,7 +86,8 @@ ADDED_LAYOUT = {"ln_scale": True, "num_layers": 11, "loop_start": 3, "loop_end":
                 "parallel_start_layer": 0, "parallel_final_lane": "mean", "skip_gates_enabled": False,
                 "smear_gate_enabled": False, "static_smear_enabled": True, "gate_window": 12,
                 "sparse_attn_gate_enabled": False, "sparse_attn_gate_scale": 1.0, "sparse_attn_gate_init_std": 0.0,
-                "tie_embeddings": 1, "rope_yarn": 0, "attn_out_gate_enabled": 0, "gated_attn_enabled": 0}
+                "tie_embeddings": 1, "rope_yarn": 0, "attn_out_gate_enabled": 0, "gated_attn_enabled": 0,
+                "eval_mode": "sliding", "caseops_enabled": False}
 ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean", **ADDED_LAYOUT}
 ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum", **ADDED_LAYOUT}
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from train.data import (HEADER_BYTES, MAGIC, VERSION, DistributedTokenLoader, ShardError, TokenStream,
-                        load_shard, load_val_tokens, shard_paths, write_shard)
+                        document_segments, load_shard, load_val_bytes, load_val_tokens, shard_paths, sidecar_paths,
+                        write_shard)
 
 
 def _write_shards(folder, split, sizes, seed=0):
@@ -138,3 +139,37 @@ def test_load_val_tokens_keeps_whole_windows(tmp_path):
         assert val.dtype == torch.int64 and val.tolist() == everything[:kept].tolist()
     with pytest.raises(ValueError, match="fewer than seq_len"):
         load_val_tokens(paths, 67)
+
+
+def test_byte_sidecars_pair_with_their_val_shards(tmp_path):
+    """A CaseOps dataset's `*_val_bytes_*` sidecars are never taken for val shards; each pairs with its shard by
+    name, its counts cut with the val tokens; a sidecar of another length, or a missing one, is named."""
+    paths, _ = _write_shards(tmp_path, "val", [40, 27])
+    assert sidecar_paths(paths) == [] and load_val_bytes(paths, 60) is None
+    counts = [np.arange(40) % 5, np.arange(27) % 3]
+    for shard, c in zip(paths, counts):
+        write_shard(shard.with_name(shard.name.replace("_val_", "_val_bytes_")), c)
+    assert shard_paths(tmp_path, "val") == paths  # the sidecars match *_val_*.bin too, and are left out
+    assert [p.name for p in sidecar_paths(paths)] == ["toy_val_bytes_000000.bin", "toy_val_bytes_000001.bin"]
+    got = load_val_bytes(paths, 60)
+    assert got.dtype == torch.int32 and got.tolist() == np.concatenate(counts)[:60].tolist()
+    write_shard(tmp_path / "toy_val_bytes_000001.bin", np.zeros(26, dtype=np.int64))
+    with pytest.raises(ShardError, match=r"toy_val_bytes_000001.bin: 26 byte counts for the 27 tokens of \S+toy_val_000001.bin"):
+        load_val_bytes(paths, 60)
+    (tmp_path / "toy_val_bytes_000001.bin").unlink()
+    with pytest.raises(ShardError, match=r"toy_val_bytes_000001.bin: missing; the other val shards have byte sidecars"):
+        load_val_bytes(paths, 60)
+
+
+def test_document_segments_follow_r1s_rule():
+    """cu_seqlens as R1 builds them (the independent reference's build_cu_seqlens): 0, every BOS, every max_len
+    tokens of a document counted from its start, the length, padded to a multiple of pad_to entries."""
+    import frontier_reference as ref
+
+    assert document_segments(torch.tensor([5, 1, 7, 7, 7, 1, 9]), 2, pad_to=4).tolist() == [0, 1, 3, 5, 7, 7, 7, 7]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = torch.randint(0, 4, (int(torch.randint(1, 200, (1,), generator=gen)),), generator=gen)
+        for max_len in (1, 5, 48):
+            assert torch.equal(document_segments(ids, max_len, pad_to=16),
+                               ref.build_cu_seqlens(ids, max_len=max_len, pad_to=16))

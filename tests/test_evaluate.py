@@ -13,7 +13,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from train.evaluate import build_byte_luts, evaluate_bpb, sliding_windows, target_bytes
+from train.evaluate import build_byte_luts, evaluate_bpb, evaluate_documents, sliding_windows, target_bytes
 from train.unigram import unigram_log_probs
 from train.prepare import train_tokenizer
 
@@ -193,6 +193,63 @@ def test_context_free_model_same_bpb_sliding_and_non_overlapping():
     ctx_sliding = evaluate_bpb(two_back_model, tokens, luts, 32, 8, 5)
     assert abs(ctx_sliding[0] - ctx_non_overlapping[0]) > 1e-4
     assert ctx_sliding == pytest.approx(_direct(two_back_model, tokens, luts), rel=1e-6)
+
+
+def segment_two_back_model(ids, cu_seqlens):
+    """two_back_model that sees the previous token only inside its attention segment (cu_seqlens)."""
+    at = torch.arange(ids.shape[1])
+    segment = torch.searchsorted(cu_seqlens.long(), at, right=True) - 1
+    same = F.pad(segment[1:] == segment[:-1], (1, 0), value=False)
+    prev = torch.where(same, F.pad(ids, (1, 0), value=V)[:, :-1], torch.full_like(ids, V))
+    return TABLES[1][ids] + TABLES[2][prev]
+
+
+def _direct_documents(tokens, luts, seq_len, span, val_bytes=None):
+    """Every target once, its context written out by hand: a segment starts at its span's first token (spans of
+    `span` tokens) and at every BOS, and is cut every seq_len tokens counted from its own start."""
+    ids = tokens.tolist()
+    nll = byte_sum = 0.0
+    segment_start = 0
+    for p in range(len(ids) - 1):
+        if ids[p] == 1 or p % span == 0:
+            segment_start = p
+        context_start = segment_start + (p - segment_start) // seq_len * seq_len
+        prev = ids[p - 1] if p > context_start else V
+        logits = TABLES[1][ids[p]] + TABLES[2][prev]
+        nll += F.cross_entropy(logits.double()[None], torch.tensor([ids[p + 1]])).item()
+        byte_sum += (val_bytes[p + 1].item() if val_bytes is not None else
+                     target_bytes(tokens[p:p + 1], tokens[p + 1:p + 2], luts).item())
+    return nll / (len(ids) - 1), nll / (math.log(2) * byte_sum)
+
+
+@pytest.mark.parametrize("n, seq_len, batch_seqs", [(203, 16, 3), (203, 16, 64), (97, 8, 1), (17, 16, 2)])
+def test_documents_cut_context_at_bos_pieces_and_spans(n, seq_len, batch_seqs):
+    """EVAL_MODE=doc: R1's document-isolated score, every target once (a short last span included)."""
+    tokens, luts = _stream(n), _luts()
+    got = evaluate_documents(segment_two_back_model, tokens, luts, seq_len, batch_seqs)
+    want = _direct_documents(tokens, luts, seq_len, seq_len * batch_seqs)
+    assert got == pytest.approx(want, rel=1e-6)  # fp32 cross-entropy against the float64 reference
+    # with no segments the same model reads across documents: the cut has teeth
+    across = evaluate_documents(lambda ids, cu: two_back_model(ids), tokens, luts, seq_len, batch_seqs)
+    assert abs(across[0] - got[0]) > 1e-4
+
+
+def test_a_byte_sidecar_replaces_the_lookup_tables():
+    """val_bytes (a CaseOps sidecar) is charged instead of the tables, in both modes: a sidecar holding the
+    tables' own counts gives the same bpb, and other counts give their own."""
+    tokens, luts = _stream(203), _luts()
+    same = torch.cat((torch.zeros(1, dtype=torch.long), target_bytes(tokens[:-1], tokens[1:], luts))).to(torch.int32)
+    assert evaluate_bpb(two_back_model, tokens, luts, 16, 5, 3, val_bytes=same) == \
+        evaluate_bpb(two_back_model, tokens, luts, 16, 5, 3)
+    assert evaluate_documents(segment_two_back_model, tokens, luts, 16, 3, val_bytes=same) == pytest.approx(
+        evaluate_documents(segment_two_back_model, tokens, luts, 16, 3), rel=1e-12)
+    other = torch.randint(1, 6, tokens.shape, generator=torch.Generator().manual_seed(9)).to(torch.int32)
+    loss, bpb = evaluate_bpb(two_back_model, tokens, luts, 16, 5, 3, val_bytes=other)
+    assert bpb == pytest.approx(loss * (tokens.numel() - 1) / (math.log(2) * other[1:].sum().item()), rel=1e-9)
+    assert evaluate_documents(segment_two_back_model, tokens, luts, 16, 3, val_bytes=other) == pytest.approx(
+        _direct_documents(tokens, luts, 16, 48, val_bytes=other), rel=1e-6)
+    with pytest.raises(ValueError, match=r"val_bytes \(100,\) must hold one count per val token \(203,\)"):
+        evaluate_bpb(two_back_model, tokens, luts, 16, 5, 3, val_bytes=other[:100])
 
 
 def test_padding_is_never_scored_and_windows_are_uniform():

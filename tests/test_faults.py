@@ -1225,3 +1225,12 @@ def test_prepare_vocab_beyond_the_shards_uint16_ids_exits_2(tmp_path):
     _assert_one_line(_cli("train.prepare", "--out-root", tmp_path / "data", "--vocab-size", 70_000),
                      "vocab_size=70000: shards store uint16 ids")
     assert not (tmp_path / "data").exists()
+
+
+def test_caseops_without_byte_sidecars_exits_2(run_env, tmp_path):
+    """CASEOPS_ENABLED=1 scores against original bytes: shards without sidecars are refused before training."""
+    _token_shards(tmp_path / "data")
+    _assert_bad_input(_cli("train", CASEOPS_ENABLED=1, **run_env), "CASEOPS_ENABLED=1 but the val shards in",
+                      "have no byte sidecars")
+    dry = _cli("train", CASEOPS_ENABLED=1, DRY_RUN=1, **run_env)
+    assert dry.returncode == 2 and "data val: NOT READY -- CASEOPS_ENABLED=1 but the val shards have no byte" in dry.stdout

@@ -211,13 +211,17 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_data, tmp_path):
     cfg = _small_frontier(runs_dir=str(tmp_path), run_id="frontier", iterations=24, warmdown_iters=8,
                           train_seq_len=64, train_batch_tokens=4 * 64, eval_seq_len=64, eval_stride=32,
                           eval_batch_seqs=32, val_loss_every=0, train_log_every=1, swa_every=0,
-                          gptq_cal_samples=4, gptq_cal_seq_len=64, quant_small_numel=1024, **small_data)
+                          gptq_cal_samples=4, gptq_cal_seq_len=64, quant_small_numel=1024, eval_mode="doc",
+                          **small_data)
     summary = train(cfg, export_fn=functools.partial(export_run, compare=False), echo=False)
     losses = summary["train_losses"]
     assert summary["status"] == "finished" and len(losses) == 24 and losses[-1] < losses[0] - 0.5
     assert summary["params"] == count_parameters(build_model(cfg))
     export = summary["export"]
     assert export["method"] == "gptq" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
+    log = (tmp_path / "frontier" / "train.log").read_text()  # scored document-isolated, as R1 scores
+    assert "eval mode: doc" in log and "final_doc_isolated val_loss:" in log
+    assert "final_int6_doc_isolated_exact val_loss:" in log and "sliding_window" not in log
 
 
 def test_generate_takes_r1s_checkpoint(tmp_path, prepared_corpus, capsys):

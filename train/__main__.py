@@ -25,7 +25,7 @@ from model.schedule import block_schedule, describe
 from model.io import DiskFullError
 from quant.artifact import OverBudgetError
 from quant.export import export_run
-from train.data import ShardError, check_token_ids, load_shard, shard_paths, usable_val_tokens
+from train.data import ShardError, check_token_ids, load_shard, load_val_bytes, shard_paths, usable_val_tokens
 from train.trainer import (CalibrationOverran, CheckpointSaveError, RankLost, TrainingDiverged, check_model_fits,
                            grad_accum_steps_for, load_tokenizer, parameter_count, train)
 
@@ -80,9 +80,14 @@ def dry_run(cfg) -> bool:
             paths = shard_paths(cfg.data_path, split)
             check_token_ids(paths, cfg.vocab_size)  # the run's start-up checks, on this one process
             tokens = sum(len(load_shard(p)) for p in paths)
+            sidecars = ""
             if split == "val":
-                usable_val_tokens(paths, tokens, cfg.eval_seq_len)
-            _say(f"data {split}: {len(paths)} shards, {tokens:,} tokens in {cfg.data_path}")
+                kept = usable_val_tokens(paths, tokens, cfg.eval_seq_len)
+                if load_val_bytes(paths, kept) is not None:
+                    sidecars = ", with byte sidecars"
+                elif cfg.caseops_enabled:
+                    raise ShardError("CASEOPS_ENABLED=1 but the val shards have no byte sidecars (*_val_bytes_*.bin)")
+            _say(f"data {split}: {len(paths)} shards, {tokens:,} tokens in {cfg.data_path}{sidecars}")
         except (FileNotFoundError, ShardError) as err:
             _say(f"data {split}: NOT READY -- {err}")
             ready = False

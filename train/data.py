@@ -2,7 +2,9 @@
 
 A shard is a 1024-byte header of 256 little-endian int32 ([0] magic, [1] version, [2] token count N,
 the rest zero) followed by N little-endian uint16 tokens; byte-compatible with the challenge's FineWeb
-shards. Documents are packed as [BOS] + ids with no EOS and run across shard boundaries.
+shards. Documents are packed as [BOS] + ids with no EOS and run across shard boundaries. A CaseOps
+dataset also has one byte sidecar per val shard, `*_val_bytes_NNNNNN.bin` beside `*_val_NNNNNN.bin`:
+the same format, value i the original UTF-8 bytes token i stands for (0 for BOS).
 
 This module is a leaf: of the project it imports only model.io (the atomic write), never the model, the
 training loop or quant/.
@@ -85,7 +87,9 @@ def shard_paths(data_path, split: str) -> list[Path]:
     if folder.is_file():
         raise FileNotFoundError(f"DATA_PATH={folder} is a file; DATA_PATH must be the folder that holds the "
                                 f"*_train_*.bin and *_val_*.bin shards (here perhaps {folder.parent})")
-    paths = sorted(folder.glob(f"*_{split}_*.bin")) if folder.is_dir() else []
+    # the val byte sidecars (*_val_bytes_*) share the val shards' pattern and are not token shards
+    paths = sorted(p for p in folder.glob(f"*_{split}_*.bin") if "_val_bytes_" not in p.name) \
+        if folder.is_dir() else []
     if not paths:
         where = "does not exist" if not folder.is_dir() else f"has no *_{split}_*.bin shards"
         raise FileNotFoundError(
@@ -193,6 +197,49 @@ class DistributedTokenLoader:
         else:
             local = local.to(self.device)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def sidecar_paths(val_paths) -> list[Path]:
+    """The byte sidecar of each val shard (`*_val_NNNNNN.bin` -> `*_val_bytes_NNNNNN.bin`), [] when none has
+    one; ShardError when only some have, naming the first without."""
+    pairs = [(p, p.with_name(p.name.replace("_val_", "_val_bytes_", 1))) for p in map(Path, val_paths)]
+    present = [side.is_file() for _, side in pairs]
+    if any(present) and not all(present):
+        missing = next(side for (_, side), there in zip(pairs, present) if not there)
+        raise ShardError(f"{missing}: missing; the other val shards have byte sidecars, so every one must")
+    return [side for _, side in pairs] if all(present) and pairs else []
+
+
+def load_val_bytes(val_paths, kept: int) -> torch.Tensor | None:
+    """The val tokens' original byte counts from the sidecars (int32, cut to the `kept` tokens
+    load_val_tokens keeps), or None without sidecars. A sidecar whose header or length disagrees with its val
+    shard is a ShardError naming both files."""
+    sides = sidecar_paths(val_paths)
+    if not sides:
+        return None
+    parts = []
+    for shard, side in zip(val_paths, sides):
+        counts = load_shard(side)
+        tokens = _read_header(Path(shard))
+        if counts.size != tokens:
+            raise ShardError(f"{side}: {counts.size} byte counts for the {tokens} tokens of {shard}; a sidecar "
+                             f"holds one count per token of its val shard")
+        parts.append(counts)
+    return torch.from_numpy(np.concatenate(parts)[:kept].astype(np.int32))
+
+
+def document_segments(ids: torch.Tensor, max_len: int, bos_id: int = 1, pad_to: int = 64) -> torch.Tensor:
+    """R1's attention segments of one packed row (cu_seqlens, int32): a segment starts at 0 and at every
+    BOS, and again every max_len tokens counted from its document's start; then the row's length, the
+    offsets padded with copies of it to a multiple of pad_to entries (empty segments, no-ops)."""
+    T = ids.numel()
+    at = torch.arange(T, device=ids.device)
+    starts = torch.where(ids.reshape(-1) == bos_id, at, torch.zeros_like(at))
+    doc_start = starts.cummax(0).values                 # each token's document start (0 before the first BOS)
+    cut = ((at - doc_start) % max_len == 0)              # a document start, or max_len tokens into one
+    offsets = torch.cat((at[cut], torch.tensor([T], device=ids.device))).to(torch.int32)
+    padded = -(-offsets.numel() // pad_to) * pad_to
+    return torch.cat((offsets, offsets.new_full((padded - offsets.numel(),), T)))
 
 
 def load_val_tokens(paths, seq_len: int) -> torch.Tensor:

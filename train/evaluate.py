@@ -3,12 +3,15 @@
     val_bpb = sum(nll_nats) / (ln 2 * sum(bytes)),   bytes(y | x) = base_bytes[y] + (leading space of y
                                                       unless the previous token x is a boundary)
 
-summed in float64 over every scored target and all-reduced across ranks. Two ways to cut the val
-stream into windows: non-overlapping (cheap, used while training) and sliding (the reported score:
-every target sees at least window - stride tokens of context). Both score every target exactly once,
-so a model that ignores context gets the same number from both. `validate(model, ...)` is the one
-evaluation pass of a model (eval mode, no_grad, bf16 autocast on CUDA) that training, the export step
-and the eval benchmark run.
+summed in float64 over every scored target and all-reduced across ranks. With a CaseOps byte sidecar
+(train/data.py load_val_bytes) a target's bytes are the sidecar's count of original UTF-8 bytes instead
+of the lookup tables'. Three ways to cut the val stream: non-overlapping windows (cheap, used while
+training), sliding windows (the Ouroboros entry's reported score: every target sees at least window -
+stride tokens of context) and documents (EVAL_MODE=doc, R1's: spans of batch_seqs x window tokens, each one
+row whose attention is cut at every BOS and every window tokens of a document). All three score every
+target exactly once (R1's own evaluator drops up to 141,312 targets depending on the number of GPUs;
+this one does not). `validate(model, ...)` is the one evaluation pass of a model (eval mode, no_grad, bf16
+autocast on CUDA) that training, the export step and the eval benchmark run.
 
 This module is a leaf: it imports nothing from the model, the training loop or quant/. The unigram
 reference val_bpb is train/unigram.py's CLI (kept apart: it is not on a run's path, so not in the bundle).
@@ -19,12 +22,16 @@ import contextlib
 import math
 from typing import Callable
 
+from train.data import document_segments
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 LEADING_SPACE = "\u2581"  # sentencepiece's "▁"
+# The name of each evaluation mode in the run log's score lines (final_<name>, final_int6_<name>_exact).
+SCORE_NAMES = {"sliding": "sliding_window", "doc": "doc_isolated"}
 
 
 def build_byte_luts(sp, vocab_size: int):
@@ -97,17 +104,7 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-@torch.no_grad()  # no_grad rather than inference_mode: tensors a model caches here stay usable in training
-def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride: int | None = None,
-                 batch_seqs: int = 32, device="cpu") -> tuple[float, float]:
-    """(val_loss in nats per scored token, val_bpb) of logits_fn over val_tokens.
-
-    logits_fn(ids int64 [B, seq_len]) -> logits [B, seq_len, V] must be causal: every window is padded
-    to seq_len at its end and the padded positions are never scored; B is the same for every batch.
-    stride None or >= seq_len: non-overlapping windows; otherwise sliding windows with that stride (see
-    sliding_windows). Under torch.distributed the windows are split over ranks and the float64 sums
-    all-reduced.
-    """
+def _check_val(val_tokens: torch.Tensor, luts, val_bytes: torch.Tensor | None) -> None:
     if val_tokens.ndim != 1 or val_tokens.numel() < 2:
         raise ValueError(f"val_tokens must be 1-D with at least 2 tokens, got shape {tuple(val_tokens.shape)}")
     vocab = luts[0].numel()
@@ -115,6 +112,32 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
     if low < 0 or high >= vocab:  # caught here: on CUDA an out-of-range id is a device-side assert, not a message
         raise ValueError(f"val_tokens hold ids in [{low}, {high}], outside the byte tables' vocab [0, {vocab}); "
                          f"were the val shards made with a different tokenizer?")
+    if val_bytes is not None and val_bytes.shape != val_tokens.shape:
+        raise ValueError(f"val_bytes {tuple(val_bytes.shape)} must hold one count per val token {tuple(val_tokens.shape)}")
+
+
+def _bpb(sums: torch.Tensor, world: int) -> tuple[float, float]:
+    """(val_loss, val_bpb) from this rank's float64 [nll nats, bytes, scored targets], summed over ranks."""
+    if world > 1:
+        dist.all_reduce(sums)
+    nll_sum, byte_sum, count = sums.tolist()
+    if byte_sum <= 0:
+        raise ValueError("the scored val targets stand for 0 bytes of text; check the byte lookup tables")
+    return nll_sum / count, nll_sum / (math.log(2) * byte_sum)
+
+
+@torch.no_grad()  # no_grad rather than inference_mode: tensors a model caches here stay usable in training
+def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride: int | None = None,
+                 batch_seqs: int = 32, device="cpu", val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
+    """(val_loss in nats per scored token, val_bpb) of logits_fn over val_tokens.
+
+    logits_fn(ids int64 [B, seq_len]) -> logits [B, seq_len, V] must be causal: every window is padded
+    to seq_len at its end and the padded positions are never scored; B is the same for every batch.
+    stride None or >= seq_len: non-overlapping windows; otherwise sliding windows with that stride (see
+    sliding_windows). val_bytes: the bytes of each val token (a sidecar), charged instead of the lookup
+    tables'. Under torch.distributed the windows are split over ranks and the float64 sums all-reduced.
+    """
+    _check_val(val_tokens, luts, val_bytes)
     device = torch.device(device)
     windows = sliding_windows(val_tokens.numel() - 1, seq_len, stride)
     rank, world = _rank_and_world()
@@ -141,14 +164,47 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
                              f"expected [{x.shape[0]}, {x.shape[1]}, vocab]")
         nll = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
         sums[0] += nll.double().sum()  # per-token nll in fp32, summed in fp64 (sums do not depend on batching)
-        sums[1] += target_bytes(x[scored], y[scored], luts).sum().double()
+        if val_bytes is None:
+            sums[1] += target_bytes(x[scored], y[scored], luts).sum().double()
+        else:
+            sums[1] += val_bytes[(positions + 1).clamp(max=last)].to(device)[scored].sum().double()
         sums[2] += scored.sum()
-    if world > 1:
-        dist.all_reduce(sums)
-    nll_sum, byte_sum, count = sums.tolist()
-    if byte_sum <= 0:
-        raise ValueError("the scored val targets stand for 0 bytes of text; check the byte lookup tables")
-    return nll_sum / count, nll_sum / (math.log(2) * byte_sum)
+    return _bpb(sums, world)
+
+
+@torch.no_grad()
+def evaluate_documents(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, batch_seqs: int = 32,
+                       device="cpu", val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
+    """(val_loss, val_bpb) with attention cut at documents, as R1 scores its diagnostic evaluation.
+
+    The targets go in spans of batch_seqs x seq_len (the last span shorter), each fed as one row with
+    logits_fn(ids [1, n], cu_seqlens) -> logits [1, n, V], whose segments start at the span's first token,
+    at every BOS and every seq_len tokens of a document (train/data.py document_segments): context never
+    crosses a BOS, and restarts at each span. Every target is scored once. Spans are split over ranks;
+    the float64 sums are all-reduced. val_bytes as in evaluate_bpb."""
+    _check_val(val_tokens, luts, val_bytes)
+    device = torch.device(device)
+    targets = val_tokens.numel() - 1
+    span = batch_seqs * seq_len
+    starts = list(range(0, targets, span))
+    rank, world = _rank_and_world()
+    luts = tuple(t.to(device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in starts[rank * len(starts) // world:(rank + 1) * len(starts) // world]:
+        end = min(start + span, targets)
+        x = val_tokens[start:end].to(device, non_blocking=True)
+        y = val_tokens[start + 1:end + 1].to(device, non_blocking=True)
+        logits = logits_fn(x[None], document_segments(x, seq_len))
+        if logits.ndim != 3 or tuple(logits.shape[:2]) != (1, x.numel()):
+            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for ids of shape (1, {x.numel()}); "
+                             f"expected [1, {x.numel()}, vocab]")
+        sums[0] += F.cross_entropy(logits[0].float(), y, reduction="none").double().sum()
+        if val_bytes is None:
+            sums[1] += target_bytes(x, y, luts).sum().double()
+        else:
+            sums[1] += val_bytes[start + 1:end + 1].sum().double()
+        sums[2] += end - start
+    return _bpb(sums, world)
 
 
 def autocast_for(device: torch.device | str):
@@ -159,13 +215,19 @@ def autocast_for(device: torch.device | str):
 
 
 def validate(model: Callable, base_model: torch.nn.Module, val_tokens: torch.Tensor, luts, *, seq_len: int,
-             stride: int | None, batch_seqs: int, device: torch.device) -> tuple[float, float]:
+             stride: int | None, batch_seqs: int, device: torch.device, mode: str = "sliding",
+             val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) of model's logits (called without targets) over val_tokens, in eval mode under
-    no_grad and autocast; base_model returns to the mode it was in. stride None = non-overlapping windows."""
+    no_grad and autocast; base_model returns to the mode it was in. mode "sliding": windows (stride None =
+    non-overlapping); "doc": evaluate_documents (stride unused). val_bytes: a byte sidecar, else the tables."""
     was_training = base_model.training
     base_model.eval()
     try:
         with torch.no_grad(), autocast_for(device):
-            return evaluate_bpb(model, val_tokens, luts, seq_len, stride=stride, batch_seqs=batch_seqs, device=device)
+            if mode == "doc":
+                return evaluate_documents(lambda ids, cu: model(ids, cu_seqlens=cu), val_tokens, luts, seq_len,
+                                          batch_seqs=batch_seqs, device=device, val_bytes=val_bytes)
+            return evaluate_bpb(model, val_tokens, luts, seq_len, stride=stride, batch_seqs=batch_seqs, device=device,
+                                val_bytes=val_bytes)
     finally:
         base_model.train(was_training)

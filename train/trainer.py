@@ -36,8 +36,9 @@ from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import from_rank0, synchronize, temp_files, write_atomic
-from train.data import DistributedTokenLoader, check_token_ids, load_val_tokens, shard_paths
-from train.evaluate import build_byte_luts, validate
+from train.data import (DistributedTokenLoader, ShardError, check_token_ids, load_val_bytes, load_val_tokens,
+                        shard_paths)
+from train.evaluate import SCORE_NAMES, build_byte_luts, validate
 from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
 
 SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls below this
@@ -526,6 +527,12 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
         f"in {time.perf_counter() - t0:.1f}s" + (f", split over {env.world_size} ranks)" if env.distributed else ")"))
     val_tokens = load_val_tokens(val_paths, cfg.eval_seq_len)
     luts = build_byte_luts(sp, cfg.vocab_size)
+    val_bytes = load_val_bytes(val_paths, val_tokens.numel())  # a CaseOps sidecar's counts, else the tables'
+    if cfg.caseops_enabled and val_bytes is None:
+        raise ShardError(f"CASEOPS_ENABLED=1 but the val shards in {cfg.data_path} have no byte sidecars "
+                         "(*_val_bytes_*.bin): CaseOps text must be scored against its original bytes")
+    log(f"val bytes: {'the byte sidecars' if val_bytes is not None else 'the tokenizer lookup tables'}; "
+        f"eval mode: {cfg.eval_mode}")
     loader = DistributedTokenLoader(train_paths, env.rank, env.world_size, device)
 
     # --- model ---
@@ -589,6 +596,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
 
     def validate_now(stride):  # `compiled` is the model itself on CPU
         return validate(compiled, base_model, val_tokens, luts, seq_len=cfg.eval_seq_len, stride=stride,
+                        mode=cfg.eval_mode, val_bytes=val_bytes,
                         batch_seqs=cfg.eval_batch_seqs, device=device)
 
     swa = SnapshotAverage()
@@ -686,7 +694,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     t_eval = time.perf_counter()
     val_loss, val_bpb = validate_now(cfg.eval_stride)
     eval_ms = 1000.0 * (time.perf_counter() - t_eval)
-    log(f"final_sliding_window val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+    log(f"final_{SCORE_NAMES[cfg.eval_mode]} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"seq_len:{cfg.eval_seq_len} stride:{cfg.eval_stride} eval_time:{eval_ms:.0f}ms")
     summary.update(float_val_loss=val_loss, float_val_bpb=val_bpb, eval_time_ms=round(eval_ms, 1))
     write_summary()  # a failing export still leaves the run's numbers behind
@@ -700,7 +708,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     else:
         try:
             result = export_fn(base_model, cfg, run_dir, env=env, log=log, train_paths=train_paths,
-                               val_tokens=val_tokens, luts=luts, reserve_seconds=reserve_s,
+                               val_tokens=val_tokens, luts=luts, val_bytes=val_bytes, reserve_seconds=reserve_s,
                                float_val=(val_loss, val_bpb), train_seconds=training_time_ms / 1000) or {}
         except Exception as err:
             summary["error"] = f"export step failed: {err}"
