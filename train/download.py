@@ -1,19 +1,22 @@
-"""`python -m train.download --train-shards N`: the challenge's FineWeb sp1024 shards from Hugging Face.
+"""`python -m train.download --variant sp1024|sp8192|sp8192_caseops --train-shards N`: FineWeb shards from Hugging Face.
 
-The dataset repo (default willdepueoai/parameter-golf, a dataset repo) keeps everything under a root
-folder `datasets/`; its manifest lists each tokenized dataset with its shard counts and tokenizer:
+Each variant (model/datasets.py: VARIANTS) lives in its own dataset repo (REPO_IDS), which keeps everything
+under a root folder `datasets/`; its manifest lists each tokenized dataset with its shard counts and tokenizer:
 
     datasets/manifest.json
-    datasets/datasets/fineweb10B_sp1024/fineweb_{train,val}_%06d.bin
-    datasets/tokenizers/fineweb_1024_bpe.{model,vocab}
+    datasets/datasets/<dataset>/fineweb_{train,val}_%06d.bin   (CaseOps also fineweb_val_bytes_%06d.bin)
+    datasets/tokenizers/<tokenizer>.{model,vocab}
 
-Everything below the root maps to the same path below --out-root (default data/), so the shards land
-in data/datasets/fineweb10B_sp1024/ beside the embedded corpus. Files already there and valid are
-kept. Without a network it stops at once; `python -m train.prepare` builds the offline corpus.
+Everything below the root maps to the same path below --out-root (default data/), so the shards land in
+data/datasets/<dataset>/ beside the embedded corpus. Files already there and valid are kept. The manifest is
+saved as data/manifest.json with the repo it came from beside it (manifest.source.json); one from another
+repo is refused, not silently replaced or reused. Without a network it stops at once; `python -m
+train.prepare` builds the offline corpus.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -25,14 +28,25 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from model.cli import nonnegative_int
+from model.datasets import VARIANTS
 from model.io import write_atomic
 from train.data import ShardError, load_shard
 
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+REPO_IDS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf",
+            "sp8192_caseops": "romeerp/parameter-golf-caseops-v1"}
+REPO_ID_VARIABLE = "PARAMETER_GOLF_REPO_ID"  # overrides REPO_IDS for whichever variant is downloaded
+DEFAULT_VARIANT = "sp1024"
 REMOTE_ROOT = "datasets"
-DEFAULT_DATASET = "fineweb10B_sp1024"
-DEFAULT_TRAIN_SHARDS = 80
+DEFAULT_TRAIN_SHARDS = 80  # R1 ran 80 CaseOps train shards
 SHARD_PREFIX = "fineweb"  # fineweb_{train,val}_%06d.bin, train shards numbered from 0
+VAL_BYTES_GLOB = f"{SHARD_PREFIX}_val_bytes_*.bin"  # the exporter's sidecar names when the manifest gives none
+# Published hashes (DATA_EVAL.md 1.2): a tokenizer with other bytes splits text differently from the shards.
+TOKENIZER_SHA256 = {
+    "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model":
+        "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d",
+}
+MANIFEST = "manifest.json"
+MANIFEST_SOURCE = "manifest.source.json"  # {"repo_id": ...}: which repo the saved manifest came from
 OFFLINE_HINT = ("for an offline run build the embedded corpus instead: `python -m train.prepare` "
                 "(data/datasets/embedded_sp1024)")
 
@@ -47,21 +61,35 @@ class DownloadPlan:
     train_shards_available: int
     val_shards: int
     tokenizer_files: tuple   # remote paths below the root, e.g. "tokenizers/fineweb_1024_bpe.model"
+    val_bytes_glob: str | None = None  # sidecar file names, e.g. "fineweb_val_bytes_*.bin"; None: no sidecars
+
+    def val_shard(self, index: int) -> str:
+        return f"datasets/{self.dataset}/{SHARD_PREFIX}_val_{index:06d}.bin"
+
+    def sidecars(self) -> dict[str, str]:
+        """Remote path of each val byte sidecar -> remote path of the val shard whose tokens it counts the bytes of."""
+        if self.val_bytes_glob is None:
+            return {}
+        return {f"datasets/{self.dataset}/{self.val_bytes_glob.replace('*', f'{i:06d}')}": self.val_shard(i)
+                for i in range(self.val_shards)}
 
     def remote_files(self, train_shards: int) -> list[str]:
-        """Remote paths below the root: val shards, the first train_shards train shards, tokenizer files."""
+        """Remote paths below the root: the tokenizer files first (a bad hash stops before gigabytes of shards),
+        the val shards, their byte sidecars, then the first train_shards train shards."""
         if not 0 <= train_shards <= self.train_shards_available:
             raise DownloadError(f"--train-shards {train_shards}: {self.dataset} has "
                                 f"{self.train_shards_available} train shards (choose 0..{self.train_shards_available})")
-        folder = f"datasets/{self.dataset}"
-        return ([f"{folder}/{SHARD_PREFIX}_val_{i:06d}.bin" for i in range(self.val_shards)]
-                + [f"{folder}/{SHARD_PREFIX}_train_{i:06d}.bin" for i in range(train_shards)]
-                + list(self.tokenizer_files))
+        return (list(self.tokenizer_files)
+                + [self.val_shard(i) for i in range(self.val_shards)]
+                + list(self.sidecars())
+                + [f"datasets/{self.dataset}/{SHARD_PREFIX}_train_{i:06d}.bin" for i in range(train_shards)])
 
 
-def parse_manifest(manifest: dict, dataset: str = DEFAULT_DATASET) -> DownloadPlan:
-    """What the manifest says about one dataset: shard counts and the tokenizer files it was made with."""
-    where = f"{REMOTE_ROOT}/manifest.json"
+def parse_manifest(manifest: dict, dataset: str = VARIANTS[DEFAULT_VARIANT].dataset, source: str = "",
+                   val_bytes: bool = False) -> DownloadPlan:
+    """What the manifest (of repo `source`) says about one dataset: shard counts, the tokenizer files it was made
+    with and, when it names a val_bytes_glob or val_bytes is set, the val byte sidecars' file names."""
+    where = f"{REMOTE_ROOT}/{MANIFEST}" + (f" of {source}" if source else "")
     datasets = manifest.get("datasets") if isinstance(manifest, dict) else None
     if not isinstance(datasets, list):
         raise DownloadError(f"{where}: no 'datasets' list; is this the parameter-golf dataset repo?")
@@ -83,7 +111,51 @@ def parse_manifest(manifest: dict, dataset: str = DEFAULT_DATASET) -> DownloadPl
     files = tuple(str(tokenizer[k]) for k in ("model_path", "vocab_path", "path") if tokenizer.get(k))
     if not files:
         raise DownloadError(f"{where}: tokenizer {tok_name!r} names no model_path / vocab_path")
-    return DownloadPlan(dataset, n_train, n_val, files)
+    val_bytes_glob = entry.get("val_bytes_glob")
+    if val_bytes_glob:
+        # Only the file-name part counts: the exporter writes each sidecar beside its val shard, where the
+        # evaluation looks for it; the folder part is the exporter's own path.
+        name = str(val_bytes_glob).rsplit("/", 1)[-1]
+        if name.count("*") != 1 or any(c in name for c in "?[") or not name.endswith(".bin"):
+            raise DownloadError(f"{where}: dataset {dataset!r} has val_bytes_glob {val_bytes_glob!r}; expected a .bin "
+                                f"file name with one '*' for the shard number, such as {VAL_BYTES_GLOB!r}")
+        val_bytes_glob = name
+    elif val_bytes:
+        val_bytes_glob = VAL_BYTES_GLOB
+    return DownloadPlan(dataset, n_train, n_val, files, val_bytes_glob or None)
+
+
+def check_saved_manifest(out_root, repo_id: str, variant: str) -> None:
+    """Refuse the manifest an earlier download left in out_root when it came from another repo, or, written by a
+    downloader that did not record its repo, does not list this variant's dataset.
+
+    R1's downloader reused such a stale manifest silently; replacing it silently would lose the record of
+    where the files beside it came from. Either way the user should decide, so the message says what to do.
+    The same repo's manifest passes: this download replaces it with the repo's current one.
+    """
+    path, source_path = Path(out_root) / MANIFEST, Path(out_root) / MANIFEST_SOURCE
+    if not path.exists():
+        return
+    try:
+        source = json.loads(source_path.read_text(encoding="utf-8"))["repo_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None  # R1's downloader, or this one before it recorded the repo
+    if source == repo_id:
+        return
+    try:
+        listed = [d.get("name") for d in json.loads(path.read_text(encoding="utf-8"))["datasets"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = []
+    dataset = VARIANTS[variant].dataset
+    to_delete = f"{path} and {source_path}" if source_path.exists() else str(path)
+    remedy = (f"delete {to_delete} (the shards and tokenizers already downloaded stay valid) or pass --out-root "
+              f"<another folder>")
+    if source is not None:
+        raise DownloadError(f"{path} is the manifest of {source} (datasets {listed}), not of {repo_id}, where variant "
+                            f"{variant} comes from; {remedy}; or pass --repo-id {source} if that is the repo you mean")
+    if dataset not in listed:
+        raise DownloadError(f"{path} records no source repo and lists datasets {listed}, not {dataset} of variant "
+                            f"{variant}: it is stale or from another repo; {remedy}")
 
 
 def local_path(remote: str, out_root) -> Path:
@@ -116,12 +188,7 @@ def _hub_fetch():
 
 
 def _place(source: Path, dest: Path) -> None:
-    """Put a fetched file at dest atomically; shards are validated before they replace anything."""
-    if dest.suffix == ".bin":
-        try:
-            load_shard(source)
-        except ShardError as e:
-            raise DownloadError(f"downloaded shard is corrupt, not installed: {e}") from None
+    """Put a fetched file at dest atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:  # a hard link to the hub's cached blob: 80 shards of 200 MB are not stored twice
@@ -134,25 +201,47 @@ def _place(source: Path, dest: Path) -> None:
         write_atomic(dest, iter(lambda: f.read(1 << 24), b""))
 
 
-def _present(dest: Path) -> bool:
-    if not dest.is_file() or dest.stat().st_size == 0:
-        return False
+def _unusable(path: Path, dest: Path, val_shard: Path | None) -> str | None:
+    """Why the file at path cannot serve as dest, or None: empty, a shard (.bin) not in the shard format, or a
+    byte sidecar whose length is not its val shard's (it holds one byte count per val token)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return "missing or empty"
     if dest.suffix == ".bin":
         try:
-            load_shard(dest)
-        except ShardError:
-            return False
-    return True
+            count = load_shard(path).size
+        except ShardError as e:
+            return str(e)
+        if val_shard is not None and count != (tokens := load_shard(val_shard).size):
+            return f"its {count:,} byte counts do not match the {tokens:,} tokens of its val shard {val_shard}"
+    return None
+
+
+def _sha256_mismatch(path: Path, name: str) -> tuple[str, str] | None:
+    """(published, actual) sha256 when a file named `name` has a published hash and path holds other bytes."""
+    published = TOKENIZER_SHA256.get(name)
+    if published is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return None if digest.hexdigest() == published else (published, digest.hexdigest())
 
 
 def download(train_shards: int = DEFAULT_TRAIN_SHARDS, out_root="data", repo_id: str | None = None,
-             dataset: str = DEFAULT_DATASET, fetch=None, endpoint: str | None = None) -> list[Path]:
-    """Fetch the manifest, then the val shards, the first train_shards train shards and the tokenizer.
+             variant: str = DEFAULT_VARIANT, fetch=None, endpoint: str | None = None) -> list[Path]:
+    """Fetch the variant's manifest, then its tokenizer, val shards (with byte sidecars for CaseOps) and the
+    first train_shards train shards.
 
-    fetch(repo_id=, filename=, repo_type="dataset", endpoint=) -> local file path; default the hub's
-    hf_hub_download (tests pass a fake). Returns the local paths of every planned file.
+    repo_id: default $PARAMETER_GOLF_REPO_ID, else REPO_IDS[variant]. fetch(repo_id=, filename=,
+    repo_type="dataset", endpoint=) -> local file path; default the hub's hf_hub_download (tests pass a fake).
+    Returns the local paths of every planned file.
     """
-    repo_id = repo_id or os.environ.get("PARAMETER_GOLF_REPO_ID") or DEFAULT_REPO_ID
+    if variant not in VARIANTS:
+        raise DownloadError(f"unknown variant {variant!r} (choose one of {', '.join(VARIANTS)})")
+    spec = VARIANTS[variant]
+    repo_id = repo_id or os.environ.get(REPO_ID_VARIABLE) or REPO_IDS[variant]
+    check_saved_manifest(out_root, repo_id, variant)
     if fetch is None:
         # Probe first: the hub client retries for ~25 s before it gives up on a machine without network.
         if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
@@ -169,41 +258,67 @@ def download(train_shards: int = DEFAULT_TRAIN_SHARDS, out_root="data", repo_id:
             raise DownloadError(f"fetching {REMOTE_ROOT}/{remote} from {repo_id} failed ({type(e).__name__}: "
                                 f"{e}); {OFFLINE_HINT}") from e
 
-    manifest_file = get("manifest.json")
+    manifest_file = get(MANIFEST)
     try:
         manifest = json.loads(Path(manifest_file).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DownloadError(f"{REMOTE_ROOT}/manifest.json from {repo_id} is not valid JSON: {e}") from None
-    plan = parse_manifest(manifest, dataset)
+        raise DownloadError(f"{REMOTE_ROOT}/{MANIFEST} from {repo_id} is not valid JSON: {e}") from None
+    plan = parse_manifest(manifest, spec.dataset, repo_id, val_bytes=spec.caseops)
+    if spec.tokenizer_path(out_root) not in [local_path(f, out_root) for f in plan.tokenizer_files]:
+        # the config's TOKENIZER_PATH default for this variant would miss it
+        raise DownloadError(f"{REMOTE_ROOT}/{MANIFEST} of {repo_id}: dataset {spec.dataset} comes with tokenizer "
+                            f"files {list(plan.tokenizer_files)}, not tokenizers/{spec.tokenizer_model} that variant "
+                            f"{variant} expects")
     remote_files = plan.remote_files(train_shards)
-    _place(Path(manifest_file), local_path("manifest.json", out_root))
+    _place(Path(manifest_file), local_path(MANIFEST, out_root))
+    write_atomic(local_path(MANIFEST_SOURCE, out_root), json.dumps({"repo_id": repo_id}) + "\n")
+    sidecars = plan.sidecars()
     dests = []
-    for remote in tqdm(remote_files, desc=f"{dataset} from {repo_id}", unit="file"):
+    for remote in tqdm(remote_files, desc=f"{variant} from {repo_id}", unit="file"):
         dest = local_path(remote, out_root)
-        if not _present(dest):
-            _place(get(remote), dest)
+        val_shard = local_path(sidecars[remote], out_root) if remote in sidecars else None
+        if dest.is_file() and _unusable(dest, dest, val_shard) is None:
+            mismatch = _sha256_mismatch(dest, dest.name)
+            if mismatch:  # out of the way, so that nothing loads it by its expected name
+                aside = dest.with_name(f"{dest.name}.{mismatch[1][:12]}.rejected")
+                os.replace(dest, aside)
+                raise DownloadError(f"{dest} has sha256 {mismatch[1]}, not the published {mismatch[0]}; moved it to "
+                                    f"{aside}; run again to fetch the published file")
+            dests.append(dest)
+            continue
+        source = get(remote)
+        problem = _unusable(source, dest, val_shard)
+        mismatch = _sha256_mismatch(source, dest.name) if problem is None else None
+        if mismatch:
+            problem = f"sha256 {mismatch[1]}, not the published {mismatch[0]}"
+        if problem:
+            raise DownloadError(f"{REMOTE_ROOT}/{remote} from {repo_id} is not installed as {dest}: {problem}")
+        _place(source, dest)
         dests.append(dest)
     return dests
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.download", description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
+                        help=f"which tokenized FineWeb: sp1024 (the challenge's), sp8192, or sp8192_caseops (R1's, "
+                             f"with val byte sidecars); default {DEFAULT_VARIANT}")
     parser.add_argument("--train-shards", type=nonnegative_int, default=DEFAULT_TRAIN_SHARDS,
                         help=f"train shards of 10^8 tokens to fetch, 0: only val and the tokenizer "
                              f"(default {DEFAULT_TRAIN_SHARDS})")
     parser.add_argument("--out-root", default="data", help="folder receiving datasets/ and tokenizers/")
     parser.add_argument("--repo-id", default=None,
-                        help=f"dataset repo (default $PARAMETER_GOLF_REPO_ID or {DEFAULT_REPO_ID})")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET)
+                        help=f"dataset repo (default ${REPO_ID_VARIABLE}, else the variant's: "
+                             + ", ".join(f"{variant} {repo}" for variant, repo in REPO_IDS.items()) + ")")
     parser.add_argument("--endpoint", default=None, help="hub URL (default $HF_ENDPOINT or huggingface.co)")
     args = parser.parse_args(argv)
     try:
-        dests = download(args.train_shards, args.out_root, args.repo_id, args.dataset, endpoint=args.endpoint)
+        dests = download(args.train_shards, args.out_root, args.repo_id, args.variant, endpoint=args.endpoint)
     except DownloadError as e:
         sys.exit(f"download failed: {e}")
-    shards = [d for d in dests if d.suffix == ".bin"]
-    print(f"{len(shards)} shards in {shards[0].parent if shards else args.out_root}; "
-          f"tokenizer {', '.join(str(d) for d in dests if d.suffix != '.bin')}")
+    spec = VARIANTS[args.variant]
+    print(f"{sum(d.suffix == '.bin' for d in dests)} shard files in {spec.data_path(args.out_root)}; run with "
+          f"DATA_PATH={spec.data_path(args.out_root)} TOKENIZER_PATH={spec.tokenizer_path(args.out_root)}")
 
 
 if __name__ == "__main__":
