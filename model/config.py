@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass, field, fields
 
 from kernels._runtime import parse_flag
+
+from .datasets import VARIANTS, variant_for
 from kernels.gptq import INVERSES as GPTQ_INVERSES, MAX_BLOCK as GPTQ_MAX_BLOCK, ORDERS as GPTQ_ORDERS
 
 # quant/methods.py registers one class under each of these names (a new method adds its name here too).
@@ -114,6 +116,7 @@ class Config:
     quant_small_numel: int = setting(65536, bound=">=0")  # tensors with at most this many elements are stored fp16
     # --- paths and run control ---
     caseops_enabled: bool = setting(False)  # the CaseOps data: val bytes come from its byte sidecars
+    # unset: the download (model/datasets.py) that VOCAB_SIZE and CASEOPS_ENABLED name
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
     runs_dir: str = "runs"
@@ -224,11 +227,10 @@ PRESETS: dict[str, dict] = {
     "frontier": dict(vocab_size=8192, use_crawler=0, mlp_mult=4.0, qk_gain_init=5.0, rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0,
                      parallel_start_layer=8, skip_gates_enabled=True, smear_gate_enabled=True,
                      static_smear_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
-                     quant_method="gptq",
-                     data_path="data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-                     tokenizer_path="data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
-    # Every frontier switch at CPU size on the embedded corpus: 6 blocks, 2..3 looped, two-lane from block 4;
-    # head dim 64 and GQA 2:1 as R1 (the Triton attention kernel takes head dims 64 and 128).
+                     quant_method="gptq", caseops_enabled=True, eval_mode="doc"),
+    # Every frontier switch at CPU size on the embedded corpus as CaseOps text (`python -m train.prepare --variant
+    # sp8192_caseops`): 6 blocks, 2..3 looped, two-lane from block 4; head dim 64 and GQA 2:1 as R1 (the
+    # Triton attention kernel takes head dims 64 and 128); scored document-isolated from the byte sidecars.
     "frontier-tiny": dict(seed=1337, use_crawler=0, num_layers=6, loop_start=2, loop_end=3,
                           model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4.0, qk_gain_init=5.0,
                           rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0, parallel_start_layer=4,
@@ -238,8 +240,9 @@ PRESETS: dict[str, dict] = {
                           max_wallclock_seconds=0.0, warmdown_iters=130, warmup_steps=0, val_loss_every=100,
                           train_log_every=25, swa_every=10, muon_momentum_warmup_steps=100, compile_fullgraph=False,
                           eval_seq_len=256, eval_batch_seqs=64, gptq_cal_samples=32, gptq_cal_seq_len=256,
-                          quant_small_numel=4096, data_path="data/datasets/embedded_sp1024",
-                          tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
+                          quant_small_numel=4096, vocab_size=8192, caseops_enabled=True, eval_mode="doc",
+                          data_path="data/datasets/embedded_sp8192_caseops",
+                          tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
                  train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400, max_wallclock_seconds=0.0,
                  warmdown_iters=130, warmup_steps=0, val_loss_every=100, train_log_every=25, swa_every=10,
@@ -402,6 +405,11 @@ def from_env(environ=None, **overrides) -> Config:
         if name not in kinds:
             raise ConfigError(f"unknown configuration field {name!r}")
         values[name] = tuple(value) if kinds[name] is tuple else value
+    # Paths nobody set follow the data the vocabulary and CASEOPS_ENABLED name (python -m train.download).
+    variant = variant_for(values.get("vocab_size", Config.vocab_size), values.get("caseops_enabled", False))
+    if variant is not None:
+        values.setdefault("data_path", str(VARIANTS[variant].data_path()))
+        values.setdefault("tokenizer_path", str(VARIANTS[variant].tokenizer_path()))
     return _validated(Config(**values))
 
 

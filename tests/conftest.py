@@ -79,21 +79,43 @@ SMALL = dict(model_dim=64, num_heads=1, num_kv_heads=1, num_flat_layers=2, crawl
              eval_batch_seqs=32, seed=7)
 
 
-@pytest.fixture(scope="session")
-def small_data(prepared_corpus, tmp_path_factory):
-    """The first 60k train and 2k val tokens of the embedded corpus, as shards of their own: DATA_PATH and
-    TOKENIZER_PATH for runs that take seconds (tests/test_train.py, tests/test_records.py)."""
+def _small_copy(corpus, folder) -> dict:
+    """The first 60k train and 2k val tokens of a prepared corpus (and of its val byte sidecar, if it has one)
+    as shards of their own: DATA_PATH and TOKENIZER_PATH for runs that take seconds."""
     import numpy as np
 
-    from train.data import load_shard, shard_paths, write_shard
+    from train.data import load_shard, shard_paths, sidecar_paths, write_shard
 
-    folder = tmp_path_factory.mktemp("small_corpus")
-    src = prepared_corpus.dataset_dir
+    src = corpus.dataset_dir
     train_tokens = np.concatenate([load_shard(p) for p in shard_paths(src, "train")])[:60_000]
-    val_tokens = load_shard(shard_paths(src, "val")[0])[:2_049]
+    val = shard_paths(src, "val")[:1]
     write_shard(folder / "embedded_train_000000.bin", train_tokens)
-    write_shard(folder / "embedded_val_000000.bin", val_tokens)
-    return dict(data_path=str(folder), tokenizer_path=str(prepared_corpus.tokenizer_path))
+    write_shard(folder / "embedded_val_000000.bin", load_shard(val[0])[:2_049])
+    for sidecar in sidecar_paths(val):
+        write_shard(folder / "embedded_val_bytes_000000.bin", load_shard(sidecar)[:2_049])
+    return dict(data_path=str(folder), tokenizer_path=str(corpus.tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def small_data(prepared_corpus, tmp_path_factory):
+    """The first 60k train and 2k val tokens of the embedded corpus: for runs that take seconds
+    (tests/test_train.py, tests/test_records.py)."""
+    return _small_copy(prepared_corpus, tmp_path_factory.mktemp("small_corpus"))
+
+
+@pytest.fixture(scope="session")
+def prepared_caseops_corpus():
+    """The embedded corpus as CaseOps text at vocab 8192 with val byte sidecars (`python -m train.prepare
+    --variant sp8192_caseops`), built once (about 10 s) or reused; what frontier-tiny trains on."""
+    from train.prepare import prepare
+
+    return prepare(out_root=REPO / "data", progress=False, vocab_size=8192, case_ops=True)
+
+
+@pytest.fixture(scope="session")
+def small_caseops_data(prepared_caseops_corpus, tmp_path_factory):
+    """small_data of the CaseOps corpus, its val byte sidecar included."""
+    return _small_copy(prepared_caseops_corpus, tmp_path_factory.mktemp("small_caseops_corpus"))
 
 
 TINY_RUN_STEPS = 40  # enough that the weights leave their init and quantization gaps mean something

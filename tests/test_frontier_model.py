@@ -17,7 +17,7 @@ from model import CheckpointError, build_model, count_parameters, from_env, from
 from model import to_record_state_dict
 from model.schedule import DECODER, ENCODER, block_schedule
 
-TINY = ref.R1Shape(vocab_size=1024, num_layers=6, model_dim=128, num_heads=2, num_kv_heads=1, loop_start=2,
+TINY = ref.R1Shape(vocab_size=8192, num_layers=6, model_dim=128, num_heads=2, num_kv_heads=1, loop_start=2,
                    loop_end=3, parallel_start_layer=4)
 LOGITS_RTOL = 1e-4  # of the reference logits' spread (max - min)
 
@@ -201,8 +201,9 @@ def test_triton_and_torch_paths_train_the_frontier_model_alike():
         assert abs(a - b) <= 2e-5 * abs(b), f"step {step}: loss {a:.7f} with triton kernels, {b:.7f} with torch"
 
 
-def test_frontier_tiny_trains_end_to_end_and_exports(small_data, tmp_path):
-    """The trainer and the export step on the looped layout: the loss falls, the artifact round-trips."""
+def test_frontier_tiny_trains_end_to_end_and_exports(small_caseops_data, tmp_path):
+    """The whole frontier pipeline at CPU size: CaseOps shards, the looped layout, the export step, scored
+    document-isolated from the byte sidecar: the loss falls, the artifact round-trips."""
     import functools
 
     from quant.export import export_run
@@ -211,8 +212,7 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_data, tmp_path):
     cfg = _small_frontier(runs_dir=str(tmp_path), run_id="frontier", iterations=24, warmdown_iters=8,
                           train_seq_len=64, train_batch_tokens=4 * 64, eval_seq_len=64, eval_stride=32,
                           eval_batch_seqs=32, val_loss_every=0, train_log_every=1, swa_every=0,
-                          gptq_cal_samples=4, gptq_cal_seq_len=64, quant_small_numel=1024, eval_mode="doc",
-                          **small_data)
+                          gptq_cal_samples=4, gptq_cal_seq_len=64, quant_small_numel=1024, **small_caseops_data)
     summary = train(cfg, export_fn=functools.partial(export_run, compare=False), echo=False)
     losses = summary["train_losses"]
     assert summary["status"] == "finished" and len(losses) == 24 and losses[-1] < losses[0] - 0.5
@@ -220,7 +220,7 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_data, tmp_path):
     export = summary["export"]
     assert export["method"] == "gptq" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
     log = (tmp_path / "frontier" / "train.log").read_text()  # scored document-isolated, as R1 scores
-    assert "eval mode: doc" in log and "final_doc_isolated val_loss:" in log
+    assert "val bytes: the byte sidecars; eval mode: doc" in log and "final_doc_isolated val_loss:" in log
     assert "final_int6_doc_isolated_exact val_loss:" in log and "sliding_window" not in log
 
 

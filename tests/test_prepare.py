@@ -172,3 +172,29 @@ def test_real_corpus_and_unigram_reference(prepared_corpus, capsys):
     nll = -log_p[val[1:].numpy()].sum()
     assert bpb == pytest.approx(nll / (math.log(2) * target_bytes(val[:-1], val[1:], luts).sum().item()), abs=6e-5)
     assert 2.5 < bpb < 4.0
+
+
+def test_caseops_corpus_charges_every_original_byte(prepared_caseops_corpus):
+    """--variant sp8192_caseops: CaseOps text with the operators at ids 4-7, and a val byte sidecar whose counts
+    for each document sum to the document's original UTF-8 bytes (the corpus texts carry no leading or trailing
+    whitespace, the only bytes no token stands for); the unigram reference scores with those counts."""
+    from train import caseops
+    from train.data import sidecar_paths
+
+    s = prepared_caseops_corpus
+    assert s.caseops and s.vocab_size == 8192 and 40_000 < s.val_tokens <= 50_000
+    sp = spm.SentencePieceProcessor(model_file=s.tokenizer_path)
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(caseops.OPERATORS) and sp.vocab_size() == 8192
+    val = shard_paths(s.dataset_dir, "val")
+    tokens = np.concatenate([load_shard(p) for p in val])
+    counts = np.concatenate([load_shard(p) for p in sidecar_paths(val)]).astype(np.int64)
+    assert counts.size == tokens.size and not counts[tokens == BOS_ID].any()
+    by_first_ids = {tuple(sp.encode(caseops.encode(d.text))[:64]): d.text for d in corpus_documents()}
+    starts = [*np.flatnonzero(tokens == BOS_ID), tokens.size]
+    for a, b in zip(starts[:-1], starts[1:]):
+        text = by_first_ids[tuple(tokens[a + 1:min(a + 65, b)].tolist())]
+        assert counts[a:b].sum() == len(text.encode("utf-8"))
+    out = subprocess.run([sys.executable, "-m", "train.unigram", "--data-path", s.dataset_dir, "--tokenizer-path",
+                          s.tokenizer_path, "--vocab-size", "8192", "--seq-len", "256"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "(bytes from the val byte sidecars)" in out and 1.5 < float(re.search(r"val_bpb:([0-9.]+)", out)[1]) < 4.0

@@ -1,7 +1,8 @@
 """`python -m train.unigram`: the reference val_bpb of a unigram model fitted on the train shards.
 
 A model that ignores context entirely scores this; every trained model should beat it. It is scored by
-train/evaluate.py's metric (non-overlapping windows unless --stride), like the trainer's validation.
+train/evaluate.py's metric (non-overlapping windows unless --stride), like the trainer's validation, with
+the val byte sidecars' counts when the data has them (CaseOps).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from model.cli import positive_int
 from model.config import Config
-from train.data import load_shard, load_val_tokens, shard_paths
+from train.data import load_shard, load_val_bytes, load_val_tokens, shard_paths
 from train.evaluate import build_byte_luts, evaluate_bpb
 from train.trainer import load_tokenizer
 
@@ -45,7 +46,9 @@ def main(argv=None) -> int:
         sp = load_tokenizer(Config(tokenizer_path=args.tokenizer_path, vocab_size=args.vocab_size))
         luts = build_byte_luts(sp, args.vocab_size)
         log_probs = unigram_log_probs((load_shard(p) for p in shard_paths(args.data_path, "train")), args.vocab_size)
-        val_tokens = load_val_tokens(shard_paths(args.data_path, "val"), args.seq_len)
+        val_paths = shard_paths(args.data_path, "val")
+        val_tokens = load_val_tokens(val_paths, args.seq_len)
+        val_bytes = load_val_bytes(val_paths, val_tokens.numel())
     except (FileNotFoundError, ValueError) as e:  # ConfigError and ShardError are ValueErrors; each names its file
         print(f"train.unigram: {e}", file=sys.stderr)
         return 2
@@ -53,8 +56,9 @@ def main(argv=None) -> int:
     def unigram_logits(ids):
         return log_probs.expand(*ids.shape, -1)
 
-    val_loss, val_bpb = evaluate_bpb(unigram_logits, val_tokens, luts, args.seq_len, args.stride)
-    print(f"unigram model on {args.data_path}: {val_tokens.numel() - 1} val targets, val_loss:{val_loss:.4f}")
+    val_loss, val_bpb = evaluate_bpb(unigram_logits, val_tokens, luts, args.seq_len, args.stride, val_bytes=val_bytes)
+    print(f"unigram model on {args.data_path}: {val_tokens.numel() - 1} val targets, val_loss:{val_loss:.4f}"
+          + (" (bytes from the val byte sidecars)" if val_bytes is not None else ""))
     print(f"val_bpb:{val_bpb:.4f}")
     return 0
 
