@@ -6,11 +6,19 @@ shards. Documents are packed as [BOS] + ids with no EOS and run across shard bou
 dataset also has one byte sidecar per val shard, `*_val_bytes_NNNNNN.bin` beside `*_val_NNNNNN.bin`:
 the same format, value i the original UTF-8 bytes token i stands for (0 for BOS).
 
+The streams: DistributedTokenLoader (plain contiguous [batch, seq_len] rows), PackedLoader (R1's training
+stream: one packed row per rank and micro-batch, read from each shard's first BOS, with cu_seqlens cut at
+document starts; prepared by worker threads) and ShuffledSequenceLoader (R1's GPTQ calibration rows at
+shuffled starts, seeded by the rank); load_val_tokens for evaluation.
+
 This module is a leaf: of the project it imports only model.io (the atomic write), never the model, the
 training loop or quant/.
 """
 from __future__ import annotations
 
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +37,8 @@ SPLITS = ("train", "val")
 
 class ShardError(ValueError):
     """Shards that cannot feed a run: a file not in the format above, a token id outside the vocab, too few
-    val tokens for one evaluation window. The message names the file(s) and what is wrong."""
+    val tokens for one evaluation window, no shard long enough for one batch. The message names the file(s)
+    and what is wrong."""
 
 
 def _read_header(path: Path) -> int:
@@ -197,6 +206,240 @@ class DistributedTokenLoader:
         else:
             local = local.to(self.device)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+PREFETCH_BATCHES = 2        # batches the PackedLoader worker keeps ready ahead of the trainer (R1: two)
+_BOS_SCAN_CHUNK = 1 << 20   # tokens per vectorized pass when looking for a shard's first BOS
+
+
+def first_bos(tokens: np.ndarray, bos_id: int = 1) -> int | None:
+    """Index of the first BOS in a shard, or None when it has none. Vectorized (np.flatnonzero) over chunks,
+    so a 1e8-token memmap is read only up to its first BOS, never copied whole."""
+    for begin in range(0, tokens.size, _BOS_SCAN_CHUNK):
+        hits = np.flatnonzero(tokens[begin:begin + _BOS_SCAN_CHUNK] == bos_id)
+        if hits.size:
+            return begin + int(hits[0])
+    return None
+
+
+def _open_packed_shard(path: Path, bos_id: int):
+    """(tokens memmap, first BOS index or None): what PackedLoader needs to start reading a shard."""
+    tokens = load_shard(path)
+    return tokens, first_bos(tokens, bos_id)
+
+
+def _shut_down(pools, join: bool) -> None:
+    """Cancel the queued work of the thread pools and stop their threads (join: wait until they have)."""
+    for pool in pools:
+        pool.shutdown(wait=join, cancel_futures=True)
+
+
+class PackedLoader:
+    """R1's training stream (its DocumentPackingLoader): each rank's micro-batch is one packed row of
+    tokens_per_rank tokens, with attention segments at every document start.
+
+    Shards are read in sorted order, each from its first BOS (the head of a shard continues the previous
+    shard's last document and is never trained on; a shard without BOS is skipped). A call takes the next
+    global span of world_size * (tokens_per_rank + 1) stream tokens; rank r keeps slice r, inputs its first
+    tokens_per_rank tokens and targets its last, so the token between two ranks' slices is a target of rank r
+    and an input of no rank. When the span does not fit in the rest of the shard (cursor + span > size;
+    ending exactly at the end is kept), the rest is dropped and the loader moves on to the next shard, wrapping
+    to shard 0 after the last. No RNG: the stream depends only on the files and the shapes.
+
+    With prefetch, a worker thread builds the next PREFETCH_BATCHES batches and a second one opens the next
+    shard ahead; both run in stream order, so prefetch changes when work is done, never which tokens a call
+    returns. A worker's exception is raised by next_batch in the caller's thread.
+    """
+
+    def __init__(self, files, rank: int, world_size: int, tokens_per_rank: int, max_doc_len: int = 2048, *,
+                 bos_id: int = 1, device="cpu", prefetch: bool = True):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"PackedLoader: rank {rank} must lie in [0, world_size={world_size})")
+        if tokens_per_rank <= 0:
+            raise ValueError(f"PackedLoader: tokens_per_rank must be positive, got {tokens_per_rank}")
+        if max_doc_len <= 0:
+            raise ValueError(f"PackedLoader: max_doc_len must be positive, got {max_doc_len}")
+        self.files = sorted(Path(p) for p in files)
+        if not self.files:
+            raise ValueError("PackedLoader needs at least one shard path")
+        self.rank, self.world_size = rank, world_size
+        self.tokens_per_rank, self.max_doc_len, self.bos_id = tokens_per_rank, max_doc_len, bos_id
+        self.span = tokens_per_rank + 1                  # one extra token so the last target exists
+        self.global_span = world_size * self.span
+        self.device = torch.device(device)
+        # fail at start-up on a malformed shard, or when no shard is even long enough for one span
+        if max(_read_header(p) for p in self.files) < self.global_span:
+            raise ShardError(self._too_short_message())
+        self._pin = self.device.type == "cuda"
+        self._prefetch = prefetch
+        self._pending = deque()                          # futures of the prepared batches, in stream order
+        self._shard_ahead = None                         # (shard index, future of _open_packed_shard)
+        self._closed = False
+        if prefetch:
+            self._batch_pool = ThreadPoolExecutor(1, thread_name_prefix="PackedLoader-batches")
+            self._shard_pool = ThreadPoolExecutor(1, thread_name_prefix="PackedLoader-shards")
+            # shuts the threads down when the loader is garbage-collected without close()
+            self._finalizer = weakref.finalize(self, _shut_down, (self._batch_pool, self._shard_pool), False)
+        self._restart()
+
+    def _too_short_message(self) -> str:
+        return (f"no training shard holds one global span of {self.global_span:,} tokens (world_size "
+                f"{self.world_size} x (tokens_per_rank {self.tokens_per_rank:,} + 1)) from its first BOS "
+                f"(id {self.bos_id}): {[str(p) for p in self.files]}")
+
+    def _restart(self) -> None:
+        """Stream state as a new loader (before shard 0), and the prefetch queue refilled. Worker idle."""
+        self._shard_index = -1
+        self._tokens = np.zeros(0, dtype=TOKEN_DTYPE)
+        self._cursor = None                              # None: no BOS in the current shard
+        self._error = None
+        if self._prefetch:
+            self._pending.extend(self._batch_pool.submit(self._produce) for _ in range(PREFETCH_BATCHES))
+
+    def _drain(self) -> None:
+        """Cancel the queued work and wait for the running task, so no worker touches the state after."""
+        for future in self._pending:
+            future.cancel()
+        wait(self._pending)
+        self._pending.clear()
+        if self._shard_ahead is not None:                # stable now: only a batch task replaces it
+            self._shard_ahead[1].cancel()
+            wait([self._shard_ahead[1]])
+            self._shard_ahead = None
+
+    def _switch_to_shard(self, index: int) -> None:
+        ahead = self._shard_ahead
+        self._shard_ahead = None
+        if ahead is not None and ahead[0] == index:
+            tokens, bos = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            tokens, bos = _open_packed_shard(self.files[index], self.bos_id)
+        if self._prefetch:
+            following = (index + 1) % len(self.files)
+            self._shard_ahead = (following, self._shard_pool.submit(_open_packed_shard, self.files[following],
+                                                                    self.bos_id))
+        self._shard_index, self._tokens, self._cursor = index, tokens, bos
+
+    def _produce(self):
+        """The next batch on the host: (the rank's span of tokens_per_rank + 1 int64 tokens, cu_seqlens)."""
+        if self._error is not None:                      # a failed stream stays failed until reset()
+            raise self._error
+        try:
+            shards_tried = 0
+            while self._cursor is None or self._cursor + self.global_span > self._tokens.size:
+                if shards_tried == len(self.files):      # a whole round without one fitting span
+                    raise ShardError(self._too_short_message())
+                self._switch_to_shard((self._shard_index + 1) % len(self.files))
+                shards_tried += 1
+            begin = self._cursor + self.rank * self.span
+            local = torch.from_numpy(self._tokens[begin:begin + self.span].astype(np.int64))
+            self._cursor += self.global_span
+        except BaseException as err:
+            self._error = err
+            raise
+        segments = document_segments(local[:-1], self.max_doc_len, self.bos_id)
+        if self._pin:
+            local, segments = local.pin_memory(), segments.pin_memory()
+        return local, segments
+
+    def next_batch(self):
+        """(x, y, cu_seqlens): x and y int64 [1, tokens_per_rank] (y = x shifted by one token), cu_seqlens
+        int32 (document_segments of x), all on the device. One call per micro-batch."""
+        if self._closed:
+            raise RuntimeError("PackedLoader.next_batch after close()")
+        if self._prefetch:
+            future = self._pending.popleft()
+            self._pending.append(self._batch_pool.submit(self._produce))
+            local, segments = future.result()
+        else:
+            local, segments = self._produce()
+        local = local.to(self.device, non_blocking=self._pin)
+        segments = segments.to(self.device, non_blocking=self._pin)
+        return local[:-1].view(1, -1), local[1:].view(1, -1), segments
+
+    def reset(self) -> None:
+        """Back to shard 0's first BOS, as a new loader (the trainer calls this after compile warmup)."""
+        if self._closed:
+            raise RuntimeError("PackedLoader.reset after close()")
+        self._drain()
+        self._restart()
+
+    def close(self) -> None:
+        """Stop the prefetch threads (waits for the running task). Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._prefetch:
+            self._drain()
+            self._finalizer.detach()
+            _shut_down((self._batch_pool, self._shard_pool), True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class ShuffledSequenceLoader:
+    """R1's GPTQ calibration batches: rows of seq_len + 1 tokens at shuffled, phase-shifted starts.
+
+    Rank r owns sorted(files)[r::world_size] and draws from numpy Generator(PCG64(r)), seeded by the rank so
+    the calibration data does not depend on SEED. Each owned file gets a random phase and the list of starts
+    phase + seq_len * permutation; a row picks a file with probability proportional to its remaining starts
+    and pops that file's last start. When every list is empty they are all rebuilt, continuing the same rng.
+    Rows cross documents; there are no segments.
+    """
+
+    def __init__(self, files, rank: int, world_size: int, seq_len: int, seqs_per_batch: int, *, device="cpu"):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShuffledSequenceLoader: rank {rank} must lie in [0, world_size={world_size})")
+        if seq_len <= 0 or seqs_per_batch <= 0:
+            raise ValueError(f"ShuffledSequenceLoader: seq_len ({seq_len}) and seqs_per_batch ({seqs_per_batch}) "
+                             f"must be positive")
+        all_files = sorted(Path(p) for p in files)
+        self.files = all_files[rank::world_size]
+        if not self.files:
+            raise ShardError(f"rank {rank} of world_size {world_size} owns no shard: there are only "
+                             f"{len(all_files)} ({[str(p) for p in all_files]})")
+        self.seq_len, self.seqs_per_batch = seq_len, seqs_per_batch
+        self.device = torch.device(device)
+        self._tokens = [load_shard(p) for p in self.files]
+        if all(t.size < seq_len + 1 for t in self._tokens):
+            sizes = [f"{p} ({t.size} tokens)" for p, t in zip(self.files, self._tokens)]
+            raise ShardError(f"rank {rank}'s shards are all shorter than one sequence of seq_len + 1 = "
+                             f"{seq_len + 1} tokens: {sizes}")
+        self._rng = np.random.Generator(np.random.PCG64(rank))
+        self._build_start_lists()
+
+    def _build_start_lists(self) -> None:
+        self._starts = []
+        for tokens in self._tokens:
+            max_phase = min(self.seq_len - 1, max(0, tokens.size - (self.seq_len + 1)))
+            phase = int(self._rng.integers(max_phase + 1))
+            n_seq = max(0, (tokens.size - 1 - phase) // self.seq_len)
+            self._starts.append((phase + self.seq_len * self._rng.permutation(n_seq)).tolist())
+
+    def _next_start(self) -> tuple[int, int]:
+        remaining = np.array([len(s) for s in self._starts], dtype=np.float64)
+        if not remaining.any():
+            self._build_start_lists()
+            remaining = np.array([len(s) for s in self._starts], dtype=np.float64)
+        file = int(self._rng.choice(len(self._starts), p=remaining / remaining.sum()))
+        return file, self._starts[file].pop()
+
+    def next_batch(self):
+        """(x, y) int64 [seqs_per_batch, seq_len] on the device, y = x shifted by one token."""
+        rows = np.empty((self.seqs_per_batch, self.seq_len + 1), dtype=np.int64)
+        for row in rows:
+            file, start = self._next_start()
+            row[:] = self._tokens[file][start:start + self.seq_len + 1]
+        rows = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 def sidecar_paths(val_paths) -> list[Path]:
