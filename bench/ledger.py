@@ -1,6 +1,7 @@
 """The step ledger: where one GPU's training step spends its time, measured and modelled.
 
     python -m bench.ledger [--steps 3] [--kernels torch] [--out bench/results/ledger_<gpu>.md]
+    python -m bench.ledger --preset frontier [--segments full|documents] [--enable-looping-at 0.35]
 
 Two tables, written beside the bench results:
 
@@ -18,6 +19,16 @@ Two tables, written beside the bench results:
    datasheet (989 TFLOP/s, 3.35 TB/s) and at assumed achievable (798 TFLOP/s, 3.0 TB/s) ceilings:
    max(FLOPs / peak, bytes / BW). So even without a GPU the ledger says where an H100's time must go.
 
+With `--preset frontier` (R1's model) both tables come twice, with the loop off and on (the measured one
+at `frontier-tiny`'s smoke row on CPU, at the real row on CUDA), for one packed 98,304-token row per GPU
+whose attention is causal within segments of at most 2048 tokens: by default all full 2048-token pieces
+(the upper bound of the attention FLOPs), or `--segments documents`, the pieces of synthetic documents of
+log-normal lengths (mean 957 tokens, R1's CaseOps val mean). Muon is R1's: banks sharded over 8 ranks with a
+bf16 reduce-scatter and all-gather. Then the run: the two steps combined as the loop switches on at 35 %
+of the training time (wall time / steps), each group's and part's share of it (Muon with its
+communication, AdamW, the clip, the gates), and R1's measured numbers and the frontier's goals beside
+the ideal (a measured ratio only from a GPU).
+
 """
 from __future__ import annotations
 
@@ -34,9 +45,11 @@ if not torch.cuda.is_available():  # kernel modules read this when imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
-from bench.flops import (ACHIEVABLE_TBPS, ACHIEVABLE_TFLOPS, GROUPS, NVLINK_GBPS, PEAK_TBPS,  # noqa: E402
-                         PEAK_TFLOPS, AnalyticLedger, analytic_ledger)
-from model.cli import positive_int  # noqa: E402
+from bench.flops import (ACHIEVABLE_TBPS, ACHIEVABLE_TFLOPS, DOC_LENGTH_SIGMA, ENABLE_LOOPING_AT,  # noqa: E402
+                         GROUPS, MEAN_DOC_TOKENS, NVLINK_GBPS, PEAK_TBPS, PEAK_TFLOPS, AnalyticLedger, GroupCost,
+                         analytic_ledger, bank_shapes, document_pieces, full_segments, mean_step_ms,
+                         synthetic_document_lengths)
+from model.cli import nonnegative_float, positive_float, positive_int  # noqa: E402
 from model.blocks import MLP, Block  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from train.step import PROFILE_PREFIX as SCOPE_PREFIX  # noqa: E402  (the training step's phase ranges)
@@ -236,27 +249,26 @@ def profile_step(step, steps: int = 3, warmup_steps: int = 1) -> MeasuredLedger:
 
 # ================================================================ the table
 
-def markdown(measured: MeasuredLedger | None, measured_what: str, analytic: AnalyticLedger, analytic_what: str,
-             machine: str = "", timings: list[str] | None = None) -> str:
-    lines = ["# Step ledger", ""] + ([machine, ""] if machine else [])
-    if measured is not None:
-        lines += [f"## Measured: {measured_what}", "",
-                  f"torch.profiler self {measured.time_kind} per op, grouped by where the op ran (bench/ledger.py), "
-                  f"mean over {measured.steps} profiled steps.", "",
-                  "| group | ms/step | % |", "|---|---:|---:|"]
-        pct = measured.percent()
-        for grp in GROUPS:
-            lines.append(f"| {GROUP_LABELS[grp]} | {measured.ms_per_step[grp]:.3f} | {pct[grp]:.1f} |")
-        lines += [f"| **total** | **{measured.total_ms:.3f}** | **100.0** |", ""]
-        if timings:
-            lines += [f"- {t}" for t in timings] + [""]
-    lines += [f"## Analytical: {analytic_what}", "",
-              f"FLOPs and HBM bytes per group from the formulas in bench/flops.py; ideal time = max(FLOPs / peak, "
-              f"bytes / bandwidth) per group at the H100's datasheet ({PEAK_TFLOPS:g} TFLOP/s, {PEAK_TBPS:g} TB/s) and "
-              f"assumed achievable ({ACHIEVABLE_TFLOPS:g} TFLOP/s, {ACHIEVABLE_TBPS:g} TB/s) ceilings; communication "
-              f"is NVLink traffic at an assumed {NVLINK_GBPS:g} GB/s all-reduce bandwidth.", "",
-              "| group | GFLOP | HBM MB | NVLink MB | ideal ms (datasheet) | ideal ms (achievable) | % of ideal (achievable) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+ANALYTIC_METHOD = (f"FLOPs and HBM bytes per group from the formulas in bench/flops.py; ideal time = max(FLOPs / peak, "
+                   f"bytes / bandwidth) per group at the H100's datasheet ({PEAK_TFLOPS:g} TFLOP/s, {PEAK_TBPS:g} TB/s) and "
+                   f"assumed achievable ({ACHIEVABLE_TFLOPS:g} TFLOP/s, {ACHIEVABLE_TBPS:g} TB/s) ceilings; communication "
+                   f"is NVLink traffic at an assumed {NVLINK_GBPS:g} GB/s all-reduce bandwidth.")
+PART_LABELS = {"muon_communication": "Muon's communication (in communication)", "adamw": "AdamW (in other)",
+               "grad_clip": "grad-norm clip (in other)",
+               "gates": "attention gate + SmearGate linears (in other linears, embeddings)"}
+
+
+def measured_table(measured: MeasuredLedger) -> list[str]:
+    lines = ["| group | ms/step | % |", "|---|---:|---:|"]
+    pct = measured.percent()
+    for grp in GROUPS:
+        lines.append(f"| {GROUP_LABELS[grp]} | {measured.ms_per_step[grp]:.3f} | {pct[grp]:.1f} |")
+    return lines + [f"| **total** | **{measured.total_ms:.3f}** | **100.0** |", ""]
+
+
+def analytic_table(analytic: AnalyticLedger) -> list[str]:
+    lines = ["| group | GFLOP | HBM MB | NVLink MB | ideal ms (datasheet) | ideal ms (achievable) | % of ideal (achievable) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     total_achievable = analytic.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS)
     for grp in GROUPS:
         c = analytic.groups[grp]
@@ -264,15 +276,158 @@ def markdown(measured: MeasuredLedger | None, measured_what: str, analytic: Anal
         lines.append(f"| {GROUP_LABELS[grp]} | {c.flops / 1e9:,.1f} | {c.hbm_bytes / 1e6:,.1f} | {c.link_bytes / 1e6:,.1f} | "
                      f"{c.ideal_ms(PEAK_TFLOPS, PEAK_TBPS):.3f} | {ms_achievable:.3f} | "
                      f"{100 * ms_achievable / total_achievable:.1f} |")
-    lines += [f"| **total** | **{analytic.flops / 1e9:,.1f}** | **{analytic.hbm_bytes / 1e6:,.1f}** | "
-              f"**{sum(c.link_bytes for c in analytic.groups.values()) / 1e6:,.1f}** | "
-              f"**{analytic.ideal_ms(PEAK_TFLOPS, PEAK_TBPS):.3f}** | **{total_achievable:.3f}** | **100.0** |", ""]
+    return lines + [f"| **total** | **{analytic.flops / 1e9:,.1f}** | **{analytic.hbm_bytes / 1e6:,.1f}** | "
+                    f"**{sum(c.link_bytes for c in analytic.groups.values()) / 1e6:,.1f}** | "
+                    f"**{analytic.ideal_ms(PEAK_TFLOPS, PEAK_TBPS):.3f}** | **{total_achievable:.3f}** | **100.0** |", ""]
+
+
+def markdown(measured: MeasuredLedger | None, measured_what: str, analytic: AnalyticLedger, analytic_what: str,
+             machine: str = "", timings: list[str] | None = None) -> str:
+    lines = ["# Step ledger", ""] + ([machine, ""] if machine else [])
+    if measured is not None:
+        lines += [f"## Measured: {measured_what}", "",
+                  f"torch.profiler self {measured.time_kind} per op, grouped by where the op ran (bench/ledger.py), "
+                  f"mean over {measured.steps} profiled steps.", ""] + measured_table(measured)
+        if timings:
+            lines += [f"- {t}" for t in timings] + [""]
+    lines += [f"## Analytical: {analytic_what}", "", ANALYTIC_METHOD, ""] + analytic_table(analytic)
     return "\n".join(lines) + "\n"
 
 
-def default_out(cuda: bool) -> Path:
+@dataclass
+class LoopedRun:
+    """The analytical ledgers of a looped model with its loop off and on, combined as the run switches it on
+    at `enable_looping_at` of the training time."""
+    off: AnalyticLedger
+    on: AnalyticLedger
+    enable_looping_at: float = ENABLE_LOOPING_AT
+
+    def mean_ms(self, tflops: float = PEAK_TFLOPS, tbps: float = PEAK_TBPS) -> float:
+        """The run's ideal mean step (wall time / steps), bench/flops.py mean_step_ms."""
+        return mean_step_ms(self.off.ideal_ms(tflops, tbps), self.on.ideal_ms(tflops, tbps), self.enable_looping_at)
+
+    def run_percent(self, cost_off: GroupCost, cost_on: GroupCost, tflops: float = ACHIEVABLE_TFLOPS,
+                    tbps: float = ACHIEVABLE_TBPS) -> float:
+        """A cost's share of the run's time: its share of each phase's step, weighted by the phase's share of the time."""
+        f = self.enable_looping_at
+        return 100.0 * (f * cost_off.ideal_ms(tflops, tbps) / self.off.ideal_ms(tflops, tbps)
+                        + (1 - f) * cost_on.ideal_ms(tflops, tbps) / self.on.ideal_ms(tflops, tbps))
+
+
+def segments_label(segments: tuple, max_len: int, documents: str = "") -> str:
+    """What the attention FLOPs assume about one row's segments."""
+    squares = sum(n * n for n in segments)
+    bound = squares / sum(n * n for n in full_segments(sum(segments), max_len))
+    return (f"{len(segments)} segments of at most {max_len} tokens{' (' + documents + ')' if documents else ''}: "
+            f"Σ L² = {squares:,}, {bound:.3f} of the full-{max_len}-pieces upper bound")
+
+
+def run_table(run: LoopedRun) -> list[str]:
+    """Per group and named part: ideal ms (achievable) with the loop off and on, and its share of the run."""
+    f = run.enable_looping_at
+    lines = [f"| group | ideal ms, loop off | ideal ms, loop on | % of the run (off for {f:.0%} of the time) |",
+             "|---|---:|---:|---:|"]
+    for grp in GROUPS:
+        a, b = run.off.groups[grp], run.on.groups[grp]
+        lines.append(f"| {GROUP_LABELS[grp]} | {a.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f} | "
+                     f"{b.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f} | {run.run_percent(a, b):.1f} |")
+    muon_off = GroupCost(run.off.groups["muon"].flops, run.off.groups["muon"].hbm_bytes,
+                         run.off.parts["muon_communication"].link_bytes)
+    muon_on = GroupCost(run.on.groups["muon"].flops, run.on.groups["muon"].hbm_bytes,
+                        run.on.parts["muon_communication"].link_bytes)
+    rows = [("Muon all in: Newton-Schulz, update and its communication", muon_off, muon_on)]
+    rows += [(PART_LABELS[p], run.off.parts[p], run.on.parts[p]) for p in PART_LABELS]
+    for label, a, b in rows:
+        lines.append(f"| *{label}* | {a.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f} | "
+                     f"{b.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f} | {run.run_percent(a, b):.1f} |")
+    lines.append(f"| **step** | **{run.off.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f}** | "
+                 f"**{run.on.ideal_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f}** | **run mean "
+                 f"{run.mean_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.3f} ms** |")
+    return lines + [""]
+
+
+def looped_markdown(measured: dict, measured_what: str, run: LoopedRun, analytic_what: str, machine: str = "",
+                    timings: list[str] | None = None, references: list[str] | None = None) -> str:
+    """The ledger of a looped model (`frontier`): measured (per loop state, when profiled), the analytical tables
+    with the loop off and on, the run's mean and each group's share of it, then the reference numbers."""
+    lines = ["# Step ledger", ""] + ([machine, ""] if machine else [])
+    if measured:
+        lines += [f"## Measured: {measured_what}", ""]
+        for state, led in measured.items():
+            lines += [f"### recurrence {state}", "",
+                      f"torch.profiler self {led.time_kind} per op, grouped by where the op ran (bench/ledger.py), "
+                      f"mean over {led.steps} profiled steps.", ""] + measured_table(led)
+        if timings:
+            lines += [f"- {t}" for t in timings] + [""]
+    f = run.enable_looping_at
+    lines += [f"## Analytical: {analytic_what}", "", ANALYTIC_METHOD, ""]
+    for state, led, share in (("off", run.off, f), ("on", run.on, 1 - f)):
+        lines += [f"### recurrence {state}: {led.applications} block applications ({share:.0%} of the training time)",
+                  ""] + analytic_table(led)
+    lines += [f"### the run: loop on from {f:.0%} of the time",
+              "", f"Ideal mean step (wall time / steps = 1 / ({f:g} / off + {1 - f:g} / on)): "
+              f"{run.mean_ms():.2f} ms at the datasheet ceilings, "
+              f"{run.mean_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.2f} ms at the achievable ones. Per group (and, in "
+              f"italics, parts already inside a group) at the achievable ceilings:", ""] + run_table(run)
+    if references:
+        lines += ["## Reference and goals", ""] + [f"- {r}" for r in references] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def looped_run(cfg, tokens: int, segments: tuple, muon_world: int, enable_looping_at: float) -> LoopedRun:
+    """The analytical ledgers of one rank's packed row with the loop off and on."""
+    off, on = (analytic_ledger(cfg, 1, tokens, muon_world_size=muon_world, recurrence_active=active, segments=segments)
+               for active in (False, True))
+    return LoopedRun(off, on, enable_looping_at)
+
+
+def default_out(cuda: bool, preset: str = "ouroboros") -> Path:
     from bench.report import RESULTS_DIR, environment, gpu_slug
-    return RESULTS_DIR / (f"ledger_{gpu_slug(environment()['gpu'])}.md" if cuda else "ledger_cpu_tiny.md")
+    suffix = "" if preset == "ouroboros" else f"_{preset}"
+    return RESULTS_DIR / (f"ledger_{gpu_slug(environment()['gpu'])}{suffix}.md" if cuda else f"ledger_cpu_tiny{suffix}.md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("ouroboros", "frontier"), default="ouroboros",
+                        help="ouroboros (default) or frontier (R1: a packed row, the loop off and on; CPU: frontier-tiny)")
+    parser.add_argument("--kernels", choices=kernels.BACKENDS, default=None,
+                        help="KERNELS backend of the profiled step (default: triton on CUDA, torch on CPU)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps (after one warm-up step)")
+    parser.add_argument("--batch-seqs", type=positive_int, default=None,
+                        help="sequences per step (default: one GPU's share; CPU: 2)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per sequence (default: TRAIN_SEQ_LEN; CPU: 64); frontier: the profiled packed row")
+    parser.add_argument("--muon-share", choices=("rank", "all"), default="rank")
+    parser.add_argument("--segments", choices=("full", "documents"), default="full",
+                        help="frontier's analytical attention: every segment a full TRAIN_SEQ_LEN piece (the upper "
+                             "bound, default) or synthetic documents (log-normal lengths, --mean-doc-tokens)")
+    parser.add_argument("--mean-doc-tokens", type=positive_float, default=MEAN_DOC_TOKENS,
+                        help="frontier: mean document length of --segments documents (default %(default).0f, R1's "
+                             "CaseOps val mean)")
+    parser.add_argument("--doc-sigma", type=nonnegative_float, default=DOC_LENGTH_SIGMA,
+                        help="frontier: sigma of the log-normal document lengths (default %(default)s)")
+    parser.add_argument("--enable-looping-at", type=nonnegative_float, default=ENABLE_LOOPING_AT,
+                        help="frontier: fraction of the training time after which the loop is on (default %(default)s)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="on CUDA, skip timing the compiled step next to the profiled eager one")
+    parser.add_argument("--analytic-only", action="store_true", help="skip the profiler; write the analytical table only")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown file (default: bench/results/ledger_<gpu>[_frontier].md, or "
+                             "ledger_cpu_tiny[_frontier].md on CPU)")
+    args = parser.parse_args(argv)
+    if args.enable_looping_at > 1.0:
+        parser.error(f"argument --enable-looping-at: must be a fraction of the training time in [0, 1], "
+                     f"got {args.enable_looping_at:g}")
+    return args
+
+
+def _machine(cuda: bool, load: float) -> str:
+    from bench.report import environment
+    env = environment()
+    return (f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}"
+            + ("" if cuda else f"; {os.cpu_count()} CPU cores, load average {load:.1f} when profiling "
+                               "started (CPU ms are wall-clock per op and grow with the load: read the percentages)"))
 
 
 def main(argv=None) -> int:
@@ -280,21 +435,9 @@ def main(argv=None) -> int:
     from bench.step import (SMOKE_BATCH, WORLD_SIZE, build_step, gpu_config, per_gpu_batch_seqs, smoke_config,
                             time_steps)
 
-    parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", choices=kernels.BACKENDS, default=None,
-                        help="KERNELS backend of the profiled step (default: triton on CUDA, torch on CPU)")
-    parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps (after one warm-up step)")
-    parser.add_argument("--batch-seqs", type=positive_int, default=None,
-                        help="sequences per step (default: one GPU's share; CPU: 2)")
-    parser.add_argument("--seq-len", type=positive_int, default=None,
-                        help="tokens per sequence (default: TRAIN_SEQ_LEN; CPU: 64)")
-    parser.add_argument("--muon-share", choices=("rank", "all"), default="rank")
-    parser.add_argument("--no-compiled", action="store_true",
-                        help="on CUDA, skip timing the compiled step next to the profiled eager one")
-    parser.add_argument("--analytic-only", action="store_true", help="skip the profiler; write the analytical table only")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="markdown file (default: bench/results/ledger_<gpu>.md, or ledger_cpu_tiny.md on CPU)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    if args.preset == "frontier":
+        return frontier_main(args)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     load = os.getloadavg()[0]
@@ -327,13 +470,78 @@ def main(argv=None) -> int:
         where = torch.cuda.get_device_name() if cuda else "CPU (fp32; not a GPU number)"
         measured_what = (f"`{cfg.preset}` at {seqs} x {seq_len} tokens, KERNELS={backend}, eager model, "
                          f"Muon on {'rank 0 of ' + str(WORLD_SIZE) if muon_world > 1 else 'every matrix'}, on {where}")
-    from bench.report import environment
-    env = environment()
-    machine = (f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}"
-               + ("" if cuda else f"; {os.cpu_count()} CPU cores, load average {load:.1f} when profiling "
-                                  "started (CPU ms are wall-clock per op and grow with the load: read the percentages)"))
-    text = markdown(measured, measured_what, analytic, analytic_what, machine, timings)
+    text = markdown(measured, measured_what, analytic, analytic_what, _machine(cuda, load), timings)
     out = args.out or default_out(cuda)
+    write_atomic(out, text)
+    print(text)
+    print(f"bench.ledger: wrote {out}")
+    return 0
+
+
+def frontier_main(args: argparse.Namespace) -> int:
+    """--preset frontier: the analytical ledger of one rank's 98,304-token packed row with the loop off and on,
+    the run's mean, R1's numbers and the goals; profiled (both loop states) unless --analytic-only: on CUDA
+    `frontier` at its real row, on CPU `frontier-tiny` at its smoke row."""
+    from model.io import write_atomic
+    from bench.step import (R1_MEAN_MS, SMOKE_FRONTIER_TRITON_DEPTH, SMOKE_MEAN_DOC_TOKENS, SMOKE_PRESETS, WORLD_SIZE,
+                            build_step, gpu_config, packed_row_tokens, recurrence_runs, reference_lines, smoke_config)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    load = os.getloadavg()[0]
+    real = gpu_config("frontier")
+    tokens, max_len = packed_row_tokens(real), real.train_seq_len
+    if args.segments == "full":
+        segments = full_segments(tokens, max_len)
+        documents = "the upper bound: every segment a full piece"
+    else:
+        segments = document_pieces(synthetic_document_lengths(tokens, args.mean_doc_tokens, args.doc_sigma), max_len)
+        documents = f"synthetic documents, log-normal lengths of mean {args.mean_doc_tokens:.0f} tokens, sigma {args.doc_sigma:g}"
+    muon_world = WORLD_SIZE if args.muon_share == "rank" else 1
+    run = looped_run(real, tokens, segments, muon_world, args.enable_looping_at)
+    analytic_what = (f"`{real.preset}`, one packed row of {tokens:,} tokens per GPU (one of 8 H100s), attention "
+                     f"causal within {segments_label(segments, max_len, documents)}; R1's optimizer: Muon's "
+                     f"{len(bank_shapes(real))} banks sharded over {muon_world} ranks (bf16 reduce-scatter, Newton-Schulz "
+                     f"on this rank's slices, bf16 all-gather), no DDP")
+    measured, measured_what, timings, mean_ms, peak = {}, "", [], None, None
+    if not args.analytic_only:
+        backend = args.kernels or ("triton" if cuda else "torch")
+        if cuda and backend == "torch" and not args.seq_len:
+            print(f"bench.ledger: KERNELS=torch masks a dense T x T per row with cu_seqlens: not runnable at {tokens:,} "
+                  "tokens; profile --kernels triton (or a short --seq-len)", file=sys.stderr)
+            return 2
+        if cuda:
+            cfg, mean_doc = real, args.mean_doc_tokens
+        else:
+            cfg = smoke_config(SMOKE_PRESETS["frontier"], **(SMOKE_FRONTIER_TRITON_DEPTH if backend == "triton" else {}))
+            mean_doc = SMOKE_MEAN_DOC_TOKENS
+        row = args.seq_len or packed_row_tokens(cfg)
+        docs = synthetic_document_lengths(row, mean_doc, args.doc_sigma)
+        step = build_step(cfg, backend, device, muon_share=args.muon_share, doc_lengths=docs, compile_model=False)
+        for state, active in (("off", False), ("on", True)):
+            step.set_recurrence(active)
+            measured[state] = profile_step(step, steps=args.steps)
+        del step
+        if cuda and not args.no_compiled and row == tokens:  # the goals' setting: the compiled step at the real row
+            torch.cuda.empty_cache()
+            compiled = build_step(cfg, backend, device, muon_share=args.muon_share, doc_lengths=docs, compile_model=True)
+            runs = recurrence_runs(compiled, steps=20, warmup_steps=3, enable_looping_at=args.enable_looping_at)
+            mean_ms, peak = runs["mean_ms"], runs["peak_mem_mb"]
+            timings.append(f"the torch.compile'd step (what training runs): {runs['off']['ms_median']:.2f} ms/step with "
+                           f"the loop off, {runs['on']['ms_median']:.2f} ms on, run mean {mean_ms:.2f} ms; peak "
+                           f"{peak:.0f} MiB; the analytical ideal below is {run.mean_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS):.2f} "
+                           f"ms at the achievable ceilings")
+        where = torch.cuda.get_device_name() if cuda else "CPU (fp32; not a GPU number)"
+        measured_what = (f"`{cfg.preset}`, one packed row of {row:,} tokens in {len(docs)} documents "
+                         f"({len(document_pieces(docs, cfg.train_seq_len))} segments), KERNELS={backend}, eager model, "
+                         f"Muon on {'rank 0 of ' + str(WORLD_SIZE) if muon_world > 1 else 'every matrix'}, on {where}")
+    ideal = run.mean_ms(ACHIEVABLE_TFLOPS, ACHIEVABLE_TBPS)
+    references = reference_lines(mean_ms, peak, torch.cuda.get_device_name() if cuda else "",
+                                 "no GPU" if not cuda else "the compiled step at the real row was not timed")
+    references.insert(2, f"This ledger's ideal run mean at the achievable ceilings: {ideal:.2f} ms/step "
+                         f"(R1 measured {R1_MEAN_MS / ideal:.2f} x it).")
+    text = looped_markdown(measured, measured_what, run, analytic_what, _machine(cuda, load), timings, references)
+    out = args.out or default_out(cuda, "frontier")
     write_atomic(out, text)
     print(text)
     print(f"bench.ledger: wrote {out}")
