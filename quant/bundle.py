@@ -6,7 +6,7 @@ Which modules: those `python -m train` (training, evaluation, the export step) i
 the imports of train/__main__.py through the four packages, minus LEFT_OUT. Minified without renaming
 (docstrings and comments dropped, and the annotations of undecorated functions, which nothing reads; one
 space per indent level, spaces only where tokens would merge); every minified module must parse to the
-same AST as its source, docstrings and those annotations aside. Running the file is
+same AST as its source, docstrings, those annotations and LEFT_OUT_FUNCTIONS aside. Running the file is
 `python -m train` with the same environment variables (torchrun too): its loader goes first on
 sys.meta_path, so an installed copy of the packages never wins, gives every module __spec__.origin =
 the file itself, and puts each module's source in linecache under <train_gpt.py>/<package>/<module>.py,
@@ -39,6 +39,11 @@ SIZE_TARGET = 64_000  # issue 14's budget for the counted code; tests hold the b
 LEFT_OUT = {
     "kernels._interpreter": "the CPU interpreter's patches, imported only under TRITON_INTERPRET=1",
     "quant.bundle": "this builder: a run from the bundle counts its own file",
+    "model.record": "R1's checkpoint format: read by load_checkpoint and the CLIs on an R1 file, never by a run",
+}
+# Top-level functions of the bundled modules that only tools outside a run call: dropped from the bundle.
+LEFT_OUT_FUNCTIONS = {
+    "sm90_configs": "every kernel configuration, for the sm_90 compile check (bench/sm90.py); launches never read it",
 }
 # FORMAT_ALONE: 13 header bytes, and lzma.decompress detects it; pb=0 since text has no 4-byte structure.
 _LZMA = dict(format=lzma.FORMAT_ALONE,
@@ -133,6 +138,12 @@ def bundled_modules(root=None) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def _without_unrun_functions(tree: ast.Module) -> ast.Module:
+    tree.body = [node for node in tree.body
+                 if not (isinstance(node, ast.FunctionDef) and node.name in LEFT_OUT_FUNCTIONS)]
+    return tree
+
+
 def _without_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -190,9 +201,9 @@ def _compact(source: str) -> str:
 
 
 def minify(source: str, where: str = "<source>") -> str:
-    """`source` without docstrings, comments and unread annotations, compacted; raises if the result is not
-    the same program."""
-    tree = _without_annotations(_without_docstrings(ast.parse(source, where)))
+    """`source` without docstrings, comments, unread annotations and LEFT_OUT_FUNCTIONS, compacted; raises if the
+    result is not the same program."""
+    tree = _without_annotations(_without_docstrings(_without_unrun_functions(ast.parse(source, where))))
     plain = ast.unparse(tree)
     small = _compact(plain)
     want = ast.dump(tree)
