@@ -8,6 +8,7 @@ exactly at a shard's end, the wrap after the last shard, and calibration lists r
 import gc
 import threading
 import time
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ def test_packed_stream_equals_reference_on_every_rank(tmp_path, world_size, toke
     assert visited[6:12] == visited[:6] and visited[12:] == visited[:3]
     got = []
     for r in range(world_size):
-        with PackedLoader(reversed(paths), r, world_size, tokens_per_rank, max_doc_len, prefetch=True) as loader:
+        with closing(PackedLoader(reversed(paths), r, world_size, tokens_per_rank, max_doc_len, prefetch=True)) as loader:
             x, y, cu = loader.next_batch()
             assert x.shape == y.shape == (1, tokens_per_rank) and x.dtype == y.dtype == torch.int64
             assert cu.dtype == torch.int32 and cu.ndim == 1 and cu.numel() % 64 == 0
@@ -228,7 +229,7 @@ def test_prefetch_never_changes_the_batches_and_reset_restarts(tmp_path):
     want = [tuple(ranks[1]) for _, _, ranks in expected]
     runs = {}
     for prefetch in (True, False):
-        with PackedLoader(paths, 1, world_size, tokens_per_rank, max_doc_len, prefetch=prefetch) as loader:
+        with closing(PackedLoader(paths, 1, world_size, tokens_per_rank, max_doc_len, prefetch=prefetch)) as loader:
             before = _loader_batches(loader, 8)
             loader.reset()
             after = _loader_batches(loader, 14)
@@ -252,7 +253,7 @@ def test_no_shard_big_enough_is_a_shard_error_naming_the_files(tmp_path):
     none = tmp_path / "toy_train_000002.bin"
     write_shard(none, [5] * 400)
     for prefetch in (True, False):
-        with PackedLoader([short, late, none], 0, 3, 100, 32, prefetch=prefetch) as loader:
+        with closing(PackedLoader([short, late, none], 0, 3, 100, 32, prefetch=prefetch)) as loader:
             for _ in range(2):
                 with pytest.raises(ShardError, match=r"303 tokens.*000000.*000001.*000002"):
                     loader.next_batch()
@@ -265,7 +266,7 @@ def test_a_worker_error_surfaces_in_next_batch_at_its_own_batch(tmp_path):
         folder = tmp_path / f"prefetch_{prefetch}"
         folder.mkdir()
         paths, _ = make_stream_shards(folder, tokens_per_rank + 1, max_doc_len)
-        with PackedLoader(paths, 0, 1, tokens_per_rank, max_doc_len, prefetch=prefetch) as loader:
+        with closing(PackedLoader(paths, 0, 1, tokens_per_rank, max_doc_len, prefetch=prefetch)) as loader:
             # batches 1-2 come from shard 0; shard 3 is first opened (or read ahead) for batch 3
             paths[3].write_bytes(paths[3].read_bytes()[:-2])
             loader.next_batch()
@@ -291,7 +292,7 @@ def test_bad_arguments_are_value_errors(tmp_path, kwargs, message):
 
 
 def _loader_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("PackedLoader-")]
+    return [t for t in threading.enumerate() if t.name.startswith("PackedLoader")]
 
 
 def test_close_reset_and_garbage_collection_leave_no_threads(tmp_path):

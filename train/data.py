@@ -16,7 +16,6 @@ training loop or quant/.
 """
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -222,18 +221,6 @@ def first_bos(tokens: np.ndarray, bos_id: int = 1) -> int | None:
     return None
 
 
-def _open_packed_shard(path: Path, bos_id: int):
-    """(tokens memmap, first BOS index or None): what PackedLoader needs to start reading a shard."""
-    tokens = load_shard(path)
-    return tokens, first_bos(tokens, bos_id)
-
-
-def _shut_down(pools, join: bool) -> None:
-    """Cancel the queued work of the thread pools and stop their threads (join: wait until they have)."""
-    for pool in pools:
-        pool.shutdown(wait=join, cancel_futures=True)
-
-
 class PackedLoader:
     """R1's training stream (its DocumentPackingLoader): each rank's micro-batch is one packed row of
     tokens_per_rank tokens, with attention segments at every document start.
@@ -246,19 +233,19 @@ class PackedLoader:
     ending exactly at the end is kept), the rest is dropped and the loader moves on to the next shard, wrapping
     to shard 0 after the last. No RNG: the stream depends only on the files and the shapes.
 
-    With prefetch, a worker thread builds the next PREFETCH_BATCHES batches and a second one opens the next
-    shard ahead; both run in stream order, so prefetch changes when work is done, never which tokens a call
-    returns. A worker's exception is raised by next_batch in the caller's thread.
+    With prefetch, one worker thread builds the next PREFETCH_BATCHES batches in stream order, opening the next
+    shard when a batch needs it (R1 reads shards in a second thread; a memmap makes opening one cheap), so
+    prefetch changes when work is done, never which tokens a call returns. A worker's exception is raised by
+    next_batch in the caller's thread, and again by every later call until reset().
     """
 
     def __init__(self, files, rank: int, world_size: int, tokens_per_rank: int, max_doc_len: int = 2048, *,
                  bos_id: int = 1, device="cpu", prefetch: bool = True):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"PackedLoader: rank {rank} must lie in [0, world_size={world_size})")
-        if tokens_per_rank <= 0:
-            raise ValueError(f"PackedLoader: tokens_per_rank must be positive, got {tokens_per_rank}")
-        if max_doc_len <= 0:
-            raise ValueError(f"PackedLoader: max_doc_len must be positive, got {max_doc_len}")
+        if tokens_per_rank <= 0 or max_doc_len <= 0:
+            raise ValueError(f"PackedLoader: tokens_per_rank ({tokens_per_rank}) and max_doc_len ({max_doc_len}) "
+                             "must be positive")
         self.files = sorted(Path(p) for p in files)
         if not self.files:
             raise ValueError("PackedLoader needs at least one shard path")
@@ -269,70 +256,42 @@ class PackedLoader:
         self.device = torch.device(device)
         # fail at start-up on a malformed shard, or when no shard is even long enough for one span
         if max(_read_header(p) for p in self.files) < self.global_span:
-            raise ShardError(self._too_short_message())
-        self._pin = self.device.type == "cuda"
-        self._prefetch = prefetch
+            raise ShardError(self._too_short())
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="PackedLoader") if prefetch else None
         self._pending = deque()                          # futures of the prepared batches, in stream order
-        self._shard_ahead = None                         # (shard index, future of _open_packed_shard)
         self._closed = False
-        if prefetch:
-            self._batch_pool = ThreadPoolExecutor(1, thread_name_prefix="PackedLoader-batches")
-            self._shard_pool = ThreadPoolExecutor(1, thread_name_prefix="PackedLoader-shards")
-            # shuts the threads down when the loader is garbage-collected without close()
-            self._finalizer = weakref.finalize(self, _shut_down, (self._batch_pool, self._shard_pool), False)
-        self._restart()
+        self.reset()
 
-    def _too_short_message(self) -> str:
+    def _too_short(self) -> str:
         return (f"no training shard holds one global span of {self.global_span:,} tokens (world_size "
-                f"{self.world_size} x (tokens_per_rank {self.tokens_per_rank:,} + 1)) from its first BOS "
-                f"(id {self.bos_id}): {[str(p) for p in self.files]}")
+                f"{self.world_size} x (tokens_per_rank {self.tokens_per_rank:,} + 1)) from its first BOS (id "
+                f"{self.bos_id}): {[str(p) for p in self.files]}")
 
-    def _restart(self) -> None:
-        """Stream state as a new loader (before shard 0), and the prefetch queue refilled. Worker idle."""
-        self._shard_index = -1
-        self._tokens = np.zeros(0, dtype=TOKEN_DTYPE)
-        self._cursor = None                              # None: no BOS in the current shard
-        self._error = None
-        if self._prefetch:
-            self._pending.extend(self._batch_pool.submit(self._produce) for _ in range(PREFETCH_BATCHES))
-
-    def _drain(self) -> None:
-        """Cancel the queued work and wait for the running task, so no worker touches the state after."""
+    def reset(self) -> None:
+        """Back to shard 0's first BOS, as a new loader (the trainer calls this after its compile warmup)."""
+        if self._closed:
+            raise RuntimeError("PackedLoader.reset after close()")
         for future in self._pending:
             future.cancel()
-        wait(self._pending)
+        wait(self._pending)  # the batch being built finishes before the state it reads is replaced
         self._pending.clear()
-        if self._shard_ahead is not None:                # stable now: only a batch task replaces it
-            self._shard_ahead[1].cancel()
-            wait([self._shard_ahead[1]])
-            self._shard_ahead = None
-
-    def _switch_to_shard(self, index: int) -> None:
-        ahead = self._shard_ahead
-        self._shard_ahead = None
-        if ahead is not None and ahead[0] == index:
-            tokens, bos = ahead[1].result()
-        else:
-            if ahead is not None:
-                ahead[1].cancel()
-            tokens, bos = _open_packed_shard(self.files[index], self.bos_id)
-        if self._prefetch:
-            following = (index + 1) % len(self.files)
-            self._shard_ahead = (following, self._shard_pool.submit(_open_packed_shard, self.files[following],
-                                                                    self.bos_id))
-        self._shard_index, self._tokens, self._cursor = index, tokens, bos
+        self._shard, self._tokens, self._cursor, self._error = -1, None, None, None
+        if self._pool is not None:
+            self._pending.extend(self._pool.submit(self._produce) for _ in range(PREFETCH_BATCHES))
 
     def _produce(self):
-        """The next batch on the host: (the rank's span of tokens_per_rank + 1 int64 tokens, cu_seqlens)."""
-        if self._error is not None:                      # a failed stream stays failed until reset()
+        """The next (span tokens, cu_seqlens) of this rank, on the CPU (pinned for a CUDA device)."""
+        if self._error is not None:
             raise self._error
         try:
-            shards_tried = 0
+            tried = 0
             while self._cursor is None or self._cursor + self.global_span > self._tokens.size:
-                if shards_tried == len(self.files):      # a whole round without one fitting span
-                    raise ShardError(self._too_short_message())
-                self._switch_to_shard((self._shard_index + 1) % len(self.files))
-                shards_tried += 1
+                if tried == len(self.files):
+                    raise ShardError(self._too_short())
+                self._shard = (self._shard + 1) % len(self.files)
+                self._tokens = load_shard(self.files[self._shard])
+                self._cursor = first_bos(self._tokens, self.bos_id)
+                tried += 1
             begin = self._cursor + self.rank * self.span
             local = torch.from_numpy(self._tokens[begin:begin + self.span].astype(np.int64))
             self._cursor += self.global_span
@@ -340,47 +299,31 @@ class PackedLoader:
             self._error = err
             raise
         segments = document_segments(local[:-1], self.max_doc_len, self.bos_id)
-        if self._pin:
+        if self.device.type == "cuda":
             local, segments = local.pin_memory(), segments.pin_memory()
         return local, segments
 
     def next_batch(self):
-        """(x, y, cu_seqlens): x and y int64 [1, tokens_per_rank] (y = x shifted by one token), cu_seqlens
-        int32 (document_segments of x), all on the device. One call per micro-batch."""
+        """(x, y, cu_seqlens): x, y int64 [1, tokens_per_rank] and cu_seqlens int32, on the device."""
         if self._closed:
             raise RuntimeError("PackedLoader.next_batch after close()")
-        if self._prefetch:
-            future = self._pending.popleft()
-            self._pending.append(self._batch_pool.submit(self._produce))
-            local, segments = future.result()
-        else:
+        if self._pool is None:
             local, segments = self._produce()
-        local = local.to(self.device, non_blocking=self._pin)
-        segments = segments.to(self.device, non_blocking=self._pin)
+        else:
+            future = self._pending.popleft()
+            self._pending.append(self._pool.submit(self._produce))
+            local, segments = future.result()
+        pinned = self.device.type == "cuda"
+        local, segments = local.to(self.device, non_blocking=pinned), segments.to(self.device, non_blocking=pinned)
         return local[:-1].view(1, -1), local[1:].view(1, -1), segments
 
-    def reset(self) -> None:
-        """Back to shard 0's first BOS, as a new loader (the trainer calls this after compile warmup)."""
-        if self._closed:
-            raise RuntimeError("PackedLoader.reset after close()")
-        self._drain()
-        self._restart()
-
     def close(self) -> None:
-        """Stop the prefetch threads (waits for the running task). Safe to call more than once."""
-        if self._closed:
-            return
+        """Stop the worker thread (also when the loader is garbage-collected: the pool's thread then exits)."""
+        if not self._closed and self._pool is not None:
+            for future in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True)
         self._closed = True
-        if self._prefetch:
-            self._drain()
-            self._finalizer.detach()
-            _shut_down((self._batch_pool, self._shard_pool), True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 class ShuffledSequenceLoader:
