@@ -96,6 +96,17 @@ class Config:
     micro_batch_grads: str = setting("mean", choices=("mean", "sum"))  # sum: the original's plain loss.backward()
                                                                        # per micro-batch (same at grad accum 1)
     swa_every: int = setting(50, bound=">=0")        # 0 = off; snapshots once the LR multiplier < 0.2
+    # --- R1's training switches (TRAIN.md; each off: the Ouroboros entry) ---
+    train_loader: str = setting("stream", choices=("stream", "packed"))  # packed: one row of whole documents,
+                                                                          # attention cut at each BOS (TRAIN.md 1)
+    muon_row_normalize: bool = setting(False)   # MuonEq-R: rows of the update normalized before Newton-Schulz
+    muon_ns: str = setting("quintic", choices=("quintic", "polar"))  # polar: the five Polar-Express tuples
+    embed_weight_decay: float = -1.0            # EMBED_WD; < 0: ADAM_WEIGHT_DECAY, as the Ouroboros entry
+    warmdown_frac: float = setting(0.0, bound=">=0")  # > 0: LR by elapsed fraction, decaying over its last part
+    min_lr: float = setting(0.0, bound=">=0")          # floor of the LR multiplier
+    enable_looping_at: float = setting(0.0, bound=">=0")  # recurrence off until this fraction of training
+    ema_decay: float = setting(0.0, bound=">=0")       # > 0: EMA of the weights every step, swapped in at the end
+    grad_clip_mode: str = setting("global", choices=("global", "local"))  # local: each rank's gradient, as R1
     compile_fullgraph: bool = True      # torch.compile(fullgraph=True) on CUDA
     # --- evaluation (SPEC 2) ---
     eval_seq_len: int = setting(2048, bound=">0")
@@ -108,7 +119,12 @@ class Config:
     quant_method: str = setting("loop_aware", choices=QUANT_METHODS)  # the seed's SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
     gptq_cal_samples: int = setting(128, bound=">0")
     gptq_cal_seq_len: int = setting(2048, bound=">0")
-    gptq_reserve_seconds: float = -1.0  # < 0: an estimate for the machine at hand
+    # GPTQ_RESERVE_SECONDS=auto (stored as -1): training stops when the time left reaches the calibration's cost,
+    # estimated from this run's measured forward time and a GPTQ probe (train/trainer.py CalibrationBudget)
+    gptq_reserve_seconds: float = -1.0
+    # stream: the first GPTQ_CAL_SAMPLES sequences of the train stream; shuffled: R1's loader (QUANT.md Q.1), seeded
+    # by the rank
+    gptq_cal_loader: str = setting("stream", choices=("stream", "shuffled"))
     gptq_block_size: int = setting(128, bound=">0")
     gptq_damping: float = setting(0.01, bound=">=0")
     gptq_order: str = setting("descending", choices=GPTQ_ORDERS)
@@ -116,7 +132,8 @@ class Config:
     quant_small_numel: int = setting(65536, bound=">=0")  # tensors with at most this many elements are stored fp16
     # --- paths and run control ---
     caseops_enabled: bool = setting(False)  # the CaseOps data: val bytes come from its byte sidecars
-    # unset: the download (model/datasets.py) that VOCAB_SIZE and CASEOPS_ENABLED name
+    # unset: the download (model/datasets.py) below DATA_DIR that VOCAB_SIZE and CASEOPS_ENABLED name
+    data_dir: str = "data"
     data_path: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
     runs_dir: str = "runs"
@@ -179,6 +196,8 @@ class Config:
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name.upper()] = ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else v
+        if self.gptq_reserve_seconds < 0:
+            out["GPTQ_RESERVE_SECONDS"] = "auto"
         return out
 
     def to_dict(self) -> dict:
@@ -227,10 +246,17 @@ PRESETS: dict[str, dict] = {
     "frontier": dict(vocab_size=8192, use_crawler=0, mlp_mult=4.0, qk_gain_init=5.0, rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0,
                      parallel_start_layer=8, skip_gates_enabled=True, smear_gate_enabled=True,
                      static_smear_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
-                     quant_method="gptq", caseops_enabled=True, eval_mode="doc"),
-    # Every frontier switch at CPU size on the embedded corpus as CaseOps text (`python -m train.prepare --variant
+                     quant_method="gptq", caseops_enabled=True, eval_mode="doc",
+                     # R1's training as seed 42 ran it (TRAIN.md 7); calibration inside the 600 s (auto reserve)
+                     seed=42, train_loader="packed", muon_row_normalize=True, muon_ns="polar", matrix_lr=0.026,
+                     tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_weight_decay=0.095,
+                     embed_weight_decay=0.085, adam_weight_decay=0.02, beta2=0.99, warmdown_frac=0.85, min_lr=0.1,
+                     enable_looping_at=0.35, ema_decay=0.9965, swa_every=0, grad_clip_mode="local",
+                     val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled", gptq_cal_samples=768),
+    # Every frontier switch (model, data, training) at CPU size on the embedded corpus as CaseOps text (`python -m train.prepare --variant
     # sp8192_caseops`): 6 blocks, 2..3 looped, two-lane from block 4; head dim 64 and GQA 2:1 as R1 (the
-    # Triton attention kernel takes head dims 64 and 128); scored document-isolated from the byte sidecars.
+    # Triton attention kernel takes head dims 64 and 128); scored document-isolated from the byte sidecars. R1's
+    # training by step (frac = step / ITERATIONS): the loop switches on at step 140; the EMA's horizon (~100 steps) fits.
     "frontier-tiny": dict(seed=1337, use_crawler=0, num_layers=6, loop_start=2, loop_end=3,
                           model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4.0, qk_gain_init=5.0,
                           rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0, parallel_start_layer=4,
@@ -238,9 +264,14 @@ PRESETS: dict[str, dict] = {
                           sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, quant_method="gptq",
                           train_seq_len=256, train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400,
                           max_wallclock_seconds=0.0, warmdown_iters=130, warmup_steps=0, val_loss_every=100,
-                          train_log_every=25, swa_every=10, muon_momentum_warmup_steps=100, compile_fullgraph=False,
+                          train_log_every=25, swa_every=0, muon_momentum_warmup_steps=100, compile_fullgraph=False,
                           eval_seq_len=256, eval_batch_seqs=64, gptq_cal_samples=32, gptq_cal_seq_len=256,
                           quant_small_numel=4096, vocab_size=8192, caseops_enabled=True, eval_mode="doc",
+                          train_loader="packed", muon_row_normalize=True, muon_ns="polar", matrix_lr=0.026,
+                          tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_weight_decay=0.095,
+                          embed_weight_decay=0.085, adam_weight_decay=0.02, beta2=0.99, warmdown_frac=0.85,
+                          min_lr=0.1, enable_looping_at=0.35, ema_decay=0.99, grad_clip_mode="local",
+                          gptq_cal_loader="shuffled",
                           data_path="data/datasets/embedded_sp8192_caseops",
                           tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
@@ -272,6 +303,8 @@ def _legacy_quant_method(skip: bool | None, loop_aware: bool | None) -> str | No
 def _parse(name: str, kind, text: str):
     env = name.upper()
     text = text.strip()
+    if name == "gptq_reserve_seconds" and text.lower() == "auto":
+        return -1.0
     try:
         if kind is bool:
             return parse_flag(env, text)
@@ -337,6 +370,16 @@ def _validated(cfg: Config) -> Config:
             bad("loop_end", f"needs LOOP_START={cfg.loop_start} <= LOOP_END < NUM_LAYERS={cfg.num_layers}")
     if (cfg.smear_gate_enabled or cfg.sparse_attn_gate_enabled) and cfg.gate_window > cfg.model_dim:
         bad("gate_window", f"must be at most MODEL_DIM={cfg.model_dim}")
+    for name in ("warmdown_frac", "min_lr", "enable_looping_at"):
+        if getattr(cfg, name) > 1:
+            bad(name, "is a fraction: must lie in [0, 1]")
+    if cfg.ema_decay >= 1:
+        bad("ema_decay", "must lie in [0, 1) (0: no EMA)")
+    if cfg.ema_decay > 0 and cfg.swa_every > 0:
+        bad("ema_decay", f"cannot be on with SWA_EVERY={cfg.swa_every}: both would replace the final weights; set "
+                         "SWA_EVERY=0 (R1 keeps no SWA) or EMA_DECAY=0")
+    if cfg.gptq_reserve_seconds < 0 and cfg.gptq_reserve_seconds != -1:
+        bad("gptq_reserve_seconds", "must be 'auto' (stored as -1) or a number of seconds >= 0")
     if cfg.gptq_block_size > GPTQ_MAX_BLOCK:  # checked at start-up, not after training, in calibration
         bad("gptq_block_size", f"must be at most {GPTQ_MAX_BLOCK} (the Triton GPTQ kernel keeps a block's columns "
                                "in registers)")
@@ -351,12 +394,21 @@ def _field_kinds() -> dict:
     return kinds
 
 
+# R1's names for three of the seed's variables (TRAIN.md 7): either name sets the field; both must agree.
+ENV_ALIASES = {"muon_weight_decay": "MUON_WD", "adam_weight_decay": "ADAM_WD", "embed_weight_decay": "EMBED_WD"}
+
+
 def _env_value(environ, name: str, kind):
-    """The parsed value of variable NAME, or None when it is unset or blank."""
-    text = environ.get(name.upper())
-    if text is None or text.strip() == "":
-        return None
-    return _parse(name, kind, text)
+    """The parsed value of variable NAME (or of its R1 alias), or None when it is unset or blank."""
+    given = {}
+    for env in (name.upper(), ENV_ALIASES.get(name)):
+        text = environ.get(env) if env else None
+        if text is not None and text.strip() != "":
+            given[env] = _parse(env.lower(), kind, text)
+    if len(set(given.values())) > 1:
+        raise ConfigError(" and ".join(f"{k}={environ[k].strip()!r}" for k in given) + " disagree: they name the "
+                          "same setting; set one")
+    return next(iter(given.values()), None)
 
 
 def _quant_method_from_env(environ, current: str) -> str:
@@ -408,8 +460,9 @@ def from_env(environ=None, **overrides) -> Config:
     # Paths nobody set follow the data the vocabulary and CASEOPS_ENABLED name (python -m train.download).
     variant = variant_for(values.get("vocab_size", Config.vocab_size), values.get("caseops_enabled", False))
     if variant is not None:
-        values.setdefault("data_path", str(VARIANTS[variant].data_path()))
-        values.setdefault("tokenizer_path", str(VARIANTS[variant].tokenizer_path()))
+        root = values.get("data_dir", Config.data_dir)
+        values.setdefault("data_path", str(VARIANTS[variant].data_path(root)))
+        values.setdefault("tokenizer_path", str(VARIANTS[variant].tokenizer_path(root)))
     return _validated(Config(**values))
 
 
@@ -424,7 +477,8 @@ OTHER_VARIABLES = ("PRESET", *(name.upper() for name in _LEGACY_QUANT), "KERNELS
                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
                    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_ELASTIC_WORKER_IDENTICAL")
 OTHER_PREFIXES = ("TORCHELASTIC_",)  # torchrun's agent sets a family of these
-KNOWN_VARIABLES = frozenset(f.name.upper() for f in fields(Config)) | frozenset(OTHER_VARIABLES)
+KNOWN_VARIABLES = (frozenset(f.name.upper() for f in fields(Config)) | frozenset(OTHER_VARIABLES)
+                   | frozenset(ENV_ALIASES.values()))
 # Similarity (difflib ratio) from which an unknown name is taken for a typo of a known one: MODEL_DIMS and
 # MODELDIM are ~0.95 from MODEL_DIM, while PATH is 0.62 from DATA_PATH and HOME, CUDA_*, OMP_* are further.
 TYPO_SIMILARITY = 0.8

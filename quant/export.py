@@ -30,12 +30,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
 from model.io import DiskFullError, from_rank0, synchronize
-from train.data import TokenStream
+from train.data import ShuffledSequenceLoader, TokenStream
 from train.evaluate import SCORE_NAMES, autocast_for, validate
 
+from . import gptq
 from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, write_artifact
-from .calibrate import Calibrator, objective_summary
+from .calibrate import Calibrator, int6_layer_names, objective_summary
 from .ledger import build_ledger, format_ledger
 from .load import load_model
 from .methods import METHODS, method_named
@@ -45,11 +47,47 @@ CALIBRATION_BATCH_TOKENS = 65_536  # tokens per calibration forward: bounds acti
 TIME_LIMIT_SECONDS = 600  # the challenge's limit on training + calibration (and, apart, on evaluation)
 
 
-def calibration_tokens(train_paths, config) -> torch.Tensor:
-    """GPTQ_CAL_SAMPLES sequences of GPTQ_CAL_SEQ_LEN training tokens, int64 [samples, seq_len]."""
+def calibration_tokens(train_paths, config, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """GPTQ_CAL_SAMPLES sequences of GPTQ_CAL_SEQ_LEN training tokens, int64 [samples, seq_len]: the first ones of
+    the train stream, or (GPTQ_CAL_LOADER=shuffled) R1's shuffled sequences of this rank's shards, its generator
+    seeded by the rank (QUANT.md Q.1)."""
     n, length = config.gptq_cal_samples, config.gptq_cal_seq_len
+    if config.gptq_cal_loader == "shuffled":
+        return ShuffledSequenceLoader(train_paths, rank, world_size, length, n).next_batch()[0]
     tokens = TokenStream(train_paths).take(n * length)
     return torch.from_numpy(tokens.astype(np.int64)).view(n, length)
+
+
+def calibration_probe(model: torch.nn.Module, config) -> dict:
+    """What GPTQ_RESERVE_SECONDS=auto needs to know before training (train.trainer.CalibrationBudget):
+    forward_tokens, the tokens the calibration forwards will process (samples x length x the method's passes),
+    and quantize_seconds, the method's quantization of this model timed on synthetic weights and Hessians,
+    once per distinct layer shape, times the layers of that shape."""
+    method = method_named(config.quant_method)
+    layers = int6_layer_names(model, config.quant_small_numel)
+    tokens = config.gptq_cal_samples * config.gptq_cal_seq_len * method.passes(layers)
+    if not method.calibrated:
+        return dict(forward_tokens=0, quantize_seconds=0.0)
+    weights = dict(model.named_parameters())
+    shapes: dict[tuple, int] = {}
+    for name in layers:
+        shape = tuple(weights[f"{name}.weight"].shape)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    device = next(model.parameters()).device
+    options = dict(block_size=config.gptq_block_size, damping=config.gptq_damping, order=config.gptq_order,
+                   inverse=config.gptq_inverse)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    seconds = 0.0
+    for (rows, cols), count in shapes.items():
+        weight = torch.randn(rows, cols, generator=generator).to(device)
+        x = torch.randn(2 * cols, cols, generator=generator).to(device)
+        hessian = x.T @ x / x.shape[0]
+        synchronize(device)
+        t0 = time.perf_counter()
+        kernels.gptq_quantize_layer(weight, hessian, gptq.row_scales(weight), **options)
+        synchronize(device)
+        seconds += count * (time.perf_counter() - t0)
+    return dict(forward_tokens=tokens, quantize_seconds=seconds)
 
 
 def _distributed() -> bool:
@@ -101,7 +139,7 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
             if calib_tokens is None:
                 if train_paths is None:
                     raise ValueError("export_run: pass calib_tokens or train_paths for GPTQ calibration")
-                calib_tokens = calibration_tokens(train_paths, cfg)
+                calib_tokens = calibration_tokens(train_paths, cfg, 0, dist.get_world_size() if _distributed() else 1)
             per_batch = max(1, CALIBRATION_BATCH_TOKENS // calib_tokens.shape[1])
             batches = [b.to(device) for b in calib_tokens.split(per_batch)]
         autocast = autocast_for(device)

@@ -34,6 +34,11 @@ class QuantMethod(ABC):
 
     name = ""
     calibrated = True  # needs calibration batches
+    forward_passes = 1  # passes over the calibration batches (GPTQ_RESERVE_SECONDS=auto's estimate)
+
+    def passes(self, layers: list[str]) -> int:
+        """Passes over the calibration batches for a model with these int6 layers."""
+        return self.forward_passes if self.calibrated else 0
 
     @abstractmethod
     def quantize(self, calibrator, state: dict) -> tuple[dict, dict]:
@@ -101,6 +106,9 @@ class GPTQ(QuantMethod):
 @register
 class LoopAwareGPTQ(GPTQ):
     name = "loop_aware"
+
+    def passes(self, layers: list[str]) -> int:  # a second pass for the crawler, over the quantized flat layers
+        return 2 if any(n.startswith(CRAWLER_PREFIX) for n in layers) else 1
 
     def hessians(self, calibrator, state: dict) -> tuple[dict, dict, float]:
         hessians, phase_of, seconds = super().hessians(calibrator, state)

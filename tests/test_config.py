@@ -88,6 +88,11 @@ ADDED_LAYOUT = {"ln_scale": True, "num_layers": 11, "loop_start": 3, "loop_end":
                 "sparse_attn_gate_enabled": False, "sparse_attn_gate_scale": 1.0, "sparse_attn_gate_init_std": 0.0,
                 "tie_embeddings": 1, "rope_yarn": 0, "attn_out_gate_enabled": 0, "gated_attn_enabled": 0,
                 "eval_mode": "sliding", "caseops_enabled": False}
+# R1's training switches (issue 22), off: what every stored config ran.
+ADDED_TRAINING = {"train_loader": "stream", "muon_row_normalize": False, "muon_ns": "quintic",
+                  "embed_weight_decay": -1.0, "warmdown_frac": 0.0, "min_lr": 0.0, "enable_looping_at": 0.0,
+                  "ema_decay": 0.0, "grad_clip_mode": "global", "gptq_cal_loader": "stream", "data_dir": "data"}
+ADDED_LAYOUT.update(ADDED_TRAINING)
 ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean", **ADDED_LAYOUT}
 ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum", **ADDED_LAYOUT}
 
@@ -178,7 +183,12 @@ def test_reproduce_command_parses_to_every_variable():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_reproduce_command_is_accepted_on_every_preset(preset):
-    cfg = from_env(dict(REPRODUCE_ENV, PRESET=preset))
+    if from_env({}, preset=preset).ema_decay > 0:  # the seed's SWA_EVERY=50 and the preset's EMA: one must go
+        with pytest.raises(ConfigError, match="EMA_DECAY=.*: cannot be on with SWA_EVERY=50"):
+            from_env(dict(REPRODUCE_ENV, PRESET=preset))
+        cfg = from_env(dict(REPRODUCE_ENV, PRESET=preset, EMA_DECAY="0"))
+    else:
+        cfg = from_env(dict(REPRODUCE_ENV, PRESET=preset))
     assert cfg.preset == preset
     assert (cfg.seed, cfg.model_dim, cfg.inst_dim, cfg.xsa_last_n, cfg.mlp_leaky_slope) == (444, 512, 32, 11, 0.5)
     assert cfg.crawler_loop_rope_scales == (9.0, 1.0, 1.0) and cfg.quant_method == "loop_aware"

@@ -216,12 +216,20 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_caseops_data, tmp_pat
     summary = train(cfg, export_fn=functools.partial(export_run, compare=False), echo=False)
     losses = summary["train_losses"]
     assert summary["status"] == "finished" and len(losses) == 24 and losses[-1] < losses[0] - 0.5
+    # R1's training switches too: packed rows, Polar-Express MuonEq-R, local clip, the fraction schedule, the
+    # recurrence switch at ceil(0.35 x 24) = 9, the EMA swapped in; both scores in summary.json
+    assert (cfg.train_loader, cfg.muon_ns, cfg.muon_row_normalize, cfg.grad_clip_mode) == ("packed", "polar", True,
+                                                                                        "local")
+    assert summary["recurrence_from_step"] == 9 and summary["ema_decay"] == 0.99
+    assert math.isfinite(summary["float_val_bpb"]) and summary["val_bpb"] == summary["export"]["roundtrip_val_bpb"]
     assert summary["params"] == count_parameters(build_model(cfg))
     export = summary["export"]
     assert export["method"] == "gptq" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
     log = (tmp_path / "frontier" / "train.log").read_text()  # scored document-isolated, as R1 scores
     assert "val bytes: the byte sidecars; eval mode: doc" in log and "final_doc_isolated val_loss:" in log
     assert "final_int6_doc_isolated_exact val_loss:" in log and "sliding_window" not in log
+    assert "recurrence: on from step 9 (fraction 0.375 of training" in log and "loader:packed" in log
+    assert "ema: loaded the exponential moving average of the weights (decay 0.99, 24 updates)" in log
 
 
 def test_generate_takes_r1s_checkpoint(tmp_path, prepared_corpus, capsys):

@@ -24,7 +24,7 @@ from model.config import check_variable_names, default_preset
 from model.schedule import block_schedule, describe
 from model.io import DiskFullError
 from quant.artifact import OverBudgetError
-from quant.export import export_run
+from quant.export import calibration_probe, export_run
 from train.data import ShardError, check_token_ids, load_shard, load_val_bytes, shard_paths, usable_val_tokens
 from train.trainer import (CalibrationOverran, CheckpointSaveError, RankLost, TrainingDiverged, check_model_fits,
                            grad_accum_steps_for, load_tokenizer, parameter_count, train)
@@ -121,7 +121,7 @@ def main() -> int:
     else:  # bf16 on CPU is ~30x slower than fp32, and compiling costs more than it saves on short runs
         _say(f"device: cpu ({torch.get_num_threads()} threads), fp32, no torch.compile")
     try:
-        train(cfg, export_fn=export_run)
+        train(cfg, export_fn=export_run, calibration_probe=calibration_probe)
     except RankLost as err:  # said by every surviving rank: rank 0 may be the one that was lost
         print(f"error: {err}", flush=True)
         return 1

@@ -36,10 +36,11 @@ from kernels._runtime import tf32_matmuls
 from model import ConfigError, build_model, count_parameters, save_checkpoint
 from model.config import Config
 from model.io import from_rank0, synchronize, temp_files, write_atomic
-from train.data import (DistributedTokenLoader, ShardError, check_token_ids, load_val_bytes, load_val_tokens,
-                        shard_paths)
-from train.evaluate import SCORE_NAMES, build_byte_luts, validate
-from train.step import Optimizers, TrainingDiverged, TrainStep, lr_multiplier
+from model.schedule import block_schedule
+from train.data import (DistributedTokenLoader, PackedLoader, ShardError, check_token_ids, load_val_bytes,
+                        load_val_tokens, shard_paths)
+from train.evaluate import SCORE_NAMES, autocast_for, build_byte_luts, validate
+from train.step import EMA, Optimizers, TrainingDiverged, TrainStep, lr_multiplier, training_frac
 
 SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls below this
 
@@ -49,7 +50,8 @@ SWA_START_MULTIPLIER = 0.2  # snapshots are taken once the LR multiplier falls b
 
 
 def default_gptq_reserve_seconds(cfg: Config, on_cuda: bool) -> float:
-    """Seconds of the wall-clock budget kept for calibration + quantization when GPTQ_RESERVE_SECONDS < 0.
+    """A fixed reserve for calibration + quantization: GPTQ_RESERVE_SECONDS when set, else (auto without a
+    probe, e.g. a caller with its own export step) a constant for the machine.
 
     On an H100 the original's loop-aware calibration and GPTQ of the full model took 11.6 s: 15 s leaves
     margin; round-to-nearest (QUANT_METHOD=rtn) needs no calibration, a few seconds of quantization. On CPU
@@ -60,6 +62,37 @@ def default_gptq_reserve_seconds(cfg: Config, on_cuda: bool) -> float:
     if not on_cuda:
         return 0.1 * max(cfg.max_wallclock_seconds, 0.0)
     return 5.0 if cfg.quant_method == "rtn" else 15.0
+
+
+class CalibrationBudget:
+    """GPTQ_RESERVE_SECONDS=auto: the time training leaves for calibration + quantization, from this machine.
+
+    The export step's probe (quant.export.calibration_probe, run before the timer) gives the calibration's
+    forward tokens (samples x length x passes) and the quantization time it measured on the model's own layer
+    shapes. Each step re-estimates: SAFETY x (forward tokens x the training forwards' measured time per token,
+    scaled to the looped plan while recurrence is still off, + quantization) + MARGIN_S. A calibration forward
+    (no grad, Hessian hooks) costs about what a training forward does; SAFETY covers the hooks and noise (a
+    GPU's timings are steady; a shared CPU's vary with its load, so the trainer doubles it there).
+    """
+    SAFETY = 1.5
+    MARGIN_S = 1.0
+
+    def __init__(self, forward_tokens: int, quantize_seconds: float, looped_over_unlooped: float,
+                 safety: float = SAFETY):
+        self.forward_tokens, self.quantize_seconds, self.safety = forward_tokens, quantize_seconds, safety
+        self.looped_over_unlooped = looped_over_unlooped
+        self.forward_seconds = 0.0
+
+    def seconds(self, forward_seconds_per_token: float | None, recurrence_active: bool) -> float:
+        if forward_seconds_per_token is not None:  # calibration runs the looped plan (the final model's)
+            scale = 1.0 if recurrence_active else self.looped_over_unlooped
+            self.forward_seconds = self.forward_tokens * forward_seconds_per_token * scale
+        return self.safety * (self.forward_seconds + self.quantize_seconds) + self.MARGIN_S
+
+    def describe(self, seconds: float) -> str:
+        return (f"{seconds:.1f}s = {self.safety:g} x (calibration forwards {self.forward_seconds:.1f}s for "
+                f"{self.forward_tokens:,} tokens at the training forward's measured speed + quantization "
+                f"{self.quantize_seconds:.1f}s probed) + {self.MARGIN_S:g}s")
 
 
 @dataclass(frozen=True)
@@ -141,6 +174,33 @@ def _collective_failed(err: BaseException) -> bool:
     if isinstance(err, RankLost):
         return False
     return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "imed out"))
+
+
+def shared_clock(env: DistEnv, elapsed_ms: float, cap_ms: float | None) -> tuple[float, float | None]:
+    """(elapsed_ms, cap_ms) as rank 0 measured them, on every rank (R1 let each rank read its own clock, so ranks
+    could differ in LR or in the step recurrence switched on). Without a wall clock the schedule is by step and
+    nothing is exchanged."""
+    if cap_ms is None or not env.distributed:
+        return elapsed_ms, cap_ms
+    clock = torch.tensor([elapsed_ms, cap_ms], dtype=torch.float64, device=env.device)
+    dist.broadcast(clock, src=0)
+    elapsed, cap = clock.tolist()
+    return elapsed, cap
+
+
+def warm_segment_buckets(model, loader, max_doc_len: int, device: torch.device) -> None:
+    """Forward and backward once for each cu_seqlens length a packed row can take (64, 128, 192, 256 entries:
+    up to 255 segments), so a compiled model has every graph before the timer; gradients are left to the caller."""
+    x, y, _ = loader.next_batch()
+    T = x.numel()
+    cuts = torch.arange(0, T, max_doc_len, dtype=torch.int32, device=device)
+    for entries in (64, 128, 192, 256):
+        if cuts.numel() + 1 > entries:
+            continue
+        cu = torch.cat((cuts, cuts.new_full((entries - cuts.numel(),), T)))
+        with autocast_for(device):
+            loss = model(x, y, cu_seqlens=cu)
+        loss.backward()
 
 
 def grad_accum_steps_for(cfg: Config, world_size: int) -> int:
@@ -465,20 +525,23 @@ def check_model_fits(cfg: Config, device: torch.device) -> int:
     return params
 
 
-def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> dict:
+def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True,
+          calibration_probe: Callable | None = None) -> dict:
     """Run one training run; returns the summary that is also written to runs/<id>/summary.json.
 
     export_fn(model, cfg, run_dir, **context) -> dict, if given, runs right after training on the final
     float weights (rank 0 and the others alike); a "calibration_seconds" key in its result is checked
     against the GPTQ_RESERVE_SECONDS reservation, and its "roundtrip_val_loss/bpb" (the artifact's score)
     become the summary's val_loss/val_bpb (the float model's stay as float_val_loss/bpb).
+    calibration_probe(model, cfg) -> {"forward_tokens", "quantize_seconds"} (quant.export.calibration_probe) lets
+    GPTQ_RESERVE_SECONDS=auto estimate the export step's calibration time from this machine (CalibrationBudget).
     """
     env = setup_distributed(cfg.dist_timeout_seconds)
     try:
         # TF32 for the fp32 paths that remain on CUDA (the matrices run bf16 under autocast), for this run
         # only: a process that goes on after it (a test worker, a notebook) gets its own flags back.
         with tf32_matmuls(env.device.type == "cuda"):
-            return _train(cfg, env, export_fn, echo)
+            return _train(cfg, env, export_fn, echo, calibration_probe)
     except RuntimeError as err:
         if env.distributed and _collective_failed(err):
             # The survivors time out at about the same moment: a short barrier finds the rank that is missing.
@@ -490,13 +553,13 @@ def train(cfg: Config, export_fn: Callable | None = None, echo: bool = True) -> 
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
+def _train(cfg: Config, env: DistEnv, export_fn, echo: bool, calibration_probe=None) -> dict:
     accum = grad_accum_steps_for(cfg, env.world_size)
     check_model_fits(cfg, env.device)
     run_dir, log = resolve_run_dir(cfg, env, echo=echo and env.is_main)
     progress = {"training": False}
     try:  # from here on a failure is written to the run's train.log too
-        return _train_in(run_dir, log, cfg, env, export_fn, accum, progress)
+        return _train_in(run_dir, log, cfg, env, export_fn, accum, progress, calibration_probe)
     except BaseException as err:
         log.failed(err)
         if env.is_main and not cfg.run_id and not progress["training"]:
@@ -509,7 +572,8 @@ def _train(cfg: Config, env: DistEnv, export_fn, echo: bool) -> dict:
         log.close()
 
 
-def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, accum: int, progress: dict) -> dict:
+def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, accum: int, progress: dict,
+              calibration_probe=None) -> dict:
     device = env.device
     on_cuda = device.type == "cuda"
 
@@ -533,7 +597,13 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
                          "(*_val_bytes_*.bin): CaseOps text must be scored against its original bytes")
     log(f"val bytes: {'the byte sidecars' if val_bytes is not None else 'the tokenizer lookup tables'}; "
         f"eval mode: {cfg.eval_mode}")
-    loader = DistributedTokenLoader(train_paths, env.rank, env.world_size, device)
+    if cfg.train_loader == "packed":  # one row of whole documents per micro-batch, attention cut at each BOS
+        loader = PackedLoader(train_paths, env.rank, env.world_size, cfg.train_batch_tokens // (env.world_size * accum),
+                              max_doc_len=cfg.train_seq_len, device=device)
+        next_batch = loader.next_batch
+    else:
+        loader = DistributedTokenLoader(train_paths, env.rank, env.world_size, device)
+        next_batch = functools.partial(loader.next_batch, cfg.train_batch_tokens, cfg.train_seq_len, accum)
 
     # --- model ---
     try:
@@ -548,18 +618,28 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     model = DDP(compiled, device_ids=[env.local_rank] if on_cuda else None,
                 broadcast_buffers=False) if env.distributed else compiled
     optimizers = Optimizers(base_model, cfg, device, rank=env.rank, world_size=env.world_size)
-    run_step = TrainStep(model, base_model, optimizers,
-                         functools.partial(loader.next_batch, cfg.train_batch_tokens, cfg.train_seq_len, accum),
-                         accum=accum, grad_clip_norm=cfg.grad_clip_norm, world_size=env.world_size,
-                         micro_batch_grads=cfg.micro_batch_grads)
+    run_step = TrainStep(model, base_model, optimizers, next_batch, accum=accum, grad_clip_norm=cfg.grad_clip_norm,
+                         world_size=env.world_size, micro_batch_grads=cfg.micro_batch_grads,
+                         grad_clip_mode=cfg.grad_clip_mode)
+    # ENABLE_LOOPING_AT > 0: the model trains its plan without recurrence until that fraction of training
+    looping_at = cfg.enable_looping_at if cfg.enable_looping_at > 0 else None
+    base_model.recurrence_active = looping_at is None
 
-    reserve_s = default_gptq_reserve_seconds(cfg, on_cuda)
-    max_wallclock_ms = None
-    if cfg.max_wallclock_seconds > 0:
-        max_wallclock_ms = 1000.0 * (cfg.max_wallclock_seconds - reserve_s)
-        if max_wallclock_ms <= 0:
-            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds} leaves no training time after "
-                             f"GPTQ_RESERVE_SECONDS={reserve_s}")
+    wall_clock = cfg.max_wallclock_seconds > 0
+    budget = None  # GPTQ_RESERVE_SECONDS=auto with the export step's probe: re-estimated every step
+    if wall_clock and export_fn is not None and calibration_probe is not None and cfg.gptq_reserve_seconds < 0:
+        t0 = time.perf_counter()
+        probe = calibration_probe(base_model, cfg)
+        plans = [len(block_schedule(cfg, recurrence_active=on)) for on in (True, False)]
+        budget = CalibrationBudget(probe["forward_tokens"], probe["quantize_seconds"], plans[0] / plans[1],
+                                   CalibrationBudget.SAFETY * (1 if on_cuda else 2))
+        log(f"gptq_reserve: auto; quantization probed in {time.perf_counter() - t0:.1f}s")
+    reserve_s = default_gptq_reserve_seconds(cfg, on_cuda) if wall_clock and export_fn is not None else 0.0
+    if budget is not None:
+        reserve_s = budget.seconds(None, base_model.recurrence_active)
+    if wall_clock and cfg.max_wallclock_seconds - reserve_s <= 0:
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds} leaves no training time after "
+                         f"GPTQ_RESERVE_SECONDS={reserve_s:g}")
 
     if env.is_main:
         write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -567,32 +647,49 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     log(versions_line(device))
     log(f"model_params:{n_params}  train_shards:{len(train_paths)}  val_tokens:{val_tokens.numel() - 1}  "
         f"tokens_per_step:{cfg.train_batch_tokens}  seq_len:{cfg.train_seq_len}")
-    log("schedule: " + (f"wall clock {cfg.max_wallclock_seconds:g}s minus gptq reserve {reserve_s:g}s, "
-                         f"warmdown {cfg.warmdown_iters} avg steps, iterations cap {cfg.iterations}"
-                         if max_wallclock_ms is not None else
-                         f"by step: {cfg.iterations} iterations, warmdown over the last {cfg.warmdown_iters}"))
+    warmdown = (f"warmdown over the last {cfg.warmdown_frac:g} of the time, floor {cfg.min_lr:g}" if cfg.warmdown_frac > 0
+                else f"warmdown {cfg.warmdown_iters} avg steps" if wall_clock else
+                f"warmdown over the last {cfg.warmdown_iters}")
+    reserve_text = "auto" if budget is not None else f"{reserve_s:g}s"
+    log("schedule: " + (f"wall clock {cfg.max_wallclock_seconds:g}s minus gptq reserve {reserve_text}, {warmdown}, "
+                         f"iterations cap {cfg.iterations}" if wall_clock else
+                         f"by step: {cfg.iterations} iterations, {warmdown}")
+        + (f", recurrence from {looping_at:g} of training" if looping_at is not None else ""))
     log(f"lrs: matrix {cfg.matrix_lr} embed {cfg.tied_embed_lr} scalar {cfg.scalar_lr}  "
-        f"grad_clip:{cfg.grad_clip_norm}  swa_every:{cfg.swa_every}  seed:{cfg.seed}")
+        f"grad_clip:{cfg.grad_clip_norm} ({cfg.grad_clip_mode})  swa_every:{cfg.swa_every}  ema:{cfg.ema_decay:g}  "
+        f"muon:{cfg.muon_ns}{' row-normalized' if cfg.muon_row_normalize else ''}  loader:{cfg.train_loader}  "
+        f"seed:{cfg.seed}")
     t0 = time.perf_counter()
     # Before the first step traces or runs any kernel; GPTQ too when the export step will calibrate.
     kernel_paths = selftest_kernels(env, selftest.TRAINING_OPS
                                     + (selftest.CALIBRATION_OPS if cfg.quant_method != "rtn" else ()))
     log(selftest.record_line(kernel_paths) + f"  (self-test {time.perf_counter() - t0:.1f}s)")
 
-    # --- compile warmup: run real steps, then put weights, optimizer state and data back ---
+    # --- compile warmup: real steps on each plan the run will use (without, then with recurrence when it switches
+    # on mid-run) and, for packed rows, every cu_seqlens length bucket; then weights, optimizer state (Muon's
+    # momentum included, unlike R1) and data go back to where they were ---
     if cfg.warmup_steps > 0:
         initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         initial_opt = optimizers.state_dict()
         t0 = time.perf_counter()
-        for i in range(cfg.warmup_steps):
-            run_step(0, 1.0)
+        for active in ((False, True) if looping_at is not None else (base_model.recurrence_active,)):
+            base_model.recurrence_active = active
+            if cfg.train_loader == "packed":
+                warm_segment_buckets(model, loader, cfg.train_seq_len, device)
+                optimizers.zero_grad()
+            for i in range(cfg.warmup_steps):
+                run_step(0, 1.0)
         synchronize(device)
+        base_model.recurrence_active = looping_at is None
         base_model.load_state_dict(initial_model)
         optimizers.load_state_dict(initial_opt)
         loader.reset()
-        log(f"warmup: {cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, then weights, optimizer "
-            "state and data stream reset")
+        log(f"warmup: {cfg.warmup_steps} steps" + (" on each plan (recurrence off, on)" if looping_at is not None else "")
+            + (" and the cu_seqlens buckets" if cfg.train_loader == "packed" else "")
+            + f" in {time.perf_counter() - t0:.1f}s, then weights, optimizer state (Muon's momentum too) and data "
+            "stream reset")
         del initial_model, initial_opt
+    ema = EMA(base_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     def validate_now(stride):  # `compiled` is the model itself on CPU
         return validate(compiled, base_model, val_tokens, luts, seq_len=cfg.eval_seq_len, stride=stride,
@@ -605,6 +702,15 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
     training_time_ms = 0.0
     stop_after_step = None
     step = 0
+    looping_from = None  # (step, train_time_ms) at which recurrence switched on
+
+    def time_cap_ms() -> float | None:  # the training part of the wall clock; auto: re-estimated from this run
+        nonlocal reserve_s
+        if not wall_clock:
+            return None
+        if budget is not None:
+            reserve_s = budget.seconds(run_step.forward_seconds_per_token, base_model.recurrence_active)
+        return 1000.0 * max(cfg.max_wallclock_seconds - reserve_s, 0.0)
     status = "finished"
     progress["training"] = True  # from here a failure leaves a run folder worth keeping
     if on_cuda:
@@ -627,9 +733,17 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
                 log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{cfg.iterations}")
             break
 
-        elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        # one clock for every rank (rank 0's), so all take the same LR and switch recurrence on the same step
+        elapsed_ms, max_wallclock_ms = shared_clock(env, training_time_ms + 1000.0 * (time.perf_counter() - t0),
+                                                    time_cap_ms())
+        frac = training_frac(step, elapsed_ms, iterations=cfg.iterations, max_wallclock_ms=max_wallclock_ms)
+        if looping_at is not None and not base_model.recurrence_active and frac >= looping_at:
+            base_model.recurrence_active = True
+            looping_from = (step, elapsed_ms)
+            log(f"recurrence: on from step {step} (fraction {frac:.3f} of training, train_time:{elapsed_ms:.0f}ms)")
         multiplier = lr_multiplier(step, elapsed_ms, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
-                                   max_wallclock_ms=max_wallclock_ms)
+                                   max_wallclock_ms=max_wallclock_ms, warmdown_frac=cfg.warmdown_frac,
+                                   min_lr=cfg.min_lr)
         try:
             loss_value, _ = run_step(step, multiplier)
         except TrainingDiverged as err:
@@ -637,6 +751,8 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
             status = "diverged"
             message = str(err)
             break
+        if ema is not None:
+            ema.update(base_model)
         losses.append(loss_value)
         step += 1
         approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
@@ -645,7 +761,7 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
         if step <= 10 or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
             log(f"step:{step}/{cfg.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / step:.2f}ms lr_mult:{multiplier:.3f}")
-        if max_wallclock_ms is not None and stop_after_step is None:
+        if wall_clock and stop_after_step is None:
             reached = torch.tensor(int(approx_ms >= max_wallclock_ms), device=device)
             if env.distributed:  # ranks' clocks differ slightly: stop together
                 dist.all_reduce(reached, op=dist.ReduceOp.MAX)
@@ -653,6 +769,8 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
                 stop_after_step = step
 
     log(f"train_stop: train_time_s:{training_time_ms / 1000:.3f} steps:{step}")
+    if budget is not None:
+        log(f"gptq_reserve: auto {budget.describe(reserve_s)}")
     log(peak_memory_line(device))
     summary = dict(run_id=run_dir.name, preset=cfg.preset, status=status, steps=step, iterations=cfg.iterations,
                    train_time_ms=round(training_time_ms, 1),
@@ -672,6 +790,16 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
         log.close()
         raise TrainingDiverged(text)
 
+    if ema is not None:  # after the last validation on the live weights, as R1
+        ema.load_into(base_model)
+        log(f"ema: loaded the exponential moving average of the weights (decay {cfg.ema_decay:g}, {step} updates)")
+    if not base_model.recurrence_active:  # the model's function is the looped plan: evaluate and quantize that
+        base_model.recurrence_active = True
+        log(f"recurrence: never reached ENABLE_LOOPING_AT={cfg.enable_looping_at:g} of training; on from here for "
+            "evaluation and quantization")
+    summary.update(recurrence_from_step=looping_from[0] if looping_from else None,
+                   recurrence_from_ms=round(looping_from[1], 1) if looping_from else None,
+                   ema_decay=cfg.ema_decay, gptq_reserve_s=round(reserve_s, 3), gptq_reserve_auto=budget is not None)
     if swa.count:
         swa.load_into(base_model)
         log(f"swa: loaded the average of {swa.count} snapshots (every {cfg.swa_every} steps once lr_mult < "
@@ -716,7 +844,10 @@ def _train_in(run_dir: Path, log: RunLog, cfg: Config, env: DistEnv, export_fn, 
             raise
         record_export(summary, result)
         calib = result.get("calibration_seconds")
-        if (calib is not None and max_wallclock_ms is not None and calib > reserve_s
+        if budget is not None and calib is not None:
+            log(f"gptq_reserve: calibration took {calib:.1f}s of the {reserve_s:.1f}s estimated")
+            summary["calibration_estimate_s"] = round(reserve_s, 3)
+        if (calib is not None and wall_clock and calib > reserve_s
                 and training_time_ms / 1000 + calib > cfg.max_wallclock_seconds):
             # Stopped by the clock, training ended reserve_s before the cap, so a longer calibration ends
             # past it; a run that ended at ITERATIONS earlier may use the time it left unused.
