@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import functools
 import json
 import os
 import statistics
@@ -120,57 +119,6 @@ def packed_batch(cfg: model.Config, doc_lengths: tuple[int, ...], seed: int = 0)
     ids[starts] = BOS_ID
     x, y = ids[:-1].view(1, T), ids[1:].view(1, T)
     return x, y, document_segments(x, cfg.train_seq_len)
-
-
-# ---------------------------------------------------------------- the trainer's batch with segments
-
-class _ProbeModel(torch.nn.Module):
-    """One weight; records the cu_seqlens the step hands it."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(()))
-        self.seen = None
-
-    def forward(self, x, y, cu_seqlens=None):
-        self.seen = cu_seqlens
-        return self.weight * 1.0
-
-
-class _NoOptimizer:
-    def set_schedule(self, step, multiplier):
-        pass
-
-    def step(self):
-        pass
-
-    def zero_grad(self):
-        pass
-
-
-@functools.cache
-def trainer_feeds_segments() -> bool:
-    """Whether TrainStep takes (x, y, cu_seqlens) from next_batch and hands cu_seqlens to the model: one step
-    of a one-weight probe model with such a batch (the trainer grows this in parallel with this bench)."""
-    probe = _ProbeModel()
-    x = torch.zeros(1, 2, dtype=torch.long)
-    cu = torch.tensor([0, 2], dtype=torch.int32)
-    try:
-        TrainStep(probe, probe, _NoOptimizer(), lambda: (x, x, cu), autocast=False)(0, 1.0)
-    except ValueError:  # "too many values to unpack": the step takes (x, y) only
-        return False
-    return probe.seen is cu
-
-
-def trainer_batch(forward, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """(model, next_batch) for TrainStep with a fixed batch. With segments and a TrainStep that takes
-    (x, y, cu_seqlens), the batch carries them; with one that takes (x, y), the adapter binds cu_seqlens to
-    the model call instead (model(x, y, cu_seqlens=cu)): the same forward, and a no-op once the trainer does it."""
-    if cu_seqlens is None:
-        return forward, lambda: (x, y)
-    if trainer_feeds_segments():
-        return forward, lambda: (x, y, cu_seqlens)
-    return functools.partial(forward, cu_seqlens=cu_seqlens), lambda: (x, y)
 
 
 # ---------------------------------------------------------------- the process group for Muon's share
@@ -294,8 +242,8 @@ def build_step(cfg: model.Config, backend: str, device: str | torch.device, batc
     else:
         x, y, cu = (t.to(device) for t in packed_batch(cfg, doc_lengths, seed))
         segments = document_pieces(doc_lengths, cfg.train_seq_len)
-    step_model, next_batch = trainer_batch(forward, x, y, cu)
-    train_step = TrainStep(step_model, net, optimizers, next_batch, grad_clip_norm=cfg.grad_clip_norm)
+    batch = (x, y) if cu is None else (x, y, cu)  # TrainStep hands cu_seqlens on to the model, as in training
+    train_step = TrainStep(forward, net, optimizers, lambda: batch, grad_clip_norm=cfg.grad_clip_norm)
     return BenchStep(cfg, backend, device, batch_seqs, seq_len, muon_world, compile_model, net, optimizers,
                      train_step, cu_seqlens=cu, segments=segments)
 

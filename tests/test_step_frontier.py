@@ -19,7 +19,6 @@ from bench import flops, gpu_check, ledger
 from bench import report as bench_report
 from bench import step as bench_step
 from conftest import DEVICE
-from train.step import TrainStep
 
 FRONTIER = model.from_env(environ={}, preset="frontier")
 TINY = model.from_env(environ={}, preset="frontier-tiny")
@@ -233,44 +232,6 @@ def test_reference_lines_state_goals_and_measure_only_a_gpu_number():
 
 
 # ---------------------------------------------------------------- the adapter to the trainer's batch
-
-def test_adapter_binds_segments_until_the_trainer_takes_them(monkeypatch):
-    x = torch.zeros(1, 4, dtype=torch.long)
-    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
-    seen = {}
-
-    def forward(ids, targets, cu_seqlens=None):
-        seen["cu"] = cu_seqlens
-        return torch.zeros(())
-
-    # today's TrainStep unpacks (x, y): the adapter binds cu_seqlens to the model call
-    bench_step.trainer_feeds_segments.cache_clear()
-    try:
-        assert not bench_step.trainer_feeds_segments()
-        call, next_batch = bench_step.trainer_batch(forward, x, x, cu)
-        assert len(next_batch()) == 2
-        call(*next_batch())
-        assert seen["cu"] is cu
-        assert bench_step.trainer_batch(forward, x, x, None)[0] is forward  # no segments: nothing bound
-
-        class SegmentedTrainStep(TrainStep):
-            """What the trainer is growing: next_batch may return (x, y, cu_seqlens), passed on as model(x, y,
-            cu_seqlens=cu)."""
-
-            def __call__(self, step, multiplier):
-                batch = self.next_batch()
-                loss = self.model(*batch[:2], cu_seqlens=batch[2]) if len(batch) == 3 else self.model(*batch)
-                loss.backward()
-                return loss.item(), 0.0
-
-        monkeypatch.setattr(bench_step, "TrainStep", SegmentedTrainStep)
-        bench_step.trainer_feeds_segments.cache_clear()
-        assert bench_step.trainer_feeds_segments()
-        call, next_batch = bench_step.trainer_batch(forward, x, x, cu)
-        assert call is forward and next_batch()[2] is cu  # the adapter is a no-op
-    finally:
-        bench_step.trainer_feeds_segments.cache_clear()
-
 
 # ---------------------------------------------------------------- frontier-tiny's step on the CPU
 

@@ -344,7 +344,7 @@ def test_training_scopes_tf32_to_the_run(monkeypatch):
 
     seen = []
 
-    def fake_train(cfg, env, export_fn, echo):
+    def fake_train(cfg, env, export_fn, echo, calibration_probe=None):
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         if len(seen) == 2:
             raise RuntimeError("planted failure")
