@@ -77,15 +77,44 @@ def attention_reference(q, k, v, q_gain, xsa: bool, gate=None, cu_seqlens=None):
 
 def attention_sdpa(q, k, v, q_gain, xsa: bool, gate=None, cu_seqlens=None):
     """The eager PyTorch path: SDPA (flash backend on CUDA) plus eager q_gain, XSA and gate. With
-    cu_seqlens it passes a dense [T, T] block-diagonal causal mask (no flash backend, O(T²) memory)."""
+    cu_seqlens: a block-diagonal causal mask, dense [T, T] (no flash backend, O(T²) memory) or, outside
+    torch.compile when the longest segment L is at most T / 4, banded (_banded_segment_attention: O(T·L))."""
     T, Hq = q.shape[1], q.shape[2]
     q = q * q_gain.to(q.dtype).view(1, 1, Hq, 1)
-    mask = None if cu_seqlens is None else _visible(T, cu_seqlens, q.device)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=mask is None, enable_gqa=True).transpose(1, 2)
+    longest = 0 if cu_seqlens is None or torch.compiler.is_compiling() else int(cu_seqlens.diff().max())
+    if 0 < longest <= T // 4:
+        y = _banded_segment_attention(q, k, v, cu_seqlens, longest)
+    else:
+        mask = None if cu_seqlens is None else _visible(T, cu_seqlens, q.device)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=True).transpose(1, 2)
     if xsa:
         y = _xsa(y, v)
     return y if gate is None else y * gate.to(y.dtype).unsqueeze(-1)
+
+
+def _banded_segment_attention(q, k, v, cu_seqlens, L: int):
+    """Segment-causal SDPA when no segment is longer than L: queries in chunks of L see only their own chunk
+    and the one before (a segment that ends in chunk c starts at most L - 1 tokens earlier), so the row costs
+    T·2L scores instead of T². Padding tokens form their own segment; the chunk before the first is never
+    visible."""
+    B, T, Hq, D = q.shape
+    n = -(-T // L)
+    index = F.pad(_segment_index(cu_seqlens, T), (0, n * L - T), value=-1).view(n, L)
+    keys_index = torch.cat((torch.full_like(index[:1], -2), index), 0)           # chunk -1: never visible
+    keys_index = torch.cat((keys_index[:-1], keys_index[1:]), 1)                 # [n, 2L]: previous + own chunk
+    position = torch.arange(2 * L, device=q.device)
+    mask = (index[:, :, None] == keys_index[:, None, :]) & (position[None, :] <= position[:L, None] + L)
+
+    def chunks(t, with_previous):
+        t = F.pad(t, (0, 0, 0, 0, 0, n * L - T)).view(B, n, L, t.shape[2], D)
+        if with_previous:
+            t = torch.cat((torch.cat((torch.zeros_like(t[:, :1]), t[:, :-1]), 1), t), 2)
+        return t.flatten(0, 1).transpose(1, 2)                                     # [B·n, H, L or 2L, D]
+
+    y = F.scaled_dot_product_attention(chunks(q, False), chunks(k, True), chunks(v, True),
+                                       attn_mask=mask.repeat(B, 1, 1).unsqueeze(1), enable_gqa=True)
+    return y.transpose(1, 2).reshape(B, n * L, Hq, D)[:, :T]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,6 +215,24 @@ def test_reference_segments_equal_separate_runs():
     assert (joined - torch.cat(pieces, dim=1)).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("offsets", [[0, 5, 16, 20, 36, 40, 52, 64], [0, 3, 19, 30, 31, 47, 60, 76, 92, 100],
+                                     [0, 9, 18, 27, 36, 37, 37, 37], [0, 40, 64]])
+def test_torch_path_banded_or_dense_equals_separate_runs(offsets):
+    """attention_sdpa with segments: banded (chunks of the longest segment L, each seeing the one before) when
+    L <= T / 4, dense otherwise (the last case); both equal each segment run on its own, forward and backward."""
+    T = offsets[-1]
+    q, k, v, q_gain, _ = _inputs(2, T, 4, 2, 16, seed=15)
+    gate = _gate(2, T, 4, 15)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    joined = attention_sdpa(q, k, v, q_gain, True, gate=gate, cu_seqlens=_cu(offsets))
+    pieces = torch.cat([attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], q_gain, True, gate=gate[:, a:b])
+                        for a, b in zip(offsets[:-1], offsets[1:]) if b > a], dim=1)
+    assert (joined - pieces).abs().max().item() < 1e-5  # fp32 rounding, q_gain up to 5
+    dy = torch.randn_like(joined)
+    for got, want in zip(torch.autograd.grad(joined, (q, k, v), dy), torch.autograd.grad(pieces, (q, k, v), dy)):
+        assert (got - want).abs().max().item() < 1e-5
+
+
 def test_segment_bounds_per_token():
     bounds = segment_bounds(_cu([0, 2, 2, 5, 6, 6]), 6).tolist()
     assert bounds == [[0, 0, 2, 2, 2, 5], [2, 2, 5, 5, 5, 6]]
