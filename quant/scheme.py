@@ -7,6 +7,8 @@
   projections): int8 per row with the 99.99984th-percentile clip;
 - everything at or below the threshold: fp16.
 
+R1's int8-per-row attention gate (gate_int8_row, is_gate_row_tensor) is here too; its LQER is quant/lqer.py.
+
 quant/artifact.py stores these QuantizedTensors in a file; quant/load.py builds a model from them.
 """
 from __future__ import annotations
@@ -47,6 +49,33 @@ class QuantizedTensor:
         if self.kind == KIND_FP16:
             return self.values.float().reshape(self.shape)
         return gptq.dequantize(self.codes, self.scale).reshape(self.shape)
+
+
+def step_codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """clamp(round(x / step), lo, hi) as int8, half to even; step broadcasts against x. Where the step is 0 (fp16
+    flushes max/range below 2^-25 to 0) the codes are 0 instead of x/0's: they dequantize to 0 either way."""
+    step = step.float()
+    zero = step == 0
+    return torch.where(zero, 0, torch.clamp(torch.round(x / torch.where(zero, 1, step)), lo, hi)).to(torch.int8)
+
+
+def symmetric_row_codes(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """R1's symmetric per-row rule: s = fp16(max|row| (>= 1e-10) / qmax), codes clamp(round(w / s), ±qmax).
+    -> (codes int8 [rows, cols], s fp16 [rows]); quant.gptq.dequantize gives codes · s[row] in fp32."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1).clamp_min(1e-10) / qmax).to(torch.float16)
+    return step_codes(w, scale[:, None], -qmax, qmax), scale
+
+
+def gate_int8_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R1's attention gate (one row per head), int8 per row with no Hessian: symmetric_row_codes at ±127."""
+    return symmetric_row_codes(weight, 127)
+
+
+def is_gate_row_tensor(name: str, tensor: torch.Tensor) -> bool:
+    """Whether R1 stores this entry as gate_int8_row (its test, checked before the fp16 passthrough)."""
+    return (torch.is_floating_point(tensor) and tensor.dim() == 2 and name.endswith(".attn_gate_w")
+            and 32 <= tensor.numel() <= 8192)
 
 
 def tensor_kind(name: str, numel: int, small_numel: int) -> str:
