@@ -52,11 +52,10 @@ class QuantizedTensor:
 
 
 def step_codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """clamp(round(x / step), lo, hi) as int8, half to even; step broadcasts against x. Where the step is 0 (fp16
-    flushes max/range below 2^-25 to 0) the codes are 0 instead of x/0's: they dequantize to 0 either way."""
-    step = step.float()
-    zero = step == 0
-    return torch.where(zero, 0, torch.clamp(torch.round(x / torch.where(zero, 1, step)), lo, hi)).to(torch.int8)
+    """clamp(round(x / step), lo, hi) as int8, half to even; step broadcasts against x. A step that fp16 flushed to
+    0 (max/range < 2^-25) divides by 1 instead: there |x| <= max < 0.5, so the codes are 0, not x/0's NaN or ±range
+    (R1's); they dequantize to 0 either way."""
+    return torch.clamp(torch.round(x / torch.where(step == 0, 1, step.float())), lo, hi).to(torch.int8)
 
 
 def symmetric_row_codes(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,6 +192,8 @@ def test_pack_asym_needs_whole_groups():
         lqer.pack_asym(torch.randn(16, 100))  # B [4, 100]: 400 entries
     with pytest.raises(ValueError, match=r"\[4, 64\].*96"):
         lqer.pack_asym(torch.randn(16, 64), group=32 * 3)
+    with pytest.raises(ValueError, match=r"\[3, 16\]"):  # r = 3 rows, not rank 4: 48 entries, not 64
+        lqer.pack_asym(torch.randn(3, 16))
     # fewer than `rank` singular values: r = min(rank, rows, cols) = 3, B [3, 64] is 3 groups
     qa, sa, qb, sb = lqer.pack_asym(low_rank_error(3, 64, 4))
     assert qa.shape == (3, 3) and qb.shape == (3, 64) and sb.shape == (3,)
