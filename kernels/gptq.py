@@ -274,14 +274,15 @@ def quantize_layer_triton(weight: torch.Tensor, hessian: torch.Tensor, scale: to
 
 
 def sm90_configs() -> list[dict]:
-    """The block kernel at every column tile a block_size in [1, 256] maps to (128: textbook, 64: the original),
-    and block_size=1, whose launches pass col0 = 1 (and width = 1), which Triton compiles as constexprs."""
+    """The block kernel at every column tile a block_size in [1, 256] maps to (128: textbook, 64: the original;
+    the code limit, 31 or 63, is a runtime argument, so no variant per limit), and block_size=1, whose launches
+    pass col0 = 1 (and width = 1), which Triton compiles as constexprs."""
     return [{
         "name": f"gptq_block_r{_BLOCK_R}_c{block_c}" + ("_block_size1" if ones else ""),
         "kernel": _gptq_block_kernel,
         "signature": {"w_ptr": "*fp32", "u_ptr": "*fp32", "scale_ptr": "*fp32", "codes_ptr": "*i8", "err_ptr": "*fp32",
-                      "rows": "i32", "width": "i32", "col0": "i32", "code_limit": "fp32", "stride_w": "i32", "stride_u": "i32",
-                      "stride_codes": "i32", "stride_err": "i32"},
+                      "rows": "i32", "width": "i32", "col0": "i32", "code_limit": "fp32", "stride_w": "i32",
+                      "stride_u": "i32", "stride_codes": "i32", "stride_err": "i32"},
         "constexprs": {"BLOCK_R": _BLOCK_R, "BLOCK_C": block_c},
         "num_warps": _NUM_WARPS, "num_stages": 1, "hgmma": False,
         "equal_to_1": ["col0", "width"] if ones else [],

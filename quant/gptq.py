@@ -9,9 +9,10 @@ kernel or this reference by backend. tests/test_gptq.py checks the kernel agains
 0.1% of codes off by one, the layer objective within 1%).
 
 Conventions: a weight is [rows, cols] = [out, in] (nn.Linear), a Hessian is [cols, cols] = XᵀX/n over
-the layer's calibration inputs X [n, cols], codes are int8 in [-31, 31] for int6 and [-127, 127] for
-int8, and the dequantized weight is codes · scale[row]. Scales are rounded to fp16 on return because
-that is how the artifact stores them: GPTQ then compensates for exactly the step the loader will use.
+the layer's calibration inputs X [n, cols], codes are int8 in [-31, 31] for int6 ([-63, 63] for SDClip's
+int7) and [-127, 127] for int8, and the dequantized weight is codes · scale[row]. Scales are rounded to
+fp16 on return because that is how the artifact stores them: GPTQ then compensates for exactly the step
+the loader will use.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def sdclip_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: fl
     and weight 0; H += 0.01·mean(diag H)·I with the mean over a contiguous copy of the diagonal, as R1 took
     it (a strided diagonal can sum in another order, 1 ulp off, and flip codes), so the damping is added
     here and the layer gets damping 0; then textbook GPTQ (descending diag, upper Cholesky of H⁻¹) through
-    kernels.gptq_quantize_layer. Ties of diag H keep column order (R1's unstable argsort could differ there).
+    kernels.gptq_quantize_layer. Ties of diag H keep column order (R1's unstable argsort could differ there);
+    a row whose fp16 step is 0 codes 0 (R1 divided by it; the row dequantizes to 0 either way).
     """
     scale = sdclip_scales(weight, clip_sigmas, bits)
     cols = weight.shape[1]

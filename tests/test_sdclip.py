@@ -8,10 +8,12 @@ or five of 64), outliers far past the clip, and a first-visited column whose eve
 (round half to even decides its codes).
 
 Bars: the fp16 steps bit for bit; the codes exactly, on both paths: KERNELS=torch (the reference GPTQ) and
-KERNELS=triton (the kernel, under the interpreter on the CPU). Both run the same fp32 operations in the same
-order as Q.2 (the kernel's column extraction is a sum of zeros and one value, exact), so no code may differ.
-On CUDA the Triton compiler may fuse the kernel's in-block update w -= e·u into FMAs, which round once where
-PyTorch rounds twice: there the Triton codes get tests/test_gptq.py's bar (at most 0.1% off by one).
+KERNELS=triton (the kernel, under the interpreter on the CPU), the reference on the same device. Both run
+Q.2's fp32 operations in Q.2's order: the kernel's column extraction is a sum of zeros and one value (exact),
+and its lazy update, addmm_ with alpha -1, rounds on the CPU as the reference's product-then-subtract does
+(measured: no code differs). On CUDA the Triton compiler may fuse the in-block update w -= e·u into FMAs,
+which round once where PyTorch rounds twice: there the Triton codes get tests/test_gptq.py's bar (at most
+0.1% off by one, none by more).
 """
 import numpy as np
 import pytest
@@ -123,7 +125,7 @@ def _layer(clip_sigmas: float, bits: int, seed: int = 0):
 def test_sdclip_quantize_matches_q2(backend, bits, clip_sigmas, block_size, monkeypatch):
     w, h = _layer(clip_sigmas, bits)
     clip_range = 2 ** (bits - 1) - 1
-    want_codes, want_scale = q2_reference(w, h, clip_sigmas, bits, block_size)
+    want_codes, want_scale = (t.cpu() for t in q2_reference(w.to(DEVICE), h.to(DEVICE), clip_sigmas, bits, block_size))
     # the layer holds what it should: half steps in FIRST, tied diagonals, a clamp that binds
     s = want_scale.float()
     live = s > 0
