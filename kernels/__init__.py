@@ -199,8 +199,11 @@ def lane_update(lane0, lane1, attn_out, mlp_out, attn_scale, mlp_scale, resid, p
 
 
 @_profiled
-def gptq_quantize_layer(weight, hessian, scale, *, block_size: int, damping: float, order: str, inverse: str):
-    """GPTQ of one layer with fixed row steps -> int8 codes in [-31, 31]; weight [rows, cols], hessian [cols, cols], scale [rows]."""
+def gptq_quantize_layer(weight, hessian, scale, *, block_size: int, damping: float, order: str, inverse: str,
+                        code_limit: int = _gptq.CODE_LIMIT):
+    """GPTQ of one layer with fixed row steps -> int8 codes in [-code_limit, code_limit] (31: int6, 63: int7; a row
+    whose step is 0 codes 0); weight [rows, cols], hessian [cols, cols], scale [rows]."""
     # keyed by the dispatcher's name, so the self-test's record and use_reference() name the op as callers do
     impl = _gptq.quantize_layer_triton if uses_triton("gptq_quantize_layer") else _gptq.quantize_layer_reference
-    return impl(weight, hessian, scale, block_size=block_size, damping=damping, order=order, inverse=inverse)
+    return impl(weight, hessian, scale, block_size=block_size, damping=damping, order=order, inverse=inverse,
+                code_limit=code_limit)
