@@ -21,16 +21,16 @@ quant.artifact.code_bytes() counts this file (SPEC 5).
 
 The blob: the names and minified sources, package by package (BLOB_ORDER), NUL-separated, through a
 word-replacing transform (substitute_words: the ~160 most frequent words each become one byte the text
-never holds), compressed by brotli at quality 11. The loader undoes both in three lines. Measured on
-32 modules: brotli 1.3% smaller than lzma on the same text, the word transform 4.6%, renaming 3.7%, the
-layout 0.5%, the package order 0.3%.
+never holds), compressed by brotli at quality 11. The loader undoes both in three lines. Measured on the
+32 modules of 792e336, train_gpt.py went 64,061 -> 57,257 B: brotli instead of lzma -961 B, the layout
+-217, renaming -2,700, the package order -109, the word transform -2,538, the base-252 literal -279.
 
-The blob is the compressed bytes themselves in a triple-quoted string literal of a latin-1 source file (PEP
-263 line `# coding: latin-1`): each byte is the character of the same number (U+0000..U+00FF), and the
-loader gets the bytes back with .encode("latin-1"). Escaped is only what the tokenizer will not read as
-itself: the backslash, CR (read as a newline), NUL (refused in source) and a quote that would close the
-literal; LF needs none inside triple quotes (a one-line "..." would also escape every LF and quote: 963
-escapes instead of 598 in 50,444 B). That costs 1.2% over the compressed bytes, where base85 cost 25%.
+The blob is held in a triple-quoted string literal of a latin-1 source file (PEP 263 line `# coding:
+latin-1`), written in base 252 (digits_literal): its characters are the 252 latin-1 characters the tokenizer
+reads as themselves inside triple quotes and no run of quotes can end (all but NUL, CR, the quote and the
+backslash), so nothing is escaped; each chunk of 999 blob bytes behind a 1 byte is a 1003-digit number.
+That costs 0.4% over the compressed bytes (the bytes themselves with backslash escapes cost 1.2%, base85
+25%) and 0.1 s of the loader's time; the loader reads it back with .encode("latin-1") and integer arithmetic.
 """
 from __future__ import annotations
 
@@ -68,16 +68,19 @@ LEFT_OUT_FUNCTIONS = {
     "sm90_configs": "every kernel configuration, for the sm_90 compile check (bench/sm90.py); launches never read it",
 }
 # The blob: brotli at its best quality (the window holds all of it; every window from 2^18 up gives the same
-# bytes), measured 1.3% smaller than lzma (FORMAT_ALONE, preset 9e, pb=0) on the same text.
+# bytes), measured 1.5-2% smaller than lzma (FORMAT_ALONE, preset 9e, pb=0; lc/pb/nice_len tuning gains
+# 24 B) on the same text.
 _BROTLI = dict(quality=11, lgwin=22)
-# The packages' order in the blob: measured the smallest of the orders tried (name order +186 B).
+# The packages' order in the blob: name order was 109 B larger; orders differ by under 200 B, all 24 tried.
 BLOB_ORDER = ("model", "train", "quant", "kernels")
 _SEP = "\0"  # between names and sources in the blob: a null byte cannot occur in Python source
-# What a latin-1 literal in triple double quotes cannot hold as itself. A NUL before an octal digit takes the
-# 3-digit form (\05 would be one character); a quote is escaped when it would be the first of three in a row
-# or is in the run of quotes the data ends with (those would run into the closing quotes).
-_NEEDS_ESCAPE = re.compile(r'(\0(?=[0-7]))|\\|\r|\0|"(?=""|"*\Z)')
-_ESCAPE = {"\\": "\\\\", "\r": "\\r", "\0": "\\0", '"': '\\"'}
+# The literal's digits: base 252, every latin-1 character the tokenizer reads as itself inside triple quotes
+# and that no run of quotes can end: all but NUL (refused in source), CR (read as a newline), the backslash
+# and the quote. A chunk of 999 blob bytes behind a 1 byte (so its leading zero bytes count) is a number
+# below 256^1000 <= 252^1003: 1003 digits, the last chunk fewer. No escapes at all: 0.4% over the blob, where
+# backslash escapes cost 1.2% and base85 25%.
+DIGITS = bytes(c for c in range(1, 256) if c not in b'\r"\\')
+_CHUNK, _CHUNK_DIGITS = 999, 1003
 
 # The loader. Its finder (a class, like the standard library's) is what quant.artifact looks for
 # (bundle_file) to tell a run from the bundle from a run from the sources; quant/records_check.py's probe
@@ -87,7 +90,12 @@ LOADER = '''# coding: latin-1
 import brotli,linecache,os,re,sys
 from importlib.machinery import ModuleSpec
 B=os.path.abspath(__file__)
-X,W,D=brotli.decompress(%s.encode("latin-1")).split(b"\\0",2)
+S=%s.encode("latin-1");D=b""
+for i in range(0,len(S),1003):
+ n=0
+ for c in S[i:i+1003]:n=n*252+c-1-(c>13)-(c>34)-(c>92)
+ D+=n.to_bytes(n.bit_length()+7>>3,"big")[1:]
+X,W,D=brotli.decompress(D).split(b"\\0",2)
 for c,w in zip(re.findall(rb"[^\\n -~"+X+rb"]",bytes(range(1,256))),W.split()):D=D.replace(c,w)
 D=D.decode().split("\\0")
 M=dict(zip(D[::2],D[1::2]))
@@ -583,10 +591,11 @@ def same_code(a, b, where: str = "<code>", renamed: dict[str, str] | None = None
     variables), positions aside. A closure is wired by name, so a run of LOAD_CLOSUREs or MAKE_CELLs is
     compared as a set."""
     def fail(what):
-        raise ValueError(f"bundle: {where}: {a.co_qualname} is not the same code after renaming: {what}")
+        raise ValueError(f"bundle: {where}: {getattr(a, 'co_qualname', a.co_name)} is not the same code after "
+                         f"renaming: {what}")
     for field in ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_nlocals",
                   "co_stacksize", "co_names", "co_name", "co_qualname", "co_exceptiontable"):
-        if getattr(a, field) != getattr(b, field):
+        if getattr(a, field, None) != getattr(b, field, None):  # the last two from Python 3.11 on
             fail(field)
     for field in ("co_code", "co_consts", "co_varnames", "co_cellvars", "co_freevars"):
         if len(getattr(a, field)) != len(getattr(b, field)):
@@ -687,7 +696,8 @@ def substitute_words(text: bytes) -> bytes:
     characters, wherever they occur) each replaced by one byte the text never holds, after a header: the
     bytes beyond NUL, newline and printable ASCII that the text holds, NUL, the words separated by spaces, NUL.
     The i-th word stands for the i-th byte of _codes(those bytes). An LZ compressor's match of a short frequent
-    word costs more than a byte (measured: the blob 4.6% smaller, header included). expand_words undoes it."""
+    word costs more than a byte (measured: train_gpt.py 4.2% smaller, header and loader lines included).
+    expand_words undoes it."""
     unusual = bytes(sorted(set(text) - {0, ord("\n")} - set(range(ord(" "), ord("~") + 1))))
     codes = _codes(unusual)
     counts = collections.Counter(w for w in _WORDS.findall(text) if len(w) >= _MIN_WORD)
@@ -719,10 +729,30 @@ def decompress(blob: bytes) -> dict[str, str]:
     return dict(zip(parts[::2], parts[1::2]))
 
 
-def latin1_literal(data: bytes) -> str:
-    """A triple-quoted string literal, for a latin-1 source file, whose value .encode("latin-1") is `data`."""
-    text = _NEEDS_ESCAPE.sub(lambda m: "\\000" if m[1] else _ESCAPE[m[0]], data.decode("latin-1"))
-    return f'"""{text}"""'
+def digits_literal(data: bytes) -> str:
+    """A triple-quoted string literal, for a latin-1 source file, of `data` in base 252 (DIGITS), chunk by
+    chunk; from_digits and the loader read it back."""
+    out = []
+    for start in range(0, len(data), _CHUNK):
+        n = int.from_bytes(b"\1" + data[start:start + _CHUNK], "big")
+        digits = []
+        while n:
+            n, d = divmod(n, len(DIGITS))
+            digits.append(DIGITS[d])
+        last = start + _CHUNK >= len(data)
+        out.append(bytes(digits[::-1]).rjust(len(digits) if last else _CHUNK_DIGITS, DIGITS[:1]))
+    return '"""' + b"".join(out).decode("latin-1") + '"""'
+
+
+def from_digits(text: str) -> bytes:
+    """digits_literal's value (the string, without the quotes) back to the bytes, as the loader does it."""
+    data, s = b"", text.encode("latin-1")
+    for i in range(0, len(s), _CHUNK_DIGITS):
+        n = 0
+        for c in s[i:i + _CHUNK_DIGITS]:
+            n = n * len(DIGITS) + DIGITS.index(c)
+        data += n.to_bytes((n.bit_length() + 7) // 8, "big")[1:]
+    return data
 
 
 def source_hash(root=None) -> str:
@@ -743,7 +773,7 @@ def _built(root) -> tuple[bytes, dict[str, str]]:
     key = source_hash(root)
     if key not in _cache:
         sources = {name: minify(path.read_text(), str(path)) for name, path in bundled_modules(root).items()}
-        _cache[key] = (LOADER % latin1_literal(_compress(sources))).encode("latin-1"), sources
+        _cache[key] = (LOADER % digits_literal(_compress(sources))).encode("latin-1"), sources
     return _cache[key]
 
 
@@ -756,10 +786,10 @@ def package_bytes(root=None) -> dict[str, int]:
     """Bytes per package as the literal of its minified modules compressed alone (so the parts sum to a
     little more than the file, which compresses them in one stream), plus the loader's bytes."""
     bundle, sources = _built(root)
-    sizes = {package: len(latin1_literal(_compress({n: s for n, s in sources.items()
+    sizes = {package: len(digits_literal(_compress({n: s for n, s in sources.items()
                                                     if n.split(".")[0] == package})))
              for package in PACKAGES}
-    sizes["loader"] = len(bundle) - len(latin1_literal(_compress(sources)))
+    sizes["loader"] = len(bundle) - len(digits_literal(_compress(sources)))
     return sizes
 
 
@@ -777,7 +807,7 @@ def format_sizes(root=None) -> str:
                  if len(bundle) <= SIZE_TARGET else
                  f"train_gpt.py: {len(bundle):,} B, OVER the {SIZE_TARGET:,} B target by {len(bundle) - SIZE_TARGET:,} B")
     blob = _compress(sources)
-    literal = len(latin1_literal(blob))
+    literal = len(digits_literal(blob))
     lines.append(f"blob: {len(blob):,} B of brotli in a {literal:,} B literal "
                  f"(+{literal - len(blob):,} B, {literal / len(blob) - 1:.1%})")
     lines.append(f"sha256 {hashlib.sha256(bundle).hexdigest()}, {len(sources)} modules; left out: {', '.join(LEFT_OUT)}")
