@@ -22,8 +22,9 @@ quant.artifact.code_bytes() counts this file (SPEC 5).
 The blob: the names and minified sources, package by package (BLOB_ORDER), NUL-separated, through a
 word-replacing transform (substitute_words: the ~160 most frequent words each become one byte the text
 never holds), compressed by brotli at quality 11. The loader undoes both in three lines. Measured on the
-32 modules of 792e336, train_gpt.py went 64,061 -> 57,257 B: brotli instead of lzma -961 B, the layout
--217, renaming -2,700, the package order -109, the word transform -2,538, the base-252 literal -279.
+32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B: brotli instead of lzma -961 B, the layout
+-217, renaming -2,700, the package order -109, the word transform -2,538, the base-252 literal -279,
+renaming inside this project's _profiled and input_policy entry points too -129.
 
 The blob is held in a triple-quoted string literal of a latin-1 source file (PEP 263 line `# coding:
 latin-1`), written in base 252 (digits_literal): its characters are the 252 latin-1 characters the tokenizer
@@ -331,11 +332,13 @@ def _layout(tree: ast.Module) -> str:
 _INTROSPECTION_NAMES = {"locals", "vars", "eval", "exec", "dir", "globals", "breakpoint"}
 _INTROSPECTION_ATTRIBUTES = {"_getframe", "currentframe", "f_locals", "f_back", "f_globals"}
 # Decorators known to read neither the source nor the local names of what they decorate (custom_op and
-# register_fake read the parameters and annotations only, which keep their names). A function with any
-# other decorator (@triton.jit reads its source; others are not known) keeps its names, and so does
-# everything inside it.
+# register_fake read the parameters and annotations only, which keep their names; this project's
+# kernels._profiled reads the function's __name__, kernels._runtime.input_policy its parameters: -129 B). A
+# function with any other decorator (@triton.jit reads its source; others are not known) keeps its names,
+# and so does everything inside it.
 RENAME_SAFE_DECORATORS = {"staticmethod", "classmethod", "property", "setter", "abstractmethod", "contextmanager",
-                          "wraps", "lru_cache", "cache", "no_grad", "inference_mode", "custom_op", "register_fake"}
+                          "wraps", "lru_cache", "cache", "no_grad", "inference_mode", "custom_op", "register_fake",
+                          "_profiled", "input_policy"}
 
 
 class _Scope:
