@@ -1,8 +1,9 @@
 """The submission's one train_gpt.py (quant/bundle.py) and the records check (quant/records_check.py).
 
-The bundle holds exactly the modules a run imports, stays under SIZE_TARGET, keeps its lzma blob in a
-latin-1 string literal that gives back every byte value (compiled from bytes and read by `python -I`), and
-runs from a temporary folder under `python -I` with this checkout's editable install still importable:
+The bundle holds exactly the modules a run imports, minified to the same program (the AST of the documented
+transforms, and the same code modulo renamed locals: each transform is also shown refusing what it must),
+stays under SIZE_TARGET, keeps its brotli blob in a base-252 latin-1 string literal that gives back every
+byte value (compiled from bytes and read by `python -I`), and runs from a temporary folder under `python -I` with this checkout's editable install still importable:
 every module comes from the bundle, the Triton kernels decorate without the interpreter (a loader that
 exec()s strings fails there, shown by a variant that compiles under "<bundle>"), and tracebacks show its
 lines. The full check (the short run from the bundle against `python -m train`) runs once per source state,
@@ -15,7 +16,6 @@ import hashlib
 import inspect
 import io
 import json
-import lzma
 import os
 import re
 import shutil
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import textwrap
 import tokenize
-import warnings
 from pathlib import Path
 
 import pytest
