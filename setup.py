@@ -15,7 +15,8 @@ setup(
         "triton==3.7.1",
         "numpy",
         "sentencepiece",
-        "brotli",
+        # the artifact's compressor and the bundle's (quant/bundle.py): its encoder decides train_gpt.py's bytes
+        "brotli==1.2.1",
         "filelock",
         "tqdm",
         "matplotlib",
