@@ -16,6 +16,8 @@ setup(
         "numpy",
         "sentencepiece",
         "brotli",
+        # the per-group artifact's "ans" coder (quant/artifact.py): its range coder and categorical models
+        "constriction==0.5.0",
         "filelock",
         "tqdm",
         "matplotlib",
