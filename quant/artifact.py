@@ -231,12 +231,23 @@ def group_of(name: str, part: str = "q") -> str:
     return "rest" if part != "q" else "tok_emb" if name == "tok_emb.weight" else role[1] if role else "rest"
 
 
-def similarity_order(codes) -> np.ndarray:
+def similarity_order(codes, device=None) -> np.ndarray:
     """R1's row order (QUANT.md Q.5): a greedy nearest-neighbour chain from row 0, each step to the unused row at the
-    least L1 distance from the current one, ties to the lowest row index. uint16 [rows]; one vectorized step per row."""
+    least L1 distance from the current one, ties to the lowest row index. uint16 [rows]. On a torch device (default:
+    CUDA when there is one) all distances at once (torch.cdist; integer sums, exact in fp32), then the chain;
+    otherwise one vectorized numpy step per row."""
     x = np.asarray(codes).astype(np.int16)
     n = len(x)
     out = np.zeros(n, np.uint16)
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device and n > 1:
+        t = torch.from_numpy(x).to(device, torch.float32)
+        d = torch.cdist(t[None], t[None], p=1)[0].cpu().numpy()
+        d[:, 0] = np.inf
+        for k in range(1, n):
+            out[k] = d[out[k - 1]].argmin()  # the first of equal minima: the lowest index
+            d[:, out[k]] = np.inf
+        return out
     idx, rest, cur = np.arange(1, n), x[1:].copy(), x[0] if n else None
     for k in range(1, n):
         m = n - k

@@ -61,16 +61,18 @@ def test_similarity_order_is_the_naive_greedy_chain(seed):
     cases.append(rng.integers(-31, 32, (60, 16)).astype(np.int8))
     cases.append(rng.integers(-127, 128, (40, 8)).astype(np.int8))
     for codes in cases:
-        got = art.similarity_order(codes)
-        assert got.dtype == np.uint16 and got.shape == (len(codes),)
-        np.testing.assert_array_equal(got, naive_similarity_order(codes))
-        assert sorted(got.tolist()) == list(range(len(codes)))
+        want = naive_similarity_order(codes)
+        for device in (None, "cpu"):  # one numpy step per row; all distances on a torch device
+            got = art.similarity_order(codes, device)
+            assert got.dtype == np.uint16 and got.shape == (len(codes),)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_similarity_order_breaks_ties_to_the_lowest_row():
     codes = np.array([[0, 0], [5, 5], [1, 0], [0, 1], [1, 0]], np.int8)
     # from row 0, rows 2, 3 and 4 are all at distance 1: row 2; from row 2, row 4 at 0; then row 3 at 2; then row 1
-    np.testing.assert_array_equal(art.similarity_order(codes), [0, 2, 4, 3, 1])
+    for device in (None, "cpu"):
+        np.testing.assert_array_equal(art.similarity_order(codes, device), [0, 2, 4, 3, 1])
 
 
 def test_routing_by_role():
