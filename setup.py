@@ -17,6 +17,8 @@ setup(
         "sentencepiece",
         # the artifact's compressor and the bundle's (quant/bundle.py): its encoder decides train_gpt.py's bytes
         "brotli==1.2.1",
+        # the per-group artifact's "ans" coder (quant/artifact.py): its range coder and categorical models
+        "constriction==0.5.0",
         "filelock",
         "tqdm",
         "matplotlib",

@@ -29,7 +29,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 # bench/ modules that run or analyse benchmarks rather than define them (ledger: the step's time ledger;
 # flops: the analytical FLOP/byte model).
 MACHINERY = frozenset({"__init__", "__main__", "registry", "report", "sm90", "gpu_check", "conftest",
-                       "test_benchmarks", "ledger", "flops"})
+                       "test_benchmarks", "ledger", "flops", "artifact"})
 # triton.testing.do_bench budgets in ms; the issue asks for at least these.
 MIN_WARMUP_MS = 25
 MIN_REP_MS = 100

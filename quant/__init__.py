@@ -6,15 +6,18 @@
                       (kernels/gptq.py's reference; calibration calls kernels.gptq_quantize_layer, which
                       runs the Triton kernel on the triton backend), quantize_rtn, int8_row_quantize,
                       dequantize, layer_objective
-    quant.scheme      tensor_kind(name, numel, small_numel) -> "int6" | "int8" | "fp16", QuantizedTensor,
+    quant.scheme      tensor_kind(name, numel, small_numel) -> "int6" | "int8" | "fp16", QuantizedTensor (also
+                      R1's kinds "int7", "gate_int8" and LQER factors, lqer_correction),
                       quantize_state_dict(state, small_numel, int6_codes=None), dequantize_state_dict
     quant.methods     METHODS {name: QuantMethod}: RoundToNearest "rtn", GPTQ "gptq", LoopAwareGPTQ
                       "loop_aware" (QUANT_METHOD); @register adds one
     quant.calibrate   collect_hessians(model, forward, batches, layers); Calibrator(...).quantize(method)
                       for any name in METHODS, sharing Hessians and GPTQ codes between methods
-    quant.artifact    the file format: write_artifact (atomic; OverBudgetError over 16,000,000 B),
-                      read_artifact (ArtifactError on a bad file), pack_int6_stream / unpack_int6_stream
-                      (the optional 6-bit encoding), code_bytes
+    quant.artifact    the file format: write_artifact (atomic; OverBudgetError over 16,000,000 B;
+                      container="ouroptz" (default) | "pergroup" with coder="auto" | "ans" | "lrzip" | "brotli"),
+                      read_artifact (ArtifactError on a bad file or a coder this build cannot read),
+                      similarity_order (R1's row order), pack_int6_stream / unpack_int6_stream (the optional
+                      6-bit encoding), code_bytes
     quant.load        load_model(path, device, quant_linear=None) -> (fresh model, config), int6 layers as
                       kernels.int6.QuantLinear by default on CUDA (use_quant_linear)
     quant.ledger      build_ledger(path), format_ledger(ledger): bytes per category, projection

@@ -7,12 +7,14 @@ full `ouroboros` model's artifact would weigh (same code, its own tensor counts)
 saying what it assumes: at this artifact's bits per stored value, and at the original entry's measured
 bits per parameter. A projection is an estimate, not a warning: how well codes compress depends on how
 large the model is and how long it trained; only a real artifact over the limit is an error (artifact.py).
+A per-group artifact lists instead its groups: codes, their order-0 entropy and the bytes its coder achieved.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, compress, encode, section_bytes
@@ -41,6 +43,7 @@ class Ledger:
     code_bytes: int         # the submitted train_gpt.py (quant.artifact.code_bytes)
     limit: int = SIZE_LIMIT
     projection: dict = field(default_factory=dict)
+    groups: list = field(default_factory=list)  # per-group container: (group, codes, order-0 bits, bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -52,6 +55,8 @@ class Ledger:
 
 def build_ledger(path: str | Path, project: bool = True) -> Ledger:
     art, _ = read_model_artifact(path)  # an artifact that cannot load as a model is not accounted for
+    if art.groups:
+        return _group_ledger(path, art)
     sections = section_bytes(art.tensors, art.encoding)
     parts = {key: [] for key, _, _ in CATEGORIES}
     values = {key: 0 for key, _, _ in CATEGORIES}
@@ -72,6 +77,19 @@ def build_ledger(path: str | Path, project: bool = True) -> Ledger:
     if project:
         ledger.projection = project_ouroboros(ledger)
     return ledger
+
+
+def _group_ledger(path, art) -> Ledger:
+    params, groups = {}, []
+    for q in art.tensors.values():
+        params[q.kind] = params.get(q.kind, 0) + q.numel
+    for group, members, size in art.groups:
+        codes = [art.tensors[n].codes if p == "q" else art.tensors[n].lqer[0 if p == "qA" else 2] for n, p in members]
+        n = np.bincount(torch.cat([c.reshape(-1).long() + 128 for c in codes]).numpy())
+        n = n[n > 0]
+        groups.append((group, int(n.sum()), float(n.sum() * np.log2(n.sum()) - (n * np.log2(n)).sum()), size))
+    return Ledger(str(path), art.encoding, {}, params, {"header": art.meta_bytes}, art.file_bytes, code_bytes(),
+                  groups=groups)
 
 
 def ouroboros_counts(small_numel: int | None = None) -> tuple[dict, dict]:
@@ -112,6 +130,8 @@ def project_ouroboros(ledger: Ledger) -> dict:
 
 
 def format_ledger(ledger: Ledger) -> str:
+    if ledger.groups:
+        return _format_groups(ledger)
     lines = [f"artifact {ledger.path}", f"encoding: codes {ledger.encoding['codes']}, fp16 {ledger.encoding['fp16']}; "
              f"brotli-11", "",
              f"{'category':<28}{'values':>12}{'bytes alone':>14}{'bits/value':>12}"]
@@ -146,4 +166,20 @@ def format_ledger(ledger: Ledger) -> str:
                                       f"parameters, {ORIGINAL_ENTRY['steps']:,} steps)")):
             lines.append(f"  model {int(p[total] - ledger.code_bytes):,} B + code {ledger.code_bytes:,} B = "
                          f"{int(p[total]):,} B of {ledger.limit:,}, " + assumption)
+    return "\n".join(lines)
+
+
+def _format_groups(ledger: Ledger) -> str:
+    lines = [f"artifact {ledger.path}", f"per-group container, coder {ledger.encoding['coder']}", "",
+             f"{'group':<12}{'codes':>12}{'order-0 B':>12}{'bits/code':>11}{'bytes':>12}{'bits/code':>11}"]
+    for group, n, h0, size in ledger.groups:
+        lines.append(f"{group:<12}{n:>12,}{h0 / 8:>12,.0f}{h0 / n:>11.3f}{size:>12,}{8 * size / n:>11.3f}")
+    n_params = sum(ledger.params.values())
+    lines += [f"{'stream 0: header, fp16 steps and values, row orders':<59}{ledger.bytes['header']:>12,}", "",
+              f"{'model file':<40}{ledger.file_bytes:>14,}   {8 * ledger.file_bytes / n_params:.3f} bits per parameter "
+              f"over {n_params:,} ({', '.join(f'{k} {v:,}' for k, v in ledger.params.items())})",
+              f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",
+              f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
+              + (f"{ledger.limit - ledger.total_bytes:,} under" if ledger.total_bytes <= ledger.limit
+                 else f"OVER by {ledger.total_bytes - ledger.limit:,}")]
     return "\n".join(lines)

@@ -23,6 +23,9 @@ import torch
 from . import gptq
 
 KIND_INT6, KIND_INT8, KIND_FP16 = "int6", "int8", "fp16"
+# R1's kinds (codes int8 with one fp16-valued step per row, like int6): int7 codes in [-63, 63], gate_int8 in [-127, 127]
+KIND_INT7, KIND_GATE = "int7", "gate_int8"
+CODE_KINDS = (KIND_INT6, KIND_INT7, KIND_INT8, KIND_GATE)
 
 _INT6_NAME = re.compile(r"(^|\.)(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
 
@@ -34,12 +37,16 @@ class ArtifactError(ValueError):
 
 @dataclass
 class QuantizedTensor:
-    """One state-dict entry as stored: int6/int8 codes with fp16-precision row steps, or fp16 values."""
+    """One state-dict entry as stored: int6/int7/int8/gate_int8 codes with fp16-precision row steps, or fp16
+    values; a code kind may carry LQER factors (qA int8 [rows, r], sA fp16 0-dim (asymmetric) or [rows]
+    (symmetric), qB int8 [r, cols], sB fp16 [numel(qB) / g] (asymmetric, groups of g) or [r] (symmetric)),
+    whose product dequantize() adds."""
     kind: str
     shape: tuple
     codes: torch.Tensor | None = None   # int8 [rows, cols]
     scale: torch.Tensor | None = None   # fp32 [rows], values representable in fp16
     values: torch.Tensor | None = None  # fp16, original shape
+    lqer: tuple | None = None           # (qA, sA, qB, sB)
 
     @property
     def numel(self) -> int:
@@ -48,7 +55,19 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         if self.kind == KIND_FP16:
             return self.values.float().reshape(self.shape)
-        return gptq.dequantize(self.codes, self.scale).reshape(self.shape)
+        w = gptq.dequantize(self.codes, self.scale)
+        if self.lqer is not None:
+            w = w + lqer_correction(*self.lqer)
+        return w.reshape(self.shape)
+
+
+def lqer_correction(qA, sA, qB, sB) -> torch.Tensor:
+    """Â @ B̂ in fp32: asymmetric (sA 0-dim) Â = qA·sA, B̂ = qB in groups of numel(qB)/numel(sB) times sB;
+    symmetric (qA·sA[:, None]) @ (qB·sB[:, None])."""
+    qA, qB, sA, sB = qA.float(), qB.float(), sA.float(), sB.float()
+    if sA.dim() == 0:
+        return (qA * sA) @ (qB.reshape(sB.numel(), -1) * sB[:, None]).reshape(qB.shape)
+    return (qA * sA[:, None]) @ (qB * sB[:, None])
 
 
 def step_codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
