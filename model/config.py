@@ -23,7 +23,7 @@ from .datasets import VARIANTS, variant_for
 from kernels.gptq import INVERSES as GPTQ_INVERSES, MAX_BLOCK as GPTQ_MAX_BLOCK, ORDERS as GPTQ_ORDERS
 
 # quant/methods.py registers one class under each of these names (a new method adds its name here too).
-QUANT_METHODS = ("rtn", "gptq", "loop_aware")
+QUANT_METHODS = ("rtn", "gptq", "loop_aware", "frontier")
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,24 @@ class Config:
     gptq_order: str = setting("descending", choices=GPTQ_ORDERS)
     gptq_inverse: str = setting("cholesky", choices=GPTQ_INVERSES)  # plain: the original's never-downdated inverse
     quant_small_numel: int = setting(65536, bound=">=0")  # tensors with at most this many elements are stored fp16
+    # --- R1's quantization (QUANT_METHOD=frontier, QUANT.md): SDClip steps k * row std / (2^(bits-1) - 1) ---
+    matrix_bits: int = setting(6, choices=(6, 7))
+    embed_bits: int = setting(7, choices=(6, 7))         # the tied embedding's GPTQ (R1's run: 7; its code's 8 unused)
+    matrix_clip_sigmas: float = setting(12.85, bound=">0")
+    mlp_clip_sigmas: float = setting(10.0, bound=">0")
+    attn_clip_sigmas: float = setting(13.0, bound=">0")
+    embed_clip_sigmas: float = setting(20.0, bound=">0")
+    gated_attn_quant_gate: bool = setting(False)         # the attention gate rows int8 per row
+    lqer_enabled: bool = setting(True)                   # low-rank correction of the LQER_TOP_K largest errors
+    lqer_rank: int = setting(4, bound=">0")
+    lqer_top_k: int = setting(3, bound=">=0")
+    lqer_factor_bits: int = setting(4, bound=">0")
+    lqer_asym_enabled: bool = setting(True)
+    lqer_asym_group: int = setting(64, bound=">0")
+    # ouroptz: this project's container (brotli-11 over grouped sections); pergroup: R1's layout, role groups
+    # of similarity-sorted, transposed codes, each through PERGROUP_CODER
+    compressor: str = setting("ouroptz", choices=("ouroptz", "pergroup"))
+    pergroup_coder: str = setting("auto", choices=("auto", "ans", "lrzip", "brotli"))  # auto: the best this build has
     # --- paths and run control ---
     caseops_enabled: bool = setting(False)  # the CaseOps data: val bytes come from its byte sidecars
     # unset: the download (model/datasets.py) below DATA_DIR that VOCAB_SIZE and CASEOPS_ENABLED name
@@ -246,13 +264,16 @@ PRESETS: dict[str, dict] = {
     "frontier": dict(vocab_size=8192, use_crawler=0, mlp_mult=4.0, qk_gain_init=5.0, rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0,
                      parallel_start_layer=8, skip_gates_enabled=True, smear_gate_enabled=True,
                      static_smear_enabled=False, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
-                     quant_method="gptq", caseops_enabled=True, eval_mode="doc",
+                     caseops_enabled=True, eval_mode="doc",
                      # R1's training as seed 42 ran it (TRAIN.md 7); calibration inside the 600 s (auto reserve)
                      seed=42, train_loader="packed", muon_row_normalize=True, muon_ns="polar", matrix_lr=0.026,
                      tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_weight_decay=0.095,
                      embed_weight_decay=0.085, adam_weight_decay=0.02, beta2=0.99, warmdown_frac=0.85, min_lr=0.1,
                      enable_looping_at=0.35, ema_decay=0.9965, swa_every=0, grad_clip_mode="local",
-                     val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled", gptq_cal_samples=768),
+                     val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled", gptq_cal_samples=768,
+                     # R1's quantizer and container (QUANT.md): SDClip GPTQ, int7 embedding, int8 gate rows, LQER
+                     quant_method="frontier", embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, gated_attn_quant_gate=True,
+                     compressor="pergroup"),
     # Every frontier switch (model, data, training) at CPU size on the embedded corpus as CaseOps text (`python -m train.prepare --variant
     # sp8192_caseops`): 6 blocks, 2..3 looped, two-lane from block 4; head dim 64 and GQA 2:1 as R1 (the
     # Triton attention kernel takes head dims 64 and 128); scored document-isolated from the byte sidecars. R1's
@@ -261,7 +282,7 @@ PRESETS: dict[str, dict] = {
                           model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4.0, qk_gain_init=5.0,
                           rope_inv_freq_bf16=True, bigram_vocab_size=0, inst_dim=0, parallel_start_layer=4,
                           skip_gates_enabled=True, smear_gate_enabled=True, static_smear_enabled=False,
-                          sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, quant_method="gptq",
+                          sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, quant_method="frontier",
                           train_seq_len=256, train_batch_tokens=8 * 256, grad_accum_steps=1, iterations=400,
                           max_wallclock_seconds=0.0, warmdown_iters=130, warmup_steps=0, val_loss_every=100,
                           train_log_every=25, swa_every=0, muon_momentum_warmup_steps=100, compile_fullgraph=False,
@@ -271,7 +292,8 @@ PRESETS: dict[str, dict] = {
                           tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_weight_decay=0.095,
                           embed_weight_decay=0.085, adam_weight_decay=0.02, beta2=0.99, warmdown_frac=0.85,
                           min_lr=0.1, enable_looping_at=0.35, ema_decay=0.99, grad_clip_mode="local",
-                          gptq_cal_loader="shuffled",
+                          gptq_cal_loader="shuffled", embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5,
+                          gated_attn_quant_gate=True, compressor="pergroup",
                           data_path="data/datasets/embedded_sp8192_caseops",
                           tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
@@ -380,6 +402,9 @@ def _validated(cfg: Config) -> Config:
                          "SWA_EVERY=0 (R1 keeps no SWA) or EMA_DECAY=0")
     if cfg.gptq_reserve_seconds < 0 and cfg.gptq_reserve_seconds != -1:
         bad("gptq_reserve_seconds", "must be 'auto' (stored as -1) or a number of seconds >= 0")
+    if cfg.quant_method == "frontier" and cfg.compressor != "pergroup":
+        bad("compressor", "QUANT_METHOD=frontier stores int7, int8 gate rows and LQER factors, which only "
+                          "COMPRESSOR=pergroup holds")
     if cfg.gptq_block_size > GPTQ_MAX_BLOCK:  # checked at start-up, not after training, in calibration
         bad("gptq_block_size", f"must be at most {GPTQ_MAX_BLOCK} (the Triton GPTQ kernel keeps a block's columns "
                                "in registers)")

@@ -50,10 +50,11 @@ class GPT(nn.Module):
         self.config = config
         dim = config.model_dim
         self.schedules = {on: block_schedule(config, on) for on in (True, False)}
-        self.recurrence_active = True  # the plan forward walks; the training issue switches it at a step
+        self.recurrence_active = True  # the plan forward walks; ENABLE_LOOPING_AT switches it on during training
         self.rope_keys = tuple(dict.fromkeys(s.rope for plan in self.schedules.values() for s in plan))
         xsa = {slot.name: slot.xsa for slot in self.schedules[True]}
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
+        self.head_input = nn.Identity()  # a module call where the head reads h, for calibration's hooks (no weights)
         if config.use_crawler:
             # Modules are made in the original's order: their constructors draw from the RNG, and the pinned
             # crawler presets depend on it.
@@ -253,7 +254,7 @@ class GPT(nn.Module):
         T, device = ids.size(1), ids.device
         x0 = self.embed(ids)[0]
         x = self.run_blocks(x0, x0, self.rope_tables(T, device), cu_seqlens=cu_seqlens)
-        h = kernels.rms_norm(x)
+        h = self.head_input(kernels.rms_norm(x))
         if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
             return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)
         logits = F.linear(h, self.tok_emb.weight).float()

@@ -7,10 +7,12 @@
                       runs the Triton kernel on the triton backend), quantize_rtn, int8_row_quantize,
                       dequantize, layer_objective
     quant.scheme      tensor_kind(name, numel, small_numel) -> "int6" | "int8" | "fp16", QuantizedTensor (also
-                      R1's kinds "int7", "gate_int8" and LQER factors, lqer_correction),
+                      R1's kinds "int7", "gate_int8" and LQER factors (quant.lqer)),
                       quantize_state_dict(state, small_numel, int6_codes=None), dequantize_state_dict
     quant.methods     METHODS {name: QuantMethod}: RoundToNearest "rtn", GPTQ "gptq", LoopAwareGPTQ
-                      "loop_aware" (QUANT_METHOD); @register adds one
+                      "loop_aware", Frontier "frontier" (QUANT_METHOD); @register adds one
+    quant.frontier    frontier_quantize(state_dict, hessians, cfg): R1's scheme (QUANT.md Q.3), SDClip GPTQ
+                      (quant.gptq.sdclip_quantize) by group, int8 gate rows, fp16 small tensors, LQER (quant.lqer)
     quant.calibrate   collect_hessians(model, forward, batches, layers); Calibrator(...).quantize(method)
                       for any name in METHODS, sharing Hessians and GPTQ codes between methods
     quant.artifact    the file format: write_artifact (atomic; OverBudgetError over 16,000,000 B;

@@ -19,7 +19,7 @@ from model import calibration_mode
 
 from . import gptq
 from .methods import method_named
-from .scheme import KIND_INT6, tensor_kind
+from .scheme import KIND_INT6, TIED_EMBEDDING, tensor_kind
 
 
 class HessianAccumulator:
@@ -52,7 +52,8 @@ def collect_hessians(model: torch.nn.Module, forward: Callable[[torch.Tensor], o
     """Run forward(batch) for every calibration batch with pre-hooks on `layers`; returns {layer: H}."""
     layers = list(layers)
     modules = dict(model.named_modules())
-    unknown = [n for n in layers if n not in modules]
+    modules[TIED_EMBEDDING] = modules.get("head_input")  # the tied head's input: the final norm's output
+    unknown = [n for n in layers if modules.get(n) is None]
     if unknown:
         raise KeyError(f"calibration: the model has no modules {unknown}")
     acc = HessianAccumulator()

@@ -167,7 +167,8 @@ def export_run(model: torch.nn.Module, cfg, run_dir, *, val_tokens: torch.Tensor
         report.update(calibration_seconds=calib_s, objective_ratio=_objective_ratio(stats))
         t1 = time.perf_counter()
         try:
-            info = write_artifact(path, quantized, cfg.to_dict(), limit=limit)
+            info = write_artifact(path, quantized, cfg.to_dict(), limit=limit, container=cfg.compressor,
+                                  coder=cfg.pergroup_coder)
             report.update(model_bytes=info.model_bytes, code_bytes=info.code_bytes, total_bytes=info.total_bytes)
             log(f"quant: wrote {path}: {info.model_bytes:,} B model + {info.code_bytes:,} B code = "
                 f"{info.total_bytes:,} B ({limit - info.total_bytes:,} B under the {limit:,} B limit) "
@@ -242,7 +243,8 @@ def _compare(calibrator, cfg, run_dir: Path, method: str, gap: float, float_val,
                 quantized, stats = calibrator.quantize(m)
                 # scratch files read back for the comparison only: fast brotli, no budget (same bytes once decoded)
                 written.append(folder / f"{m}.ptz")
-                write_artifact(written[-1], quantized, cfg.to_dict(), limit=math.inf, quality=1)
+                write_artifact(written[-1], quantized, cfg.to_dict(), limit=math.inf, quality=1,
+                               container="pergroup" if m == "frontier" else "ouroptz")  # R1's kinds need pergroup
                 if stats["objective"]:
                     log(f"quant compare: {objective_summary(stats)}")
         except OSError as err:

@@ -13,7 +13,9 @@ from model.config import Config, ConfigError
 from model.blocks import MLP
 
 from .artifact import Artifact, read_artifact
-from .scheme import KIND_INT6, ArtifactError, dequantize_state_dict
+from .scheme import KIND_INT6, TIED_EMBEDDING, ArtifactError, dequantize_state_dict
+
+TIED_EMBEDDING_WEIGHT = f"{TIED_EMBEDDING}.weight"
 
 
 def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None):
@@ -29,7 +31,10 @@ def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None)
         quant_linear = device.type == "cuda"
     artifact, config = read_model_artifact(path)
     net = model_lib.build_model(config)
-    net.load_state_dict(dequantize_state_dict(artifact.tensors), strict=True)
+    state = dequantize_state_dict(artifact.tensors)
+    if config.quant_method == "frontier" and TIED_EMBEDDING_WEIGHT in state:  # R1 keeps the corrected embedding bf16
+        state[TIED_EMBEDDING_WEIGHT] = state[TIED_EMBEDDING_WEIGHT].bfloat16().float()
+    net.load_state_dict(state, strict=True)
     if quant_linear:
         use_quant_linear(net, artifact.tensors)
     return net.to(device), config
@@ -67,7 +72,8 @@ def use_quant_linear(net: torch.nn.Module, tensors: dict) -> list[str]:
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             stored = tensors.get(f"{full}.weight")
-            if isinstance(child, torch.nn.Linear) and stored is not None and stored.kind == KIND_INT6:
+            if isinstance(child, torch.nn.Linear) and stored is not None and stored.kind == KIND_INT6 \
+                    and stored.lqer is None:  # a low-rank correction needs the dense weight
                 layer = QuantLinear.from_codes(stored.codes, stored.scale)
                 setattr(module, child_name, layer.to(child.weight.device))
                 swapped.append(full)

@@ -21,7 +21,8 @@ from abc import ABC, abstractmethod
 from model.config import QUANT_METHODS
 
 from . import gptq
-from .scheme import quantize_state_dict
+from .frontier import frontier_quantize
+from .scheme import TIED_EMBEDDING, quantize_state_dict
 
 CRAWLER_PREFIX = "crawler_blocks."
 
@@ -122,3 +123,18 @@ class LoopAwareGPTQ(GPTQ):
             hessians.update(calibrator.collect(crawler))
         phase_of.update({n: 2 for n in crawler})
         return hessians, phase_of, seconds + time.perf_counter() - t0
+
+
+@register
+class Frontier(QuantMethod):
+    """R1's scheme (QUANT.md Q.1-Q.3): one calibration pass over the float model with its recurrence on, each
+    repeated block summing its passes into one H, the tied embedding's H from the head's input; then
+    quant.frontier.frontier_quantize (SDClip GPTQ, int8 gate rows, fp16 small tensors, LQER)."""
+    name = "frontier"
+
+    def quantize(self, calibrator, state: dict) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        layers = calibrator.layers + ([TIED_EMBEDDING] if f"{TIED_EMBEDDING}.weight" in state else [])
+        hessians = calibrator.collect(layers)
+        quantized = frontier_quantize(state, hessians, calibrator.config)
+        return quantized, {"seconds": time.perf_counter() - t0, "objective": {}}

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRACKS = {"10min": "track_10min_16mb", "non_record": "track_non_record_16mb"}
 RULE_NATS = 0.005  # a new record must beat the last by at least this much val_loss ...
 RULE_P = 0.01      # ... at this significance
-REQUIREMENTS = ("torch", "triton", "numpy", "sentencepiece", "brotli")
+REQUIREMENTS = ("torch", "triton", "numpy", "sentencepiece", "brotli", "constriction")
 # config.json fields that say where a run was written, not how it trained
 NOT_TRAINING = ("seed", "run_id", "runs_dir", "dry_run")
 # left out of the README's command: SEED and PRESET are written first, paths are the reader's own

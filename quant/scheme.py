@@ -26,6 +26,7 @@ KIND_INT6, KIND_INT8, KIND_FP16 = "int6", "int8", "fp16"
 # R1's kinds (codes int8 with one fp16-valued step per row, like int6): int7 codes in [-63, 63], gate_int8 in [-127, 127]
 KIND_INT7, KIND_GATE = "int7", "gate_int8"
 CODE_KINDS = (KIND_INT6, KIND_INT7, KIND_INT8, KIND_GATE)
+TIED_EMBEDDING = "tok_emb"  # GPTQ'd with the head input's Hessian under QUANT_METHOD=frontier (QUANT.md Q.1)
 
 _INT6_NAME = re.compile(r"(^|\.)(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
 
@@ -46,7 +47,7 @@ class QuantizedTensor:
     codes: torch.Tensor | None = None   # int8 [rows, cols]
     scale: torch.Tensor | None = None   # fp32 [rows], values representable in fp16
     values: torch.Tensor | None = None  # fp16, original shape
-    lqer: tuple | None = None           # (qA, sA, qB, sB)
+    lqer: tuple | None = None           # (qA, sA, qB, sB): a low-rank correction added at dequantization (quant/lqer.py)
 
     @property
     def numel(self) -> int:
@@ -55,19 +56,12 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         if self.kind == KIND_FP16:
             return self.values.float().reshape(self.shape)
-        w = gptq.dequantize(self.codes, self.scale)
+        weight = gptq.dequantize(self.codes, self.scale)
         if self.lqer is not None:
-            w = w + lqer_correction(*self.lqer)
-        return w.reshape(self.shape)
+            from .lqer import correction  # lqer imports this module
 
-
-def lqer_correction(qA, sA, qB, sB) -> torch.Tensor:
-    """Â @ B̂ in fp32: asymmetric (sA 0-dim) Â = qA·sA, B̂ = qB in groups of numel(qB)/numel(sB) times sB;
-    symmetric (qA·sA[:, None]) @ (qB·sB[:, None])."""
-    qA, qB, sA, sB = qA.float(), qB.float(), sA.float(), sB.float()
-    if sA.dim() == 0:
-        return (qA * sA) @ (qB.reshape(sB.numel(), -1) * sB[:, None]).reshape(qB.shape)
-    return (qA * sA[:, None]) @ (qB * sB[:, None])
+            weight = weight + correction(*self.lqer)
+        return weight.reshape(self.shape)
 
 
 def step_codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

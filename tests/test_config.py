@@ -92,7 +92,13 @@ ADDED_LAYOUT = {"ln_scale": True, "num_layers": 11, "loop_start": 3, "loop_end":
 ADDED_TRAINING = {"train_loader": "stream", "muon_row_normalize": False, "muon_ns": "quintic",
                   "embed_weight_decay": -1.0, "warmdown_frac": 0.0, "min_lr": 0.0, "enable_looping_at": 0.0,
                   "ema_decay": 0.0, "grad_clip_mode": "global", "gptq_cal_loader": "stream", "data_dir": "data"}
-ADDED_LAYOUT.update(ADDED_TRAINING)
+# R1's quantization switches (issue 23), at their defaults: unread by the crawler presets' methods.
+ADDED_QUANT = {"matrix_bits": 6, "embed_bits": 7, "matrix_clip_sigmas": 12.85, "mlp_clip_sigmas": 10.0,
+               "attn_clip_sigmas": 13.0, "embed_clip_sigmas": 20.0, "gated_attn_quant_gate": False,
+               "lqer_enabled": True, "lqer_rank": 4, "lqer_top_k": 3, "lqer_factor_bits": 4,
+               "lqer_asym_enabled": True, "lqer_asym_group": 64, "compressor": "ouroptz",
+               "pergroup_coder": "auto"}
+ADDED_LAYOUT.update(ADDED_TRAINING, **ADDED_QUANT)
 ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean", **ADDED_LAYOUT}
 ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum", **ADDED_LAYOUT}
 

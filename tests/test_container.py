@@ -21,8 +21,8 @@ from model.config import Config, from_env
 from quant import artifact as art
 from quant import inspect as quant_inspect
 from quant import ledger as quant_ledger
-from quant.scheme import (KIND_FP16, KIND_GATE, KIND_INT6, KIND_INT7, KIND_INT8, QuantizedTensor,
-                          dequantize_state_dict, lqer_correction)
+from quant.lqer import correction as lqer_correction
+from quant.scheme import KIND_FP16, KIND_GATE, KIND_INT6, KIND_INT7, KIND_INT8, QuantizedTensor, dequantize_state_dict
 
 PIN = Path(__file__).resolve().parent / "pins" / "tiny_run.int6.ptz"
 CODERS = art.available_coders()

@@ -224,7 +224,15 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_caseops_data, tmp_pat
     assert math.isfinite(summary["float_val_bpb"]) and summary["val_bpb"] == summary["export"]["roundtrip_val_bpb"]
     assert summary["params"] == count_parameters(build_model(cfg))
     export = summary["export"]
-    assert export["method"] == "gptq" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
+    assert export["method"] == "frontier" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
+    # R1's artifact: the per-group container, int7 embedding, int8 gate rows, LQER; read back as R1 loads it
+    from quant.artifact import read_artifact
+    from quant.load import load_model
+
+    stored = read_artifact(export["artifact_path"]).tensors
+    assert stored["tok_emb.weight"].kind == "int7" and sum(q.lqer is not None for q in stored.values()) == 3
+    loaded = load_model(export["artifact_path"])[0].tok_emb.weight
+    assert torch.equal(loaded, loaded.bfloat16().float())  # the corrected embedding, rounded to bf16
     log = (tmp_path / "frontier" / "train.log").read_text()  # scored document-isolated, as R1 scores
     assert "val bytes: the byte sidecars; eval mode: doc" in log and "final_doc_isolated val_loss:" in log
     assert "final_int6_doc_isolated_exact val_loss:" in log and "sliding_window" not in log
