@@ -34,3 +34,6 @@ CLIs: `python -m quant --checkpoint runs/<id>/final_model.pt` (the export step f
 `python -m quant.records export|check|stats` (a submission's records folder from finished runs).
 Imports: quant/ uses kernels/, model/, train.data and train.evaluate, never the training loop.
 """
+from .frontier import frontier_quantize  # as quant.frontier_quantize
+
+__all__ = ["frontier_quantize"]

@@ -51,11 +51,11 @@ def frontier_quantize(state_dict: dict, hessians: dict, cfg) -> dict:
             errors[name] = w.cpu() - gptq.dequantize(codes, scale)
     if cfg.lqer_enabled:
         for name in lqer.top_k_by_error(errors, cfg.lqer_top_k):
-            try:
-                if not cfg.lqer_asym_enabled:
-                    raise ValueError
-                factors = lqer.pack_asym(errors[name], cfg.lqer_rank, cfg.lqer_asym_group)
-            except ValueError:  # the groups do not divide B: R1's symmetric fallback
-                factors = lqer.pack_sym(errors[name], cfg.lqer_rank, cfg.lqer_factor_bits)
-            out[name].lqer = factors
+            factors = None
+            if cfg.lqer_asym_enabled:
+                try:
+                    factors = lqer.pack_asym(errors[name], cfg.lqer_rank, cfg.lqer_asym_group)
+                except ValueError:  # the groups do not divide B: R1's symmetric fallback
+                    pass
+            out[name].lqer = factors or lqer.pack_sym(errors[name], cfg.lqer_rank, cfg.lqer_factor_bits)
     return out
