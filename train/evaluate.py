@@ -32,6 +32,11 @@ import torch.nn.functional as F
 LEADING_SPACE = "\u2581"  # sentencepiece's "▁"
 # The name of each evaluation mode in the run log's score lines (final_<name>, final_int6_<name>_exact).
 SCORE_NAMES = {"sliding": "sliding_window", "doc": "doc_isolated"}
+# observe(targets_at, logits, nll), called by every evaluator (these and train.ttt's) for each batch of scored
+# targets: targets_at int64 [n], the index into val_tokens of each scored target token; logits [n, V], the
+# (softcapped) logits its score came from, before any log_softmax; nll fp32 [n], the nll added to the sums.
+# What train/legality.py's audit watches (causality, every target once, a full distribution). None: no cost.
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def build_byte_luts(sp, vocab_size: int):
@@ -128,7 +133,8 @@ def _bpb(sums: torch.Tensor, world: int) -> tuple[float, float]:
 
 @torch.no_grad()  # no_grad rather than inference_mode: tensors a model caches here stay usable in training
 def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride: int | None = None,
-                 batch_seqs: int = 32, device="cpu", val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
+                 batch_seqs: int = 32, device="cpu", val_bytes: torch.Tensor | None = None,
+                 observe: Observer | None = None) -> tuple[float, float]:
     """(val_loss in nats per scored token, val_bpb) of logits_fn over val_tokens.
 
     logits_fn(ids int64 [B, seq_len]) -> logits [B, seq_len, V] must be causal: every window is padded
@@ -136,6 +142,7 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
     stride None or >= seq_len: non-overlapping windows; otherwise sliding windows with that stride (see
     sliding_windows). val_bytes: the bytes of each val token (a sidecar), charged instead of the lookup
     tables'. Under torch.distributed the windows are split over ranks and the float64 sums all-reduced.
+    observe: called with every batch's scored targets (see Observer).
     """
     _check_val(val_tokens, luts, val_bytes)
     device = torch.device(device)
@@ -163,6 +170,8 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
             raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for ids of shape {tuple(x.shape)}; "
                              f"expected [{x.shape[0]}, {x.shape[1]}, vocab]")
         nll = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+        if observe is not None:
+            observe((positions + 1)[scored.to(positions.device)], logits[scored], nll)
         sums[0] += nll.double().sum()  # per-token nll in fp32, summed in fp64 (sums do not depend on batching)
         if val_bytes is None:
             sums[1] += target_bytes(x[scored], y[scored], luts).sum().double()
@@ -174,14 +183,15 @@ def evaluate_bpb(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, stride
 
 @torch.no_grad()
 def evaluate_documents(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, batch_seqs: int = 32,
-                       device="cpu", val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
+                       device="cpu", val_bytes: torch.Tensor | None = None,
+                       observe: Observer | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) with attention cut at documents, as R1 scores its diagnostic evaluation.
 
     The targets go in spans of batch_seqs x seq_len (the last span shorter), each fed as one row with
     logits_fn(ids [1, n], cu_seqlens) -> logits [1, n, V], whose segments start at the span's first token,
     at every BOS and every seq_len tokens of a document (train/data.py document_segments): context never
     crosses a BOS, and restarts at each span. Every target is scored once. Spans are split over ranks;
-    the float64 sums are all-reduced. val_bytes as in evaluate_bpb."""
+    the float64 sums are all-reduced. val_bytes and observe as in evaluate_bpb."""
     _check_val(val_tokens, luts, val_bytes)
     device = torch.device(device)
     targets = val_tokens.numel() - 1
@@ -198,7 +208,10 @@ def evaluate_documents(logits_fn, val_tokens: torch.Tensor, luts, seq_len: int, 
         if logits.ndim != 3 or tuple(logits.shape[:2]) != (1, x.numel()):
             raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for ids of shape (1, {x.numel()}); "
                              f"expected [1, {x.numel()}, vocab]")
-        sums[0] += F.cross_entropy(logits[0].float(), y, reduction="none").double().sum()
+        nll = F.cross_entropy(logits[0].float(), y, reduction="none")
+        if observe is not None:
+            observe(torch.arange(start + 1, end + 1), logits[0], nll)
+        sums[0] += nll.double().sum()
         if val_bytes is None:
             sums[1] += target_bytes(x, y, luts).sum().double()
         else:
@@ -216,18 +229,19 @@ def autocast_for(device: torch.device | str):
 
 def validate(model: Callable, base_model: torch.nn.Module, val_tokens: torch.Tensor, luts, *, seq_len: int,
              stride: int | None, batch_seqs: int, device: torch.device, mode: str = "sliding",
-             val_bytes: torch.Tensor | None = None) -> tuple[float, float]:
+             val_bytes: torch.Tensor | None = None, observe: Observer | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) of model's logits (called without targets) over val_tokens, in eval mode under
     no_grad and autocast; base_model returns to the mode it was in. mode "sliding": windows (stride None =
-    non-overlapping); "doc": evaluate_documents (stride unused). val_bytes: a byte sidecar, else the tables."""
+    non-overlapping); "doc": evaluate_documents (stride unused). val_bytes: a byte sidecar, else the tables.
+    observe: passed on (see Observer)."""
     was_training = base_model.training
     base_model.eval()
     try:
         with torch.no_grad(), autocast_for(device):
             if mode == "doc":
                 return evaluate_documents(lambda ids, cu: model(ids, cu_seqlens=cu), val_tokens, luts, seq_len,
-                                          batch_seqs=batch_seqs, device=device, val_bytes=val_bytes)
+                                          batch_seqs=batch_seqs, device=device, val_bytes=val_bytes, observe=observe)
             return evaluate_bpb(model, val_tokens, luts, seq_len, stride=stride, batch_seqs=batch_seqs, device=device,
-                                val_bytes=val_bytes)
+                                val_bytes=val_bytes, observe=observe)
     finally:
         base_model.train(was_training)
