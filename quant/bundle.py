@@ -25,12 +25,17 @@ quant.artifact.code_bytes() counts this file (SPEC 5).
 
 The blob: the names and minified sources, package by package (BLOB_ORDER), NUL-separated, through a
 word-replacing transform (substitute_words: the ~160 most frequent words each become one byte the text
-never holds), compressed by brotli at quality 11. The loader undoes both in three lines. Measured on the
-32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B: brotli instead of lzma -961 B, the layout
--217, renaming -2,700, the package order -109, the word transform -2,538, the base-252 literal -279,
-renaming inside this project's _profiled and input_policy entry points too -129. On the 34 modules of fd2c01c
-(62,570 B, the sm90_configs tables already left out by a list of names): the unreached definitions left out
--758 B (21 of them, 5 KB of source; __all__ not counted as a reference -545 of it).
+never holds, the next ~250 an escape byte and a second byte), compressed by brotli at quality 11. The loader
+undoes both in four lines. Measured on the 32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B:
+brotli instead of lzma -961 B, the layout -217, renaming -2,700, the package order -109, the word transform
+-2,538, the base-252 literal -279, renaming inside this project's _profiled and input_policy entry points
+too -129. On the 34 modules of fd2c01c (62,570 B, the sm90_configs tables already left out by a list of
+names): the unreached definitions left out -758 B (21 of them, 5 KB of source; __all__ not counted as a reference -545 of it); two-byte word codes
+-452 (the blob -523, the loader +71). Measured and not kept: brotli's lgwin 24, mode TEXT, lgblock 16 or 24
+(+0 to +49 B); _MIN_WORD 2 or 4 (+91, +131); every other package order (+11 and up); more escape bytes
+(2: +59, 3: +196); two-byte codes ranked by count alone (+67); parentheses the AST does not need, removed
+line by line (-152 B for 6 s more build time); renaming the variables of @triton.jit kernels (-400 B: Triton
+compiles their source, which same_code does not see, and a GPU run would be the only proof).
 
 The blob is held in a triple-quoted string literal of a latin-1 source file (PEP 263 line `# coding:
 latin-1`), written in base 252 (digits_literal): its characters are the 252 latin-1 characters the tokenizer
@@ -98,8 +103,9 @@ for i in range(0,len(S),1003):
  n=0
  for c in S[i:i+1003]:n=n*252+c-1-(c>13)-(c>34)-(c>92)
  D+=n.to_bytes(n.bit_length()+7>>3,"big")[1:]
-X,W,D=brotli.decompress(D).split(b"\\0",2)
-for c,w in zip(re.findall(rb"[^\\n -~"+X+rb"]",bytes(range(1,256))),W.split()):D=D.replace(c,w)
+X,W,D=brotli.decompress(D).split(b"\\0",2);R=bytes(range(1,256))
+*C,E=re.findall(rb"[^\\n -~"+X+rb"]",R)or[b"$"]
+for c,w in[*zip(C+[E+s for s in re.findall(rb"[^"+E+rb"]",R)],W.split())][::-1]:D=D.replace(c,w)
 D=D.decode().split("\\0")
 M=dict(zip(D[::2],D[1::2]))
 P={n.rpartition(".")[0] for n in M}
@@ -753,7 +759,7 @@ class _Reach:
                 counts[node.name] += 1
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 counts.update(a.asname or a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.Name):
+            elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
                 counts[node.id] += 1
             elif isinstance(node, ast.ExceptHandler) and node.name:
                 counts[node.name] += 1
@@ -939,31 +945,42 @@ _MIN_WORD = 3  # measured: 3 and 4 within 30 B, 5 +600 B
 
 
 def _codes(unusual: bytes) -> list[bytes]:
-    """The bytes that stand for words: every byte but NUL, newline, printable ASCII and `unusual` (the other
-    bytes the text holds), in order. The loader computes the same list with the same regex."""
-    return re.findall(rb"[^\n -~" + unusual + rb"]", bytes(range(1, 256)))
+    """The codes that stand for words, in order: every byte but NUL, newline, printable ASCII and `unusual` (the
+    other bytes the text holds) but the last, then the last (the escape) followed by any byte but NUL and
+    itself. The loader computes the same list with the same regexes."""
+    free = re.findall(rb"[^\n -~" + unusual + rb"]", bytes(range(1, 256)))
+    if not free:  # no codes, no words (the loader's stand-in escape then pairs with no word)
+        return []
+    *singles, escape = free
+    return singles + [escape + second for second in re.findall(rb"[^" + escape + rb"]", bytes(range(1, 256)))]
 
 
 def substitute_words(text: bytes) -> bytes:
     """A word-replacing transform: `text` with its most frequent words (identifiers of _MIN_WORD or more
-    characters, wherever they occur) each replaced by one byte the text never holds, after a header: the
-    bytes beyond NUL, newline and printable ASCII that the text holds, NUL, the words separated by spaces, NUL.
-    The i-th word stands for the i-th byte of _codes(those bytes). An LZ compressor's match of a short frequent
-    word costs more than a byte (measured: train_gpt.py 4.2% smaller, header and loader lines included).
-    expand_words undoes it."""
+    characters, wherever they occur) each replaced by a code, after a header: the bytes beyond NUL, newline
+    and printable ASCII that the text holds, NUL, the words separated by spaces, NUL. The i-th word stands for
+    the i-th code of _codes(those bytes): the most frequent words for the bytes the text never holds, the next
+    (by the bytes they save, count x (length - 2)) for an escape byte and a second byte. An LZ compressor's
+    match of a short frequent word costs more than a byte (measured: train_gpt.py 4.2% smaller, header and
+    loader lines included; the two-byte codes another 0.8%). One pass, longest word first, so a code is never
+    read again; the escape stands nowhere else, so every escape begins a code and expand_words, taking the
+    two-byte codes first, undoes it."""
     unusual = bytes(sorted(set(text) - {0, ord("\n")} - set(range(ord(" "), ord("~") + 1))))
     codes = _codes(unusual)
+    singles = sum(len(code) == 1 for code in codes)
     counts = collections.Counter(w for w in _WORDS.findall(text) if len(w) >= _MIN_WORD)
-    words = [w for w, _ in counts.most_common(len(codes))]
-    for code, word in sorted(zip(codes, words), key=lambda p: -len(p[1])):  # longest first: its parts stay whole
-        text = text.replace(word, code)
+    ranked = [w for w, _ in counts.most_common()]
+    words = ranked[:singles] + sorted(ranked[singles:], key=lambda w: -counts[w] * (len(w) - 2))[:len(codes) - singles]
+    table = dict(zip(words, codes))
+    if table:
+        text = re.sub(b"|".join(map(re.escape, sorted(table, key=len, reverse=True))), lambda m: table[m[0]], text)
     return unusual + b"\0" + b" ".join(words) + b"\0" + text
 
 
 def expand_words(data: bytes) -> bytes:
     """substitute_words undone, as the loader does it."""
     unusual, words, text = data.split(b"\0", 2)
-    for code, word in zip(_codes(unusual), words.split()):
+    for code, word in [*zip(_codes(unusual), words.split())][::-1]:  # the two-byte codes first
         text = text.replace(code, word)
     return text
 
@@ -972,8 +989,11 @@ def _compress(sources: dict[str, str]) -> bytes:
     """The names and sources, package by package in BLOB_ORDER, separated by NULs, words substituted, brotli."""
     rank = {package: i for i, package in enumerate(BLOB_ORDER)}
     names = sorted(sources, key=lambda name: (rank.get(name.split(".")[0], len(rank)), name))
-    text = _SEP.join(part for name in names for part in (name, sources[name]))
-    return brotli.compress(substitute_words(text.encode()), **_BROTLI)
+    text = _SEP.join(part for name in names for part in (name, sources[name])).encode()
+    substituted = substitute_words(text)
+    if expand_words(substituted) != text:
+        raise ValueError("bundle: the word transform does not give back the text")
+    return brotli.compress(substituted, **_BROTLI)
 
 
 def decompress(blob: bytes) -> dict[str, str]:

@@ -152,7 +152,7 @@ def test_bundle_size_and_bytes_per_package(code, capsys):
         print("\n" + bundle.format_sizes())
     assert len(code) <= bundle.SIZE_TARGET, f"train_gpt.py is {len(code):,} B > {bundle.SIZE_TARGET:,} B"
     assert set(sizes) == {*bundle.PACKAGES, "loader"} and all(v > 0 for v in sizes.values())
-    assert sizes["loader"] < 1250  # the loader stays small
+    assert sizes["loader"] < 1300  # the loader stays small (1,254 B with the two-byte word codes)
     assert bundle.main([]) == 0 and "train_gpt.py:" in capsys.readouterr().out
 
 
@@ -368,10 +368,14 @@ def test_layout_joins_statements_and_keeps_the_ast():
 
 @pytest.mark.parametrize("text", [b"", b"abc", "naïve — text\0 with words words words\n".encode() * 5,
                                   bytes(range(256)) * 3, bytes(range(1, 256)) + b" alpha alpha alpha",
-                                  b"\x01\x7f\xff" + b"shape dtype device " * 40])
+                                  b"\x01\x7f\xff" + b"shape dtype device " * 40,
+                                  b"\n".join(b"w%d_%d" % (i % 500, i % 7) for i in range(30_000)) + b"\x80\x01"])
 def test_word_substitution_gives_back_the_text(text):
     data = bundle.substitute_words(text)
     assert bundle.expand_words(data) == text
+    if b"w499_" in text:  # more words than free bytes: two-byte codes (escape, any byte but NUL and itself)
+        codes = bundle._codes(b"\x01\x80")
+        assert len(codes[-1]) == 2 and len(data.split(b"\0")[1].split()) == len(codes)
     if b" alpha alpha" in text:  # no byte left to stand for a word: nothing substituted
         assert data.endswith(text)
     if b"shape dtype" in text:
