@@ -28,14 +28,15 @@ word-replacing transform (substitute_words: the ~160 most frequent words each be
 never holds, the next ~250 an escape byte and a second byte), compressed by brotli at quality 11. The loader
 undoes both in four lines. Measured on the 32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B:
 brotli instead of lzma -961 B, the layout -217, renaming -2,700, the package order -109, the word transform
--2,538, the base-252 literal -279, renaming inside this project's _profiled and input_policy entry points
-too -129. On the 34 modules of fd2c01c (62,570 B, the sm90_configs tables already left out by a list of
-names): the unreached definitions left out -758 B (21 of them, 5 KB of source; __all__ not counted as a reference -545 of it); two-byte word codes
--452 (the blob -523, the loader +71). Measured and not kept: brotli's lgwin 24, mode TEXT, lgblock 16 or 24
-(+0 to +49 B); _MIN_WORD 2 or 4 (+91, +131); every other package order (+11 and up); more escape bytes
-(2: +59, 3: +196); two-byte codes ranked by count alone (+67); parentheses the AST does not need, removed
-line by line (-152 B for 6 s more build time); renaming the variables of @triton.jit kernels (-400 B: Triton
-compiles their source, which same_code does not see, and a GPU run would be the only proof).
+-2,538, the base-252 literal -279, renaming inside this project's _profiled and input_policy entry points too
+-129. On the 34 modules of fd2c01c (62,570 B, the sm90_configs tables already left out by a list of names):
+the unreached definitions left out -758 B (21 of them, 5 KB of source; __all__ not counted as a reference -545
+of it); two-byte word codes -452 (the blob -523, the loader +71). Measured and not kept: brotli's lgwin 24,
+mode TEXT, lgblock 16 or 24 (+0 to +49 B); _MIN_WORD 2 or 4 (+91, +131); every other package order (+11 and
+up); more escape bytes (2: +59, 3: +196, measured before the one-pass substitution); two-byte codes ranked by
+count alone (+67); parentheses the AST does not need, removed line by line (-152 B for 6 s more build time);
+renaming the variables of @triton.jit kernels (-400 B: Triton compiles their source, which same_code does not
+see, and a GPU run would be the only proof).
 
 The blob is held in a triple-quoted string literal of a latin-1 source file (PEP 263 line `# coding:
 latin-1`), written in base 252 (digits_literal): its characters are the 252 latin-1 characters the tokenizer
