@@ -3,8 +3,12 @@
     python -m quant.bundle [--out records/.../train_gpt.py]   # bytes per package and the total; writes the file
 
 Which modules: those `python -m train` (training, evaluation, the export step) imports, found by walking
-the imports of train/__main__.py through the four packages, minus LEFT_OUT. Minified (minify): docstrings
-and comments dropped, and the annotations of undecorated functions, which nothing reads; the variables of
+the imports of train/__main__.py through the four packages, minus LEFT_OUT. Of those, the top-level
+definitions no run can reach are left out (unreached_definitions, by the rules of _Reach: what the loader,
+the import-time statements and every reached definition name, by name, module attribute, import, string or
+a getattr of a built name; tools' and tests' helpers, the sm_90 configuration tables, names a package
+re-exports that no run takes), checked a second way: nothing left refers to any of them. Minified (minify):
+docstrings and comments dropped, and the annotations of undecorated functions, which nothing reads; the variables of
 functions, lambdas and comprehensions renamed to short names (rename_locals: never parameters, imports,
 defs, classes, globals, attributes, annotations, strings, nor anything in a @triton.jit function or one that
 may read its locals by name); each block's simple statements on one line joined by ';', on the header's
@@ -21,10 +25,18 @@ quant.artifact.code_bytes() counts this file (SPEC 5).
 
 The blob: the names and minified sources, package by package (BLOB_ORDER), NUL-separated, through a
 word-replacing transform (substitute_words: the ~160 most frequent words each become one byte the text
-never holds), compressed by brotli at quality 11. The loader undoes both in three lines. Measured on the
-32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B: brotli instead of lzma -961 B, the layout
--217, renaming -2,700, the package order -109, the word transform -2,538, the base-252 literal -279,
-renaming inside this project's _profiled and input_policy entry points too -129.
+never holds, the next ~250 an escape byte and a second byte), compressed by brotli at quality 11. The loader
+undoes both in four lines. Measured on the 32 modules of 792e336, train_gpt.py went 64,061 -> 57,128 B:
+brotli instead of lzma -961 B, the layout -217, renaming -2,700, the package order -109, the word transform
+-2,538, the base-252 literal -279, renaming inside this project's _profiled and input_policy entry points too
+-129. On the 34 modules of fd2c01c (62,570 B, the sm90_configs tables already left out by a list of names):
+the unreached definitions left out -758 B (21 of them, 5 KB of source; __all__ not counted as a reference -545
+of it); two-byte word codes -452 (the blob -523, the loader +71). Measured and not kept: brotli's lgwin 24,
+mode TEXT, lgblock 16 or 24 (+0 to +49 B); _MIN_WORD 2 or 4 (+91, +131); every other package order (+11 and
+up); more escape bytes (2: +59, 3: +196, measured before the one-pass substitution); two-byte codes ranked by
+count alone (+67); parentheses the AST does not need, removed line by line (-152 B for 6 s more build time);
+renaming the variables of @triton.jit kernels (-400 B: Triton compiles their source, which same_code does not
+see, and a GPU run would be the only proof).
 
 The blob is held in a triple-quoted string literal of a latin-1 source file (PEP 263 line `# coding:
 latin-1`), written in base 252 (digits_literal): its characters are the 252 latin-1 characters the tokenizer
@@ -64,10 +76,6 @@ LEFT_OUT = {
     "quant.bundle": "this builder: a run from the bundle counts its own file",
     "model.record": "R1's checkpoint format: read by load_checkpoint and the CLIs on an R1 file, never by a run",
 }
-# Top-level functions of the bundled modules that only tools outside a run call: dropped from the bundle.
-LEFT_OUT_FUNCTIONS = {
-    "sm90_configs": "every kernel configuration, for the sm_90 compile check (bench/sm90.py); launches never read it",
-}
 # The blob: brotli at its best quality (the window holds all of it; every window from 2^18 up gives the same
 # bytes), measured 1.5-2% smaller than lzma (FORMAT_ALONE, preset 9e, pb=0; lc/pb/nice_len tuning gains
 # 24 B) on the same text.
@@ -96,8 +104,9 @@ for i in range(0,len(S),1003):
  n=0
  for c in S[i:i+1003]:n=n*252+c-1-(c>13)-(c>34)-(c>92)
  D+=n.to_bytes(n.bit_length()+7>>3,"big")[1:]
-X,W,D=brotli.decompress(D).split(b"\\0",2)
-for c,w in zip(re.findall(rb"[^\\n -~"+X+rb"]",bytes(range(1,256))),W.split()):D=D.replace(c,w)
+X,W,D=brotli.decompress(D).split(b"\\0",2);R=bytes(range(1,256))
+*C,E=re.findall(rb"[^\\n -~"+X+rb"]",R)or[b"$"]
+for c,w in[*zip(C+[E+s for s in re.findall(rb"[^"+E+rb"]",R)],W.split())][::-1]:D=D.replace(c,w)
 D=D.decode().split("\\0")
 M=dict(zip(D[::2],D[1::2]))
 P={n.rpartition(".")[0] for n in M}
@@ -139,18 +148,22 @@ def _module_file(root: Path, name: str) -> tuple[Path | None, bool]:
 def _imported_names(name: str, tree: ast.AST, is_package: bool):
     """Every module name an import in `tree` may load (for `from a import b`, both a and a.b), at any depth:
     an import inside a function runs on the run path too."""
-    package = name if is_package else name.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                module = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                module = node.module
+            module = _from_module(name, is_package, node)
             yield module
             yield from (f"{module}.{alias.name}" for alias in node.names)
+
+
+def _from_module(name: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute name of the module a `from ... import` in module `name` imports from."""
+    if not node.level:
+        return node.module
+    package = name if is_package else name.rpartition(".")[0]
+    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+    return ".".join(parts + ([node.module] if node.module else []))
 
 
 def bundled_modules(root=None) -> dict[str, Path]:
@@ -171,12 +184,6 @@ def bundled_modules(root=None) -> dict[str, Path]:
     if ENTRY not in found:
         raise FileNotFoundError(f"bundle: no {ENTRY.replace('.', '/')}.py under {root}")
     return dict(sorted(found.items()))
-
-
-def _without_unrun_functions(tree: ast.Module) -> ast.Module:
-    tree.body = [node for node in tree.body
-                 if not (isinstance(node, ast.FunctionDef) and node.name in LEFT_OUT_FUNCTIONS)]
-    return tree
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
@@ -662,16 +669,266 @@ def _same_constant(x, y) -> bool:
     return repr(x) == repr(y)
 
 
-def _transformed(source: str, where: str) -> ast.Module:
-    """The documented transforms: LEFT_OUT_FUNCTIONS, docstrings and unread annotations dropped."""
-    return _without_annotations(_without_docstrings(_without_unrun_functions(ast.parse(source, where))))
+# ---------------------------------------------------------------- definitions no run reaches
+
+# Decorators that wrap what they decorate and register it nowhere: a definition with only these that nothing
+# reaches goes, decorators and all. Any other decorator may register what it decorates (custom_op,
+# register_fake, quant.methods.register): its definition stays.
+WRAP_ONLY_DECORATORS = {"jit", "autotune", "heuristics", "dataclass", "lru_cache", "cache", "wraps", "contextmanager",
+                        "no_grad", "inference_mode", "_profiled", "input_policy"}
+# Calls and attributes that read a namespace without naming what they take from it: every name of the
+# namespace (of every module, where which one is not known) is reached.
+_NAMESPACE_CALLS = {"globals", "vars", "dir"}
+_NAMESPACE_ATTRIBUTES = {"__dict__", "__globals__", "f_globals", "getmembers", "__all__"}
+# Calls that look a name up by a string, the name's argument: a name they build (f-string, +, %, .format)
+# reaches every definition that holds a word of it next to a hole.
+_LOOKUP_CALLS = {"getattr": 1, "hasattr": 1, "delattr": 1, "import_module": 0, "__import__": 0}
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_ANY = "*"  # the module of a reference when any module may hold the name
 
 
-def minify(source: str, where: str = "<source>") -> str:
-    """`source` without docstrings, comments, unread annotations and LEFT_OUT_FUNCTIONS, its local variables
-    renamed (rename_locals), laid out compactly (_layout); raises ValueError unless the result parses to that
-    AST and compiles to the same code as the unrenamed source modulo the renaming (same_code)."""
-    tree = _transformed(source, where)
+def _is_all(node: ast.stmt) -> bool:
+    """Whether `node` is a module's `__all__ = [...]` (or +=)."""
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+        if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+    return any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets)
+
+
+def _built_strings(node: ast.AST):
+    """The templates of the strings built in node's code: (constant parts, holes between them)."""
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.JoinedStr):
+            parts = [[]]
+            for value in sub.values:
+                if isinstance(value, ast.Constant):
+                    parts[-1].append(value.value)
+                else:
+                    parts.append([])
+            yield ["".join(p) for p in parts]
+        elif isinstance(sub, ast.BinOp) and isinstance(sub.op, (ast.Add, ast.Mod)):
+            for side, text in (("left", sub.left), ("right", sub.right)):
+                if isinstance(text, ast.Constant) and isinstance(text.value, str):
+                    pieces = re.split(r"%[^a-z%]*[a-z]", text.value) if isinstance(sub.op, ast.Mod) else [text.value]
+                    yield ["", *pieces] if side == "right" else [*pieces, ""]
+        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "format" \
+                and isinstance(sub.func.value, ast.Constant) and isinstance(sub.func.value.value, str):
+            yield re.split(r"\{[^{}]*\}", sub.func.value.value)
+
+
+def _hole_words(parts: list[str]):
+    """The words of a template's constant parts that touch a hole: pieces of a name it may build."""
+    for i, part in enumerate(parts):
+        words = list(re.finditer(r"\w+", part))
+        if i and words and words[0].start() == 0:
+            yield words[0].group()
+        if i < len(parts) - 1 and words and words[-1].end() == len(part):
+            yield words[-1].group()
+
+
+class _Reach:
+    """Which top-level definitions of the bundled modules the run can reach.
+
+    Droppable: a module's top-level def and class statements whose decorators are all WRAP_ONLY_DECORATORS, and
+    the names its top-level `from <bundled module> import ...` statements bind; never a dunder, never a name the
+    module binds more than once (another statement, a `global`). Everything else at the top level runs at
+    import: the roots, with the loader's own code. Reached code reaches
+      a name it reads or declares global (in its module: a local variable of the same name counts too),
+      the name an import in it takes from a bundled module,
+      `m.x` for a bundled module m (a global bound by one import), and `.x` on anything else: x in every module,
+      every identifier in its strings: in every module (getattr, registries),
+      where getattr, hasattr, delattr or import_module get a name built at run time: every name that holds a
+      word touching a hole of a string that call (or, where it gets a variable, the definition it is in) builds,
+      every name of a namespace read whole (globals(), vars(), dir(), __dict__, getmembers, `import *`).
+    A reached definition's decorators, defaults, bases and body are reached code; a reached import-from name
+    reaches what it imports. An import statement whose names all go keeps its first (it still imports its
+    module where it did)."""
+
+    def __init__(self, trees: dict[str, ast.Module], packages: set[str], droppable: bool = True):
+        self.trees, self.packages = trees, packages
+        self.units: dict[tuple[str, str], ast.AST | tuple[str, str]] = {}  # (module, name) -> def or (module, name)
+        self.imports: list[tuple[str, list[str]]] = []  # (module, the names one import-from statement binds)
+        self.roots: list[tuple[str, ast.AST]] = []
+        self.module_names: dict[str, dict[str, str]] = {}  # module -> {global name: the bundled module it is}
+        self.globals_read: set[int] = set()  # ids of the Name nodes that read a module global
+        for name, tree in trees.items():
+            self._index(name, tree, droppable)
+
+    def _index(self, name: str, tree: ast.Module, droppable: bool) -> None:
+        counts = collections.Counter()
+        for node in self._module_level(tree.body):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                counts[node.name] += 1
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                counts.update(a.asname or a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                counts[node.id] += 1
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                counts[node.name] += 1
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                counts.update({n: 2 for n in node.names})  # bound in a function too: stays
+        modules = {}
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    bound = alias.name if alias.asname else alias.name.split(".")[0]
+                    if bound in self.trees:
+                        modules[alias.asname or bound] = bound
+            elif isinstance(node, ast.ImportFrom):
+                source = _from_module(name, name in self.packages, node)
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in self.trees:
+                        modules[alias.asname or alias.name] = f"{source}.{alias.name}"
+        self.module_names[name] = {n: m for n, m in modules.items() if counts[n] == 1}
+        root = _Scopes(tree).root
+        class_names = set().union(*(s.bound for s in root.subtree() if s.kind == "class"))
+        self.globals_read |= {id(owner) for s in root.subtree() for owner, key, n in s.places
+                              if key == "id" and s.binder(n) is None and n not in class_names}
+
+        def alone(n):
+            return droppable and counts[n] == 1 and not (n.startswith("__") and n.endswith("__"))
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and alone(node.name) \
+                    and all(_decorator_name(d) in WRAP_ONLY_DECORATORS for d in node.decorator_list):
+                self.units[(name, node.name)] = node
+            elif isinstance(node, ast.ImportFrom) and _from_module(name, name in self.packages, node) in self.trees \
+                    and all(alias.name != "*" for alias in node.names):
+                source = _from_module(name, name in self.packages, node)
+                kept = [alias for alias in node.names if not alone(alias.asname or alias.name)]
+                for alias in node.names:
+                    if alias not in kept:
+                        self.units[(name, alias.asname or alias.name)] = (source, alias.name)
+                self.imports.append((name, [alias.asname or alias.name for alias in node.names]))
+                if kept:
+                    self.roots.append((name, ast.ImportFrom(node.module, kept, node.level)))
+            elif not _is_all(node):  # __all__ names what `import *` takes: reached only by one (below)
+                self.roots.append((name, node))
+
+    @staticmethod
+    def _module_level(body: list[ast.stmt]):
+        """The nodes of a module's own scope: not inside a def, class, lambda or comprehension."""
+        todo = list(body)
+        while todo:
+            node = todo.pop()
+            yield node
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+                                     ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                todo += ast.iter_child_nodes(node)
+
+    def _module_of(self, name: str, node: ast.expr) -> str | None:
+        """The bundled module `node` is, where it is one: a global bound by one import, or its attribute."""
+        if isinstance(node, ast.Name):
+            return self.module_names[name].get(node.id) if id(node) in self.globals_read else None
+        if isinstance(node, ast.Attribute):
+            base = self._module_of(name, node.value)
+            return f"{base}.{node.attr}" if base and f"{base}.{node.attr}" in self.trees else None
+        return None
+
+    def references(self, name: str, node: ast.AST):
+        """(module or _ANY, name) for each definition `node`'s code, in module `name`, may reach; (module,
+        None) for a whole module's names; ("*contains", word) for every name holding a word."""
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name):
+                yield (name, None) if sub.id == "__all__" else (name, sub.id)
+            elif isinstance(sub, (ast.Global, ast.Nonlocal)):
+                yield from ((name, n) for n in sub.names)
+            elif isinstance(sub, ast.Attribute):
+                base = self._module_of(name, sub.value)
+                yield base or _ANY, sub.attr
+                if sub.attr in _NAMESPACE_ATTRIBUTES:
+                    yield base or _ANY, None
+            elif isinstance(sub, ast.ImportFrom):
+                source = _from_module(name, name in self.packages, sub)
+                yield from ((source, alias.name if alias.name != "*" else None) for alias in sub.names)
+            elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                yield from ((_ANY, word) for word in _IDENTIFIER.findall(sub.value))
+            elif isinstance(sub, ast.Call):
+                called = sub.func.attr if isinstance(sub.func, ast.Attribute) else getattr(sub.func, "id", "")
+                if called in _NAMESPACE_CALLS:
+                    yield (self._module_of(name, sub.args[0]) or _ANY) if sub.args else name, None
+                position = _LOOKUP_CALLS.get(called)
+                if position is not None and len(sub.args) > position:
+                    looked_up = sub.args[position]
+                    if not (isinstance(looked_up, ast.Constant) and isinstance(looked_up.value, str)):
+                        built = list(_built_strings(looked_up)) or list(_built_strings(node))
+                        yield from (("*contains", word) for parts in built for word in _hole_words(parts))
+
+    def unreached(self, entries: list[tuple[str, str]]) -> dict[str, set[str]]:
+        """{module: its droppable names no run reaches} from the roots and the loader's `entries`."""
+        reached, names, words, whole = set(), set(), set(), set()
+        todo = entries + [ref for module, node in self.roots for ref in self.references(module, node)]
+        while True:
+            while todo:
+                module, n = todo.pop()
+                if module == _ANY:
+                    names.add(n)
+                elif module == "*contains":
+                    words.add(n)
+                elif n is None:
+                    whole.add(module)
+                elif (module, n) in self.units and (module, n) not in reached:
+                    reached.add((module, n))
+                    unit = self.units[(module, n)]
+                    todo += [unit] if isinstance(unit, tuple) else self.references(module, unit)
+            todo = [key for key in self.units if key not in reached and (
+                key[1] in names or key[0] in whole or _ANY in whole or any(w in key[1] for w in words))]
+            for module, bound in self.imports:  # an import statement keeps one name at least
+                if all((module, n) in self.units and (module, n) not in reached for n in bound):
+                    todo.append((module, bound[0]))
+            if not todo:
+                break
+        out = {}
+        for module, n in self.units:
+            if (module, n) not in reached:
+                out.setdefault(module, set()).add(n)
+        return out
+
+
+def unreached_definitions(trees: dict[str, ast.Module], packages: set[str]) -> dict[str, set[str]]:
+    """{module: the names of its top-level definitions that no run from the bundle can reach} (_Reach), checked
+    a second way: with them gone, nothing left in any module refers to one of them."""
+    entries = [(node.module, alias.name) for node in ast.walk(ast.parse(LOADER % '""'))
+               if isinstance(node, ast.ImportFrom) and node.module in trees for alias in node.names]
+    unreached = _Reach(trees, packages).unreached(entries)
+    pruned = {name: _without_definitions(copy.deepcopy(tree), unreached.get(name, ())) for name, tree in trees.items()}
+    left = _Reach(pruned, packages, droppable=False)
+    refs = set(entries) | {ref for name, node in left.roots for ref in left.references(name, node)}
+    names = {n for module, n in refs if module == _ANY}
+    words = {n for module, n in refs if module == "*contains"}
+    whole = {module for module, n in refs if n is None}
+    for module, dropped in unreached.items():
+        for n in dropped:
+            if (module, n) in refs or n in names or module in whole or _ANY in whole or any(w in n for w in words):
+                raise ValueError(f"bundle: {module}.{n} was dropped, yet the bundle still refers to it")
+    return unreached
+
+
+def _without_definitions(tree: ast.Module, names) -> ast.Module:
+    """`tree` without the top-level defs, classes and import-from names called `names`."""
+    body = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in names:
+            continue
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) in names for a in node.names):
+            node = ast.ImportFrom(node.module, [a for a in node.names if (a.asname or a.name) not in names], node.level)
+            if not node.names:
+                raise ValueError("bundle: an import statement lost every name")
+        body.append(node)
+    tree.body = body
+    return tree
+
+
+def _transformed(source: str, where: str, unreached=frozenset()) -> ast.Module:
+    """The documented transforms: docstrings, the `unreached` definitions (unreached_definitions) and unread
+    annotations dropped."""
+    return _without_annotations(_without_definitions(_without_docstrings(ast.parse(source, where)), unreached))
+
+
+def minify(source: str, where: str = "<source>", unreached=frozenset()) -> str:
+    """`source` without docstrings, comments, unread annotations and the `unreached` definitions, its local
+    variables renamed (rename_locals), laid out compactly (_layout); raises ValueError unless the result parses
+    to that AST and compiles to the same code as the unrenamed source modulo the renaming (same_code)."""
+    tree = _transformed(source, where, unreached)
     reference = _layout(tree)
     renamed = copy.deepcopy(tree)
     rename_locals(renamed)
@@ -689,31 +946,42 @@ _MIN_WORD = 3  # measured: 3 and 4 within 30 B, 5 +600 B
 
 
 def _codes(unusual: bytes) -> list[bytes]:
-    """The bytes that stand for words: every byte but NUL, newline, printable ASCII and `unusual` (the other
-    bytes the text holds), in order. The loader computes the same list with the same regex."""
-    return re.findall(rb"[^\n -~" + unusual + rb"]", bytes(range(1, 256)))
+    """The codes that stand for words, in order: every byte but NUL, newline, printable ASCII and `unusual` (the
+    other bytes the text holds) but the last, then the last (the escape) followed by any byte but NUL and
+    itself. The loader computes the same list with the same regexes."""
+    free = re.findall(rb"[^\n -~" + unusual + rb"]", bytes(range(1, 256)))
+    if not free:  # no codes, no words (the loader's stand-in escape then pairs with no word)
+        return []
+    *singles, escape = free
+    return singles + [escape + second for second in re.findall(rb"[^" + escape + rb"]", bytes(range(1, 256)))]
 
 
 def substitute_words(text: bytes) -> bytes:
     """A word-replacing transform: `text` with its most frequent words (identifiers of _MIN_WORD or more
-    characters, wherever they occur) each replaced by one byte the text never holds, after a header: the
-    bytes beyond NUL, newline and printable ASCII that the text holds, NUL, the words separated by spaces, NUL.
-    The i-th word stands for the i-th byte of _codes(those bytes). An LZ compressor's match of a short frequent
-    word costs more than a byte (measured: train_gpt.py 4.2% smaller, header and loader lines included).
-    expand_words undoes it."""
+    characters, wherever they occur) each replaced by a code, after a header: the bytes beyond NUL, newline
+    and printable ASCII that the text holds, NUL, the words separated by spaces, NUL. The i-th word stands for
+    the i-th code of _codes(those bytes): the most frequent words for the bytes the text never holds, the next
+    (by the bytes they save, count x (length - 2)) for an escape byte and a second byte. An LZ compressor's
+    match of a short frequent word costs more than a byte (measured: train_gpt.py 4.2% smaller, header and
+    loader lines included; the two-byte codes another 0.8%). One pass, longest word first, so a code is never
+    read again; the escape stands nowhere else, so every escape begins a code and expand_words, taking the
+    two-byte codes first, undoes it."""
     unusual = bytes(sorted(set(text) - {0, ord("\n")} - set(range(ord(" "), ord("~") + 1))))
     codes = _codes(unusual)
+    singles = sum(len(code) == 1 for code in codes)
     counts = collections.Counter(w for w in _WORDS.findall(text) if len(w) >= _MIN_WORD)
-    words = [w for w, _ in counts.most_common(len(codes))]
-    for code, word in sorted(zip(codes, words), key=lambda p: -len(p[1])):  # longest first: its parts stay whole
-        text = text.replace(word, code)
+    ranked = [w for w, _ in counts.most_common()]
+    words = ranked[:singles] + sorted(ranked[singles:], key=lambda w: -counts[w] * (len(w) - 2))[:len(codes) - singles]
+    table = dict(zip(words, codes))
+    if table:
+        text = re.sub(b"|".join(map(re.escape, sorted(table, key=len, reverse=True))), lambda m: table[m[0]], text)
     return unusual + b"\0" + b" ".join(words) + b"\0" + text
 
 
 def expand_words(data: bytes) -> bytes:
     """substitute_words undone, as the loader does it."""
     unusual, words, text = data.split(b"\0", 2)
-    for code, word in zip(_codes(unusual), words.split()):
+    for code, word in [*zip(_codes(unusual), words.split())][::-1]:  # the two-byte codes first
         text = text.replace(code, word)
     return text
 
@@ -722,8 +990,11 @@ def _compress(sources: dict[str, str]) -> bytes:
     """The names and sources, package by package in BLOB_ORDER, separated by NULs, words substituted, brotli."""
     rank = {package: i for i, package in enumerate(BLOB_ORDER)}
     names = sorted(sources, key=lambda name: (rank.get(name.split(".")[0], len(rank)), name))
-    text = _SEP.join(part for name in names for part in (name, sources[name]))
-    return brotli.compress(substitute_words(text.encode()), **_BROTLI)
+    text = _SEP.join(part for name in names for part in (name, sources[name])).encode()
+    substituted = substitute_words(text)
+    if expand_words(substituted) != text:
+        raise ValueError("bundle: the word transform does not give back the text")
+    return brotli.compress(substituted, **_BROTLI)
 
 
 def decompress(blob: bytes) -> dict[str, str]:
@@ -769,14 +1040,20 @@ def source_hash(root=None) -> str:
     return digest.hexdigest()
 
 
-_cache: dict[str, tuple[bytes, dict[str, str]]] = {}
+_cache: dict[str, tuple[bytes, dict[str, str], dict[str, set[str]]]] = {}
 
 
-def _built(root) -> tuple[bytes, dict[str, str]]:
+def _built(root) -> tuple[bytes, dict[str, str], dict[str, set[str]]]:
+    """(train_gpt.py, {module: minified source}, {module: the definitions left out as unreached})."""
     key = source_hash(root)
     if key not in _cache:
-        sources = {name: minify(path.read_text(), str(path)) for name, path in bundled_modules(root).items()}
-        _cache[key] = (LOADER % digits_literal(_compress(sources))).encode("latin-1"), sources
+        modules = bundled_modules(root)
+        texts = {name: path.read_text() for name, path in modules.items()}
+        trees = {name: _without_docstrings(ast.parse(texts[name], str(path))) for name, path in modules.items()}
+        unreached = unreached_definitions(trees, {name for name, path in modules.items() if path.name == "__init__.py"})
+        sources = {name: minify(texts[name], str(path), unreached.get(name, frozenset()))
+                   for name, path in modules.items()}
+        _cache[key] = (LOADER % digits_literal(_compress(sources))).encode("latin-1"), sources, unreached
     return _cache[key]
 
 
@@ -788,7 +1065,7 @@ def build_bundle(root=None) -> bytes:
 def package_bytes(root=None) -> dict[str, int]:
     """Bytes per package as the literal of its minified modules compressed alone (so the parts sum to a
     little more than the file, which compresses them in one stream), plus the loader's bytes."""
-    bundle, sources = _built(root)
+    bundle, sources, _ = _built(root)
     sizes = {package: len(digits_literal(_compress({n: s for n, s in sources.items()
                                                     if n.split(".")[0] == package})))
              for package in PACKAGES}
@@ -797,7 +1074,7 @@ def package_bytes(root=None) -> dict[str, int]:
 
 
 def format_sizes(root=None) -> str:
-    bundle, sources = _built(root)
+    bundle, sources, unreached = _built(root)
     modules = bundled_modules(root)
     lines = [f"{'package':<10}{'modules':>8}{'source B':>10}{'minified B':>12}{'compressed alone B':>20}"]
     for package, size in package_bytes(root).items():
@@ -814,6 +1091,8 @@ def format_sizes(root=None) -> str:
     lines.append(f"blob: {len(blob):,} B of brotli in a {literal:,} B literal "
                  f"(+{literal - len(blob):,} B, {literal / len(blob) - 1:.1%})")
     lines.append(f"sha256 {hashlib.sha256(bundle).hexdigest()}, {len(sources)} modules; left out: {', '.join(LEFT_OUT)}")
+    lines.append(f"unreached definitions left out: {sum(map(len, unreached.values()))}: "
+                 + ", ".join(f"{module}.{n}" for module in sorted(unreached) for n in sorted(unreached[module])))
     return "\n".join(lines)
 
 
