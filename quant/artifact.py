@@ -531,11 +531,11 @@ def _read_pergroup(payload: bytes, where: str) -> "Artifact":
         nfp16 = sum(math.prod(s) for e in table.values() for p, s in e["parts"].items() if not p.startswith("q"))
         fp16 = np.frombuffer(_unshuffle(meta[4 + hlen:4 + hlen + 2 * nfp16], 2), np.float16)
         orders, opos = np.frombuffer(meta[4 + hlen + 2 * nfp16:], np.uint16), 0
-        codes = {}
+        codes, used = {}, {}
         for (g, members), mats in zip(groups, decoded):
             for (name, part), m in zip(members, mats):
                 if coder != "ans" and g in SORTED_GROUPS:
-                    order = orders[opos:opos + len(m)]
+                    order = used[name, part] = orders[opos:opos + len(m)]
                     opos += len(m)
                     m = m[np.argsort(order)]
                 codes[name, part] = torch.from_numpy(m.copy()).reshape(table[name]["parts"][part])
@@ -558,7 +558,8 @@ def _read_pergroup(payload: bytes, where: str) -> "Artifact":
     except (struct.error, ValueError, KeyError, TypeError, IndexError, RuntimeError, brotli.error) as exc:
         raise ArtifactError(f"{where}: malformed payload ({type(exc).__name__}: {exc})") from None
     info = [(g, [tuple(x) for x in members], len(s)) for (g, members), s in zip(groups, streams[1:])]
-    return Artifact(header["config"], out, {"container": "pergroup", "coder": coder}, 0, info, len(streams[0]))
+    return Artifact(header["config"], out, {"container": "pergroup", "coder": coder}, 0, info, len(streams[0]),
+                    meta[:4 + hlen], used)
 
 
 # ---------------------------------------------------------------- files
@@ -637,13 +638,16 @@ def write_artifact(path: str | Path, quantized: dict, config: dict, encoding: di
 class Artifact:
     """What read_artifact returns: the run's config, the stored tensors, the encoding (per-group container:
     {"container": "pergroup", "coder": name}) and the file size; a per-group file also lists its groups as
-    (group, [(tensor, part), ...], stream bytes) and the bytes of its stream 0."""
+    (group, [(tensor, part), ...], stream bytes), the bytes of its stream 0, that stream's header (length and
+    JSON, uncompressed) and the row orders of its sorted groups ({(tensor, part): uint16 order}, byte coders)."""
     config: dict
     tensors: dict
     encoding: dict
     file_bytes: int
     groups: list = field(default_factory=list)
     meta_bytes: int = 0
+    header: bytes = b""
+    orders: dict = field(default_factory=dict)
 
 
 def read_artifact(path: str | Path) -> Artifact:
