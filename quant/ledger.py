@@ -38,8 +38,8 @@ CATEGORIES = (("int6_codes", "int6 matrices: codes", KIND_INT6), ("int6_steps", 
               ("int8_codes", "int8 tensors: codes", KIND_INT8), ("int8_steps", "int8 tensors: row steps", KIND_INT8),
               ("fp16", "fp16 small tensors", KIND_FP16))
 # A per-group artifact's kinds of stored value: (key, label)
-KINDS = ((KIND_INT6, "int6 codes"), (KIND_INT7, "int7 codes"), (KIND_INT8, "int8 codes"), (KIND_GATE, "gate int8 codes"),
-         ("steps", "row steps (fp16)"), ("lqer", "LQER factors (codes + scales)"),
+KINDS = ((KIND_INT6, "int6 codes"), (KIND_INT7, "int7 codes"), (KIND_INT8, "int8 codes"),
+         (KIND_GATE, "gate int8 codes"), ("steps", "row steps (fp16)"), ("lqer", "LQER factors (codes + scales)"),
          ("orders", "similarity orders (uint16)"), (KIND_FP16, "fp16 passthrough"), ("header", "header"))
 
 

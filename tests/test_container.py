@@ -472,10 +472,16 @@ def test_the_ledger_accounts_for_a_frontier_artifact_by_kind(frontier_quantized,
 
 
 def test_bench_smoke(tmp_path, capsys):
-    synth = bench_artifact.r1_synthetic(scale=1 / 32, layers=2)
+    rtn = {}
+    synth = bench_artifact.r1_synthetic(scale=1 / 32, layers=2, rtn=rtn)
     kinds = {q.kind for q in synth.values()}
     assert kinds == {KIND_INT6, KIND_INT7, KIND_GATE, KIND_FP16}
     assert sum(q.lqer is not None for q in synth.values()) == 3
+    for h in (bench_artifact.random_hessian(np.random.default_rng(0), 64, activation) for activation in (False, True)):
+        assert torch.equal(h, h.T) and torch.linalg.eigvalsh(h.double()).min() > 0  # positive definite
+    fc = synth["blocks.0.mlp.fc.weight"]  # GPTQ at SDClip's steps: the codes in range, not round-to-nearest's
+    assert fc.codes.abs().max() <= 31 and not torch.equal(fc.codes, rtn["blocks.0.mlp.fc.weight"])
+    assert synth["tok_emb.weight"].codes.abs().max() <= 63
     rows = bench_artifact.measure(synth, {}, ["ouroptz", *CODERS])
     assert [r["coder"] for r in rows] == ["ouroptz", *CODERS] and all(r["exact"] for r in rows)
     text = bench_artifact.format_rows("smoke", synth, rows)
@@ -484,5 +490,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert bench_artifact.main(["--scale", "0.03125", "--trained", str(PIN), "--out", str(out)]) == 0
     report = out.read_text()
     assert "(a) R1-shaped synthetic model" in report and f"(b) trained: {PIN}" in report
+    assert f"the file + {art.code_bytes():,} B" in report and "| with code |" in report
+    assert "by GPTQ; the same weights rounded to nearest at the same SDClip steps" in report
     assert "| NO |" not in report
     assert bench_artifact.main(["--coders", "ouroptz,nope", "--skip-synthetic"]) == 2
