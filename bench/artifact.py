@@ -7,13 +7,25 @@
 
 (a) R1's model (QUANT.md Q.3): 11 blocks of c_q 512x512, c_k / c_v 256x512, attn.proj 512x512, mlp.fc 2048x512,
 mlp.proj 512x2048 int6, tok_emb 8192x512 int7, 11 attention gates [8, 12] gate_int8, LQER rank-4 asymmetric factors
-on tok_emb and two mlp.fc, and R1's 30,887 fp16 control values. Weights are Student-t with 5 degrees of freedom
-(heavy tails: at k 11.5 the codes' order-0 entropy is 3.4255 bits, the figure the issue measured), quantized
-by SDClip round-to-nearest here (step = fp16(k * std(row) / clip_range), codes round(w / step) clamped), with R1's
-k: MLP 11.5, attention 13.0, embedding 14.0 at int7. GPTQ would move codes by at most one step and not their
-statistics; the "random Hessians" of the issue therefore do not enter. Random codes have no structure beyond
-order 0, so this measures a coder's overhead over the entropy, and speed.
+on the three matrices of largest ||W - Q s||_F (quant.lqer, as R1 picks them), and R1's 30,887 fp16 control values.
+Weights are Student-t with 5 degrees of freedom (heavy tails), quantized by quant.gptq.sdclip_quantize (R1's SDClip
+GPTQ: steps fp16(k * std(row) / clip_range), 1% damping, descending diag H) with R1's k: MLP 11.5, attention 13.0,
+embedding 14.0 at int7 (the embedding read as bf16 first, as R1 does), and random Hessians (random_hessian): one
+per layer input as in the model (c_q, c_k and c_v share the attention input; attn.proj, mlp.fc, mlp.proj and the
+tied embedding, through the head input, have their own), each H = X^T X / n of n = 2 * cols seeded random
+activations X = (Z + F M) diag(c): Z Student-t(5) [n, cols], F M a rank-8 shared part (columns correlate), c
+lognormal(0, 1) per column (outlier channels, max / median ~20x at 512 columns); mlp.proj's input is
+LeakyReLU(0.5)^2 of such a matrix, as R1's MLP computes it. n > cols makes H positive definite (and
+sdclip_quantize damps it). The LQER error is W - Q s of those GPTQ codes. The model is built with one torch
+thread (on 2 shared cores, two threads took 6x the CPU time: 142 s against 25 s). The codes have next to no
+structure beyond order 0 (no rows are alike; GPTQ moves codes where H's outlier columns are, which the context
+coder sees a little of), so this measures a coder's overhead over the codes' entropy, and speed; GPTQ's codes
+have a little more entropy than round-to-nearest ones at the same steps, and the issue's 3.4255 bits per mlp.fc
+code were measured on round-to-nearest codes of such weights: (a') shows both.
 (b) The codes of trained models: real structure (an embedding's rare tokens crowd together, columns differ).
+
+The tables of whole models, (a) and (b), also give each file's total with the counted code ("with code":
+train_gpt.py as quant.bundle builds it and quant.artifact.code_bytes counts it), the number held to 16,000,000 B.
 
 Times: wall seconds and this process's CPU seconds (the machine may be shared; CPU seconds are what an idle
 machine would take on one core). Every round trip is checked bit for bit. R1's own numbers (8xH100 host, lrzip
@@ -34,10 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant import artifact as art
-from quant.scheme import KIND_FP16, KIND_GATE, KIND_INT6, KIND_INT7, KIND_INT8, QuantizedTensor
+from quant import artifact as art, gptq, lqer
+from quant.scheme import (KIND_FP16, KIND_GATE, KIND_INT6, KIND_INT7, KIND_INT8, QuantizedTensor,
+                          gate_int8_row)
 
-R1 = {"bytes": 15_865_260, "write_s": 99.9, "read_s": 20.4}
+# R1's blob and its total with its counted code (31,999 B), QUANT.md Q.5
+R1 = {"bytes": 15_865_260, "total": 15_897_259, "write_s": 99.9, "read_s": 20.4}
 # The issue's measurements on 11 R1-shaped 2048x512 int6 matrices at k 11.5 (11,534,336 codes, 3.4255 bits).
 ISSUE_FC = {"lrzip -z -L 9 (ZPAQ)": (4_942_693, 38.1), "brotli-11 lgwin 24": (4_996_855, 24.3),
             "zstd-19": (5_043_218, 14.0), "lzma-9e": (5_324_956, 14.5), "constriction order-0 rANS": (4_938_824, 0.4)}
@@ -45,27 +59,28 @@ PINNED_TINY = Path(__file__).resolve().parent.parent / "tests" / "pins" / "tiny_
 CONTROL = {"attn.q_gain": (8,), "attn_scale": (512,), "mlp_scale": (512,), "resid_mix": (2, 512)}
 
 
-def sdclip_rtn(w: torch.Tensor, k: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDClip round-to-nearest (R1's step rule without GPTQ): (int8 codes, fp32 steps of fp16 value)."""
+def random_hessian(rng: np.random.Generator, cols: int, activation: bool = False) -> torch.Tensor:
+    """H = X^T X / n (fp32 [cols, cols], positive definite) of n = 2 * cols random activations (module docstring):
+    X = (Z + F M) diag(c), Z Student-t(5), F [n, 8] and M [8, cols] Gaussian (M / sqrt 8), c lognormal(0, 1);
+    activation: LeakyReLU(0.5)^2 of that X (the input of an MLP's down projection)."""
+    n, r = 2 * cols, 8
+    z = rng.standard_t(5, (n, cols)) + rng.standard_normal((n, r)) @ rng.standard_normal((r, cols)) / math.sqrt(r)
+    x = torch.from_numpy((z * rng.lognormal(0.0, 1.0, cols)).astype(np.float32))
+    if activation:
+        x = torch.nn.functional.leaky_relu(x, 0.5).square()
+    return x.T @ x / n
+
+
+def rtn_codes(w: torch.Tensor, k: float, bits: int) -> torch.Tensor:
+    """SDClip round-to-nearest codes (sdclip_quantize's steps, no GPTQ): what the issue measured its entropy on."""
     clip = 2 ** (bits - 1) - 1
-    step = (k * w.float().std(dim=1) / clip).clamp_min(1e-10).half().float()
-    codes = torch.where(step[:, None] > 0, torch.round(w / step[:, None]), torch.zeros_like(w))
-    return codes.clamp(-clip, clip).to(torch.int8), step
+    step = gptq.sdclip_scales(w, k, bits).float()
+    return torch.round(w / torch.where(step == 0, 1, step)[:, None]).clamp(-clip, clip).to(torch.int8)
 
 
-def _lqer_asym(err: torch.Tensor, rank: int = 4, group: int = 64) -> tuple:
-    u, s, vh = torch.linalg.svd(err, full_matrices=False)
-    a, b = u[:, :rank] * s[:rank], vh[:rank]
-    sa = (a.abs().max().clamp_min(1e-10) / 1.5).half()
-    qa = torch.round(a / sa.float()).clamp(-2, 1).to(torch.int8)
-    g = b.reshape(-1, group)
-    sb = (g.abs().amax(1).clamp_min(1e-10) / 7.5).half()
-    qb = torch.round(g / sb.float()[:, None]).clamp(-8, 7).to(torch.int8).reshape(b.shape)
-    return qa, sa, qb, sb
-
-
-def r1_synthetic(seed: int = 0, scale: float = 1.0, layers: int = 11) -> dict:
-    """R1's stored tensors (module docstring), every matrix dimension times `scale` (1.0: R1's shapes)."""
+def r1_synthetic(seed: int = 0, scale: float = 1.0, layers: int = 11, rtn: dict | None = None) -> dict:
+    """R1's stored tensors (module docstring), every matrix dimension times `scale` (1.0: R1's shapes), GPTQ'd with
+    seeded random Hessians. rtn: a dict that receives {name: round-to-nearest codes of the same weights}."""
     rng = np.random.default_rng(seed)
     d, kv, hidden, vocab = (max(8, int(x * scale)) for x in (512, 256, 2048, 8192))
 
@@ -74,32 +89,41 @@ def r1_synthetic(seed: int = 0, scale: float = 1.0, layers: int = 11) -> dict:
 
     out, errors = {}, {}
 
-    def matrix(name, rows, cols, k, kind, bits):
+    def matrix(name, rows, cols, k, kind, bits, hessian):
         w = weights(rows, cols)
-        codes, step = sdclip_rtn(w, k, bits)
+        if kind == KIND_INT7:  # R1 quantizes its bf16 embedding
+            w = w.bfloat16().float()
+        codes, step = gptq.sdclip_quantize(w, hessian, k, bits)
+        step = step.float()
         out[name] = QuantizedTensor(kind, (rows, cols), codes=codes, scale=step)
-        errors[name] = w - codes.float() * step[:, None]
+        errors[name] = w - gptq.dequantize(codes, step)
+        if rtn is not None:
+            rtn[name] = rtn_codes(w, k, bits)
 
-    matrix("tok_emb.weight", vocab, d, 14.0, KIND_INT7, 7)
+    matrix("tok_emb.weight", vocab, d, 14.0, KIND_INT7, 7, random_hessian(rng, d))
     for i in range(layers):
         p = f"blocks.{i}."
-        for name, (rows, cols), k in (("attn.c_q", (d, d), 13.0), ("attn.c_k", (kv, d), 13.0),
-                                      ("attn.c_v", (kv, d), 13.0), ("attn.proj", (d, d), 13.0),
-                                      ("mlp.fc", (hidden, d), 11.5), ("mlp.proj", (d, hidden), 11.5)):
-            matrix(f"{p}{name}.weight", rows, cols, k, KIND_INT6, 6)
+        h_attn = random_hessian(rng, d)  # c_q, c_k and c_v read the same input
+        for name, (rows, cols), k, h in (
+                ("attn.c_q", (d, d), 13.0, h_attn), ("attn.c_k", (kv, d), 13.0, h_attn),
+                ("attn.c_v", (kv, d), 13.0, h_attn), ("attn.proj", (d, d), 13.0, random_hessian(rng, d)),
+                ("mlp.fc", (hidden, d), 11.5, random_hessian(rng, d)),
+                ("mlp.proj", (d, hidden), 11.5, random_hessian(rng, hidden, activation=True))):
+            matrix(f"{p}{name}.weight", rows, cols, k, KIND_INT6, 6, h)
         gate = weights(8, 12) * 0.1
-        step = (gate.abs().amax(1).clamp_min(1e-10) / 127).half().float()
-        out[f"{p}attn.attn_gate_w"] = QuantizedTensor(KIND_GATE, (8, 12), codes=torch.round(gate / step[:, None]).clamp(
-            -127, 127).to(torch.int8), scale=step)
+        codes, step = gate_int8_row(gate)
+        out[f"{p}attn.attn_gate_w"] = QuantizedTensor(KIND_GATE, (8, 12), codes=codes, scale=step.float())
         for name, shape in CONTROL.items():
             out[p + name] = QuantizedTensor(KIND_FP16, shape, values=(1 + 0.1 * weights(1, math.prod(shape))).half()
                                             .reshape(shape))
     for name, shape in {"skip_weights": (8, d), "skip_gates": (8, d), "parallel_post_lambdas": (layers, 2, 2),
                         "parallel_resid_lambdas": (layers, 2), "smear_gate.weight": (1, 12), "smear_lambda": (1,)}.items():
         out[name] = QuantizedTensor(KIND_FP16, shape, values=weights(1, math.prod(shape)).half().reshape(shape))
-    # LQER on the three largest errors (Frobenius norm), as R1 picks them
-    for name in sorted(errors, key=lambda n: -float(errors[n].norm()))[:3]:
-        out[name].lqer = _lqer_asym(errors[name])
+    for name in lqer.top_k_by_error(errors, 3):  # LQER on the three largest errors (Frobenius norm), as R1 picks them
+        try:
+            out[name].lqer = lqer.pack_asym(errors[name], 4, 64)
+        except ValueError:  # a scaled-down B that groups of 64 do not divide: R1's symmetric fallback
+            out[name].lqer = lqer.pack_sym(errors[name], 4, 4)
     return out
 
 
@@ -171,20 +195,25 @@ def measure(quantized: dict, config: dict, coders: list[str]) -> list[dict]:
     return rows
 
 
-def format_rows(title: str, quantized: dict, rows: list[dict], r1: bool = False) -> str:
+def format_rows(title: str, quantized: dict, rows: list[dict], r1: bool = False, code: int | None = None) -> str:
+    """The tables of one model; code: the counted train_gpt.py's bytes, for a "with code" column."""
     groups = group_codes(quantized)
     n_codes = sum(m.size for ms in groups.values() for m in ms)
     h0 = {g: order0_bits(ms) for g, ms in groups.items()}
     lines = [f"### {title}", "", f"{len(quantized)} tensors, {n_codes:,} codes; order-0 entropy of the codes, per group "
              f"pooled: {sum(h0.values()) / 8:,.0f} B", "",
-             "| container / coder | bytes | vs order-0 codes | write s (cpu) | read s (cpu) | exact |", "|---|---:|---:|---:|---:|:-:|"]
+             "| container / coder | bytes | vs order-0 codes |" + (" with code |" if code is not None else "")
+             + " write s (cpu) | read s (cpu) | exact |", "|---|---:|---:|" + ("---:|" if code is not None else "")
+             + "---:|---:|:-:|"]
     for row in rows:
         lines.append(f"| {'ouroptz (today)' if row['coder'] == 'ouroptz' else 'pergroup ' + row['coder']} | "
-                     f"{row['bytes']:,} | {row['bytes'] - sum(h0.values()) / 8:+,.0f} | {row['write_s']:.2f} "
+                     f"{row['bytes']:,} | {row['bytes'] - sum(h0.values()) / 8:+,.0f} | "
+                     + (f"{row['bytes'] + code:,} | " if code is not None else "") + f"{row['write_s']:.2f} "
                      f"({row['write_cpu_s']:.2f}) | {row['read_s']:.2f} ({row['read_cpu_s']:.2f}) | "
                      f"{'yes' if row['exact'] else 'NO'} |")
     if r1:
-        lines.append(f"| R1 (lrzip ZPAQ, its real codes, 8xH100 host) | {R1['bytes']:,} | | {R1['write_s']} | "
+        lines.append(f"| R1 (lrzip ZPAQ, its real codes, 8xH100 host) | {R1['bytes']:,} | | "
+                     + (f"{R1['total']:,} (its code) | " if code is not None else "") + f"{R1['write_s']} | "
                      f"{R1['read_s']} | |")
     per = [row for row in rows if row["groups"]]
     lines += ["", "| group | codes | order-0 bits/code | order-0 B | " + " | ".join(f"{r['coder']} B" for r in per) + " |",
@@ -226,18 +255,40 @@ def main(argv=None) -> int:
     if "lrzip" not in art.available_coders():
         text += ["lrzip is not installed on this machine: its column is absent; the issue's figure for the fc "
                  "matrices (lrzip -z -L 9, ZPAQ) is shown below instead.", ""]
+    code = art.code_bytes()
+    text += [f"code: train_gpt.py, the bundle of quant/bundle.py that quant.artifact.code_bytes counts, {code:,} B; "
+             f"\"with code\" = the file + {code:,} B, the total held to {art.SIZE_LIMIT:,} B.", ""]
     if not args.skip_synthetic:
-        synth = r1_synthetic(scale=args.scale)
+        rtn, t0, c0, threads = {}, time.perf_counter(), time.process_time(), torch.get_num_threads()
+        torch.set_num_threads(1)  # GPTQ of 512- and 2048-column matrices: on 2 shared cores, 2 threads took 6x the CPU
+        try:
+            synth = r1_synthetic(scale=args.scale, rtn=rtn)
+        finally:
+            torch.set_num_threads(threads)
+        built = (time.perf_counter() - t0, time.process_time() - c0)
+        n_gptq = sum(q.kind in (KIND_INT6, KIND_INT7) for q in synth.values())
         text += [format_rows(f"(a) R1-shaped synthetic model (scale {args.scale})", synth,
-                             measure(synth, {"synthetic": "r1"}, coders), r1=args.scale == 1.0), ""]
+                             measure(synth, {"synthetic": "r1"}, coders), r1=args.scale == 1.0, code=code), "",
+                 f"built in {built[0]:.1f} s ({built[1]:.1f} s cpu, one torch thread): random Hessians and "
+                 f"sdclip_quantize (GPTQ) of its "
+                 f"{n_gptq} matrices, LQER on " + ", ".join(n for n, q in synth.items() if q.lqer is not None)
+                 + ".", ""]
         fc = fc_subset(synth)
+        fc_rtn = [rtn[n].numpy() for n in fc]
+        fc_h0 = order0_bits([q.codes.numpy() for q in fc.values()])
+        n_fc = sum(q.numel for q in fc.values())
         text += [format_rows("(a') its 11 mlp.fc matrices alone (the issue's measurement)", fc,
                              measure(fc, {}, coders)), "",
+                 f"order-0 entropy of these mlp.fc codes: {fc_h0 / n_fc:.4f} bits per code ({fc_h0 / 8:,.0f} B) by "
+                 f"GPTQ; the same weights rounded to nearest at the same SDClip steps: "
+                 f"{order0_bits(fc_rtn) / n_fc:.4f} bits ({order0_bits(fc_rtn) / 8:,.0f} B). The issue's figures below "
+                 f"were measured on round-to-nearest codes at 3.4255 bits per code:", "",
                  "the issue's figures on such matrices: " + "; ".join(f"{k} {b:,} B in {s} s"
                                                                     for k, (b, s) in ISSUE_FC.items()), ""]
     for path in (args.trained if args.trained is not None else [PINNED_TINY]):
         stored = art.read_artifact(path)
-        text += [format_rows(f"(b) trained: {path}", stored.tensors, measure(stored.tensors, stored.config, coders)), ""]
+        text += [format_rows(f"(b) trained: {path}", stored.tensors, measure(stored.tensors, stored.config, coders),
+                             code=code), ""]
     report = "\n".join(text)
     print(report)
     if args.out:

@@ -28,8 +28,10 @@ container="pergroup", layout below) stores each role's codes as one stream (R1's
 c_v, attn.proj, mlp.fc, mlp.proj, then the rest), coded by "ans" (a context-model range coder, below), "lrzip"
 (R1's ZPAQ flags; rows of the hot groups in R1's similarity order, transposed) or "brotli" (the same bytes); the
 header names the coder, and a build refuses a coder it lacks by name. bench/artifact.py measures them: on an
-R1-shaped model of random codes "ans" is within 0.02% of the codes' order-0 entropy (11 mlp.fc matrices: 4,939,068 B
-against ZPAQ's 4,942,693 B), 1% under OUROPTZ, in 3 s to write and 2 s to read on 2 cores.
+R1-shaped model of random weights (SDClip GPTQ with random Hessians) "ans" is within 0.1% of the codes' order-0
+entropy in every group, 1.2% under OUROPTZ (15,839,140 B against 16,025,229 B), in 3 s to write and 2 s to read
+(CPU) on 2 cores; on round-to-nearest codes of 11 such mlp.fc matrices it took 4,939,068 B against the 4,942,693 B
+the issue measured for ZPAQ on codes of that kind.
 """
 from __future__ import annotations
 
@@ -531,11 +533,11 @@ def _read_pergroup(payload: bytes, where: str) -> "Artifact":
         nfp16 = sum(math.prod(s) for e in table.values() for p, s in e["parts"].items() if not p.startswith("q"))
         fp16 = np.frombuffer(_unshuffle(meta[4 + hlen:4 + hlen + 2 * nfp16], 2), np.float16)
         orders, opos = np.frombuffer(meta[4 + hlen + 2 * nfp16:], np.uint16), 0
-        codes = {}
+        codes, used = {}, {}
         for (g, members), mats in zip(groups, decoded):
             for (name, part), m in zip(members, mats):
                 if coder != "ans" and g in SORTED_GROUPS:
-                    order = orders[opos:opos + len(m)]
+                    order = used[name, part] = orders[opos:opos + len(m)]
                     opos += len(m)
                     m = m[np.argsort(order)]
                 codes[name, part] = torch.from_numpy(m.copy()).reshape(table[name]["parts"][part])
@@ -558,7 +560,8 @@ def _read_pergroup(payload: bytes, where: str) -> "Artifact":
     except (struct.error, ValueError, KeyError, TypeError, IndexError, RuntimeError, brotli.error) as exc:
         raise ArtifactError(f"{where}: malformed payload ({type(exc).__name__}: {exc})") from None
     info = [(g, [tuple(x) for x in members], len(s)) for (g, members), s in zip(groups, streams[1:])]
-    return Artifact(header["config"], out, {"container": "pergroup", "coder": coder}, 0, info, len(streams[0]))
+    return Artifact(header["config"], out, {"container": "pergroup", "coder": coder}, 0, info, len(streams[0]),
+                    meta[:4 + hlen], used)
 
 
 # ---------------------------------------------------------------- files
@@ -637,13 +640,16 @@ def write_artifact(path: str | Path, quantized: dict, config: dict, encoding: di
 class Artifact:
     """What read_artifact returns: the run's config, the stored tensors, the encoding (per-group container:
     {"container": "pergroup", "coder": name}) and the file size; a per-group file also lists its groups as
-    (group, [(tensor, part), ...], stream bytes) and the bytes of its stream 0."""
+    (group, [(tensor, part), ...], stream bytes), the bytes of its stream 0, that stream's header (length and
+    JSON, uncompressed) and the row orders of its sorted groups ({(tensor, part): uint16 order}, byte coders)."""
     config: dict
     tensors: dict
     encoding: dict
     file_bytes: int
     groups: list = field(default_factory=list)
     meta_bytes: int = 0
+    header: bytes = b""
+    orders: dict = field(default_factory=dict)
 
 
 def read_artifact(path: str | Path) -> Artifact:

@@ -1,5 +1,9 @@
 """`python -m quant.inspect runs/<id>/final_model.int6.ptz`: the artifact's size ledger (quant/ledger.py).
 
+An OUROPTZ artifact: bytes per category (int6 / int8 codes and row steps, fp16, header) and the full model's
+projection. A per-group one: its groups, then its bytes by kind (int6, int7, int8 and gate int8 codes, row
+steps, LQER factors, similarity orders, fp16 passthrough, header) with bits per value and share.
+
 Exit status: 0 within the limit, 1 when the artifact (model + code) is over 16,000,000 bytes, 2 when
 the file cannot be read or does not load as a model, e.g. its config disagrees with its tensors (the
 message says why).

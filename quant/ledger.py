@@ -7,7 +7,13 @@ full `ouroboros` model's artifact would weigh (same code, its own tensor counts)
 saying what it assumes: at this artifact's bits per stored value, and at the original entry's measured
 bits per parameter. A projection is an estimate, not a warning: how well codes compress depends on how
 large the model is and how long it trained; only a real artifact over the limit is an error (artifact.py).
-A per-group artifact lists instead its groups: codes, their order-0 entropy and the bytes its coder achieved.
+A per-group artifact lists instead its groups (codes, their order-0 entropy and the bytes its coder achieved)
+and then its bytes by kind of stored value (KINDS): int6, int7, int8 and gate int8 codes, row steps, LQER factors,
+similarity orders, fp16 passthrough and the header, each with its values, its bytes compressed alone, bits per
+value and share of the parts' sum. Codes are compressed alone by the artifact's coder ("ans" or "brotli"; brotli
+for "lrzip", whose ZPAQ takes minutes), rows of the sorted groups in their stored order; LQER factors are their
+codes that way plus their fp16 scales; fp16 parts, byte planes as stored, and the uint16 orders by brotli-11; the
+header is its JSON by brotli-11 plus the file prefix, coder name and stream table.
 """
 from __future__ import annotations
 
@@ -17,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import SIZE_LIMIT, _PREFIX, code_bytes, compress, encode, section_bytes
+from .artifact import (SIZE_LIMIT, _PREFIX, _ans_encode, _bytes_encode, _rows_cols, _shuffle, code_bytes, compress,
+                       encode, section_bytes)
 from .load import read_model_artifact
-from .scheme import KIND_FP16, KIND_INT6, KIND_INT8, tensor_kind
+from .scheme import KIND_FP16, KIND_GATE, KIND_INT6, KIND_INT7, KIND_INT8, tensor_kind
 
 # The original entry, same model and quantizer, as measured once trained (5,951 steps on 8xH100): the
 # model part of its artifact (15,034,550 B less 121,677 B of code) over its parameters.
@@ -30,6 +37,10 @@ ORIGINAL_ENTRY_BITS_PER_PARAM = 8 * ORIGINAL_ENTRY["model_bytes"] / ORIGINAL_ENT
 CATEGORIES = (("int6_codes", "int6 matrices: codes", KIND_INT6), ("int6_steps", "int6 matrices: row steps", KIND_INT6),
               ("int8_codes", "int8 tensors: codes", KIND_INT8), ("int8_steps", "int8 tensors: row steps", KIND_INT8),
               ("fp16", "fp16 small tensors", KIND_FP16))
+# A per-group artifact's kinds of stored value: (key, label)
+KINDS = ((KIND_INT6, "int6 codes"), (KIND_INT7, "int7 codes"), (KIND_INT8, "int8 codes"),
+         (KIND_GATE, "gate int8 codes"), ("steps", "row steps (fp16)"), ("lqer", "LQER factors (codes + scales)"),
+         ("orders", "similarity orders (uint16)"), (KIND_FP16, "fp16 passthrough"), ("header", "header"))
 
 
 @dataclass
@@ -44,6 +55,7 @@ class Ledger:
     limit: int = SIZE_LIMIT
     projection: dict = field(default_factory=dict)
     groups: list = field(default_factory=list)  # per-group container: (group, codes, order-0 bits, bytes)
+    kinds: list = field(default_factory=list)   # per-group container: (key, label, values, bytes alone) of KINDS
 
     @property
     def total_bytes(self) -> int:
@@ -53,10 +65,12 @@ class Ledger:
         return 8.0 * self.bytes[category] / self.values[category] if self.values[category] else 0.0
 
 
-def build_ledger(path: str | Path, project: bool = True) -> Ledger:
+def build_ledger(path: str | Path, project: bool = True, code: int | None = None) -> Ledger:
+    """code: the counted code's bytes (default: quant.artifact.code_bytes())."""
     art, _ = read_model_artifact(path)  # an artifact that cannot load as a model is not accounted for
+    code = code_bytes() if code is None else code
     if art.groups:
-        return _group_ledger(path, art)
+        return _group_ledger(path, art, code)
     sections = section_bytes(art.tensors, art.encoding)
     parts = {key: [] for key, _, _ in CATEGORIES}
     values = {key: 0 for key, _, _ in CATEGORIES}
@@ -73,13 +87,46 @@ def build_ledger(path: str | Path, project: bool = True) -> Ledger:
     body = encode(art.tensors, art.config, art.encoding)
     header_len = int.from_bytes(body[:4], "little")
     sizes["header"] = len(compress(body[:4 + header_len])) + _PREFIX.size
-    ledger = Ledger(str(path), art.encoding, values, params, sizes, art.file_bytes, code_bytes())
+    ledger = Ledger(str(path), art.encoding, values, params, sizes, art.file_bytes, code)
     if project:
         ledger.projection = project_ouroboros(ledger)
     return ledger
 
 
-def _group_ledger(path, art) -> Ledger:
+def _kinds(art) -> list:
+    """[(key, label, values, bytes alone)] of a per-group artifact, KINDS in order (module docstring)."""
+    coder = art.encoding["coder"]
+    mats, fp16 = {k: [] for k, _ in KINDS}, {k: [] for k, _ in KINDS}
+    for name, q in art.tensors.items():
+        if q.kind == KIND_FP16:
+            fp16[KIND_FP16].append(q.values)
+            continue
+        parts = [(q.kind, "q", q.codes)] + list(zip(["lqer"] * 4, ("qA", "sA", "qB", "sB"), q.lqer or ()))
+        fp16["steps"].append(q.scale)
+        for key, part, t in parts:
+            if part[0] == "s":
+                fp16[key].append(t)
+            else:
+                m = t.numpy().reshape(_rows_cols(t.shape))
+                order = art.orders.get((name, part))
+                mats[key].append(m if order is None else m[order])
+    orders = list(art.orders.values())
+    out = []
+    for key, label in KINDS:
+        ms, fs = mats[key], fp16[key]
+        n = sum(m.size for m in ms) + sum(t.numel() for t in fs)
+        size = len(_ans_encode([ms])[0]) if ms and coder == "ans" else len(_bytes_encode("brotli", ms)) if ms else 0
+        if fs:
+            size += len(compress(_shuffle(b"".join(t.half().numpy().tobytes() for t in fs), 2)))
+        if key == "orders" and orders:
+            n, size = sum(map(len, orders)), len(compress(b"".join(o.tobytes() for o in orders)))
+        if key == "header":
+            size = len(compress(art.header)) + _PREFIX.size + 1 + len(coder) + 4 * (2 + len(art.groups))
+        out.append((key, label, n, size))
+    return out
+
+
+def _group_ledger(path, art, code) -> Ledger:
     params, groups = {}, []
     for q in art.tensors.values():
         params[q.kind] = params.get(q.kind, 0) + q.numel
@@ -88,8 +135,8 @@ def _group_ledger(path, art) -> Ledger:
         n = np.bincount(torch.cat([c.reshape(-1).long() + 128 for c in codes]).numpy())
         n = n[n > 0]
         groups.append((group, int(n.sum()), float(n.sum() * np.log2(n.sum()) - (n * np.log2(n)).sum()), size))
-    return Ledger(str(path), art.encoding, {}, params, {"header": art.meta_bytes}, art.file_bytes, code_bytes(),
-                  groups=groups)
+    return Ledger(str(path), art.encoding, {}, params, {"header": art.meta_bytes}, art.file_bytes, code,
+                  groups=groups, kinds=_kinds(art))
 
 
 def ouroboros_counts(small_numel: int | None = None) -> tuple[dict, dict]:
@@ -175,7 +222,12 @@ def _format_groups(ledger: Ledger) -> str:
     for group, n, h0, size in ledger.groups:
         lines.append(f"{group:<12}{n:>12,}{h0 / 8:>12,.0f}{h0 / n:>11.3f}{size:>12,}{8 * size / n:>11.3f}")
     n_params = sum(ledger.params.values())
+    alone = sum(k[3] for k in ledger.kinds)
     lines += [f"{'stream 0: header, fp16 steps and values, row orders':<59}{ledger.bytes['header']:>12,}", "",
+              f"{'kind':<32}{'values':>12}{'bytes alone':>14}{'bits/value':>12}{'share':>9}"]
+    for _, label, n, size in ledger.kinds:
+        lines.append(f"{label:<32}{n:>12,}{size:>14,}{f'{8 * size / n:.3f}' if n else '':>12}{size / alone:>9.2%}")
+    lines += ["", f"{'sum of parts, each alone':<40}{alone:>14,}",
               f"{'model file':<40}{ledger.file_bytes:>14,}   {8 * ledger.file_bytes / n_params:.3f} bits per parameter "
               f"over {n_params:,} ({', '.join(f'{k} {v:,}' for k, v in ledger.params.items())})",
               f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",

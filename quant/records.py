@@ -11,8 +11,10 @@ requirements.txt and each seed's train.log copied verbatim as train_seed<N>.log.
 .<YYYY-MM-DD>_<NAME>.partial-<pid> beside that folder and renames it when complete, so a killed export leaves
 no records folder, and the next export removes the partial one once its process is gone. Every run must have
 finished, export step included, with the same configuration apart from SEED and a seed of its own. The
-code bytes counted are the bundle's, for every seed. author and github_id come from the flags or the
-AUTHOR / GITHUB_ID environment variables; a missing one stays "" with a warning (never guessed).
+code bytes counted are the bundle's, for every seed. Each seed's artifact (runs/<id>/final_model.int6.ptz) is
+accounted for by quant.ledger: its bytes by kind of stored value (bits per value, share of the parts' sum, each
+kind compressed alone) go into README.md and submission.json's bytes_by_kind. author and github_id come from
+the flags or the AUTHOR / GITHUB_ID environment variables; a missing one stays "" with a warning (never guessed).
 
 stats reads each log's `final_int6_sliding_window_exact` line (the artifact's score): mean and sample
 std of val_loss and val_bpb and, against baseline logs, one-sided Welch t-tests of the improvement, for
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from model.io import write_atomic
 
-from .artifact import SIZE_LIMIT
+from .artifact import ARTIFACT_NAME, SIZE_LIMIT, ArtifactError
 from .export import TIME_LIMIT_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,9 +278,30 @@ def stats_lines(candidate: Scores, baseline: Scores | None = None) -> list[str]:
 # The records folder
 
 
+def bytes_by_kind(run: Run, code: int) -> list[dict] | None:
+    """The run's artifact by kind of stored value, as `python -m quant.inspect` accounts for it (quant/ledger.py):
+    [{kind, values, bytes (compressed alone), bits_per_value, share (of the parts' sum)}]; for an OUROPTZ
+    artifact its categories and header, for a per-group one its kinds. None when the run folder has no artifact."""
+    from .ledger import CATEGORIES, build_ledger
+
+    path = run.folder / ARTIFACT_NAME
+    if not path.is_file():
+        return None
+    try:
+        led = build_ledger(path, project=False, code=code)
+    except ArtifactError as err:
+        raise RecordsError(f"run {run.folder}: {err}") from None
+    rows = ([(label, n, size) for _, label, n, size in led.kinds] or
+            [(label, led.values[k], led.bytes[k]) for k, label, _ in CATEGORIES] + [("header", 0, led.bytes["header"])])
+    alone = sum(size for *_, size in rows)
+    return [dict(kind=label, values=n, bytes=size, bits_per_value=round(8 * size / n, 4) if n else None,
+                 share=round(size / alone, 4)) for label, n, size in rows]
+
+
 def submission(runs: list[Run], bundle: bytes, *, name: str, track: str, author: str, github_id: str,
-               blurb: str, date: str) -> dict:
-    """submission.json: the keys recent accepted records use; each seed's total counts this bundle."""
+               blurb: str, date: str, kinds: dict | None = None) -> dict:
+    """submission.json: the keys recent accepted records use; each seed's total counts this bundle. kinds:
+    {seed: bytes_by_kind(...)}, written as bytes_by_kind when given."""
     versions = runs[0].versions
     seed_results = {str(run.seed): dict(
         val_loss=run.val_loss, val_bpb=run.val_bpb, artifact_bytes=run.export["model_bytes"] + len(bundle),
@@ -300,7 +323,8 @@ def submission(runs: list[Run], bundle: bytes, *, name: str, track: str, author:
         pytorch_version=versions["torch"], triton_version=versions["triton"], cuda_version=versions["cuda"],
         compliance=dict(train_time_max_s=train_max,
                         eval_time_max_s=max(r["eval_time_s"] for r in seed_results.values()),
-                        gptq_within_budget=train_max <= TIME_LIMIT_SECONDS))
+                        gptq_within_budget=train_max <= TIME_LIMIT_SECONDS),
+        **({"bytes_by_kind": {str(seed): rows for seed, rows in kinds.items()}} if kinds else {}))
 
 
 def requirements_text(versions: dict) -> str:
@@ -373,6 +397,7 @@ def readme_text(sub: dict, runs: list[Run], stats: list[str] | None) -> str:
         + ", ".join(f"seed {run.seed} {run.export['model_bytes']:,} B" for run in runs)
         + f"; the largest total is {sub['bytes_total']:,} B, {SIZE_LIMIT - sub['bytes_total']:,} B under "
           f"the {SIZE_LIMIT:,} B limit.", "",
+        *kind_lines(sub.get("bytes_by_kind") or {}),
         "## Step time", "",
         f"{statistics.fmean(step_avgs):.2f} ms per step on average (seeds: "
         + ", ".join(f"{v:.2f}" for v in step_avgs) + f" ms), {first.summary['tokens_per_step']:,} tokens "
@@ -383,6 +408,18 @@ def readme_text(sub: dict, runs: list[Run], stats: list[str] | None) -> str:
     if stats:
         lines += ["## Against the baseline", "", "```", *stats, "```", ""]
     return "\n".join(lines)
+
+
+def kind_lines(kinds: dict) -> list[str]:
+    """README.md's table of submission.json's bytes_by_kind ([] without one)."""
+    if not kinds:
+        return []
+    rows = [f"| {seed} | {r['kind']} | {r['values']:,} | {r['bytes']:,} | "
+            f"{'' if r['bits_per_value'] is None else format(r['bits_per_value'], '.3f')} | {r['share']:.2%} |"
+            for seed, table in kinds.items() for r in table]
+    return ["Each artifact by kind of stored value (`python -m quant.inspect`; each kind compressed alone, its share "
+            "of their sum):", "", "| seed | kind | values | bytes alone | bits/value | share |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -458,8 +495,12 @@ def export_records(runs, name: str, track: str, out, bundle: bytes, *, author: s
     if baseline:
         stats = stats_lines(Scores.from_logs([run.folder / "train.log" for run in records]),
                             Scores.from_logs(baseline))
+    kinds = {run.seed: bytes_by_kind(run, len(bundle)) for run in records}
+    for run in records:
+        if kinds[run.seed] is None:
+            warn(f"warning: run {run.folder} has no {ARTIFACT_NAME}: no bytes by kind for seed {run.seed}")
     sub = submission(records, bundle, name=name, track=track, author=author, github_id=github_id,
-                     blurb=blurb, date=date)
+                     blurb=blurb, date=date, kinds={s: rows for s, rows in kinds.items() if rows is not None})
     if track == "10min" and max(sub["compliance"]["train_time_max_s"], sub["compliance"]["eval_time_max_s"]) \
             > TIME_LIMIT_SECONDS:
         warn(f"warning: training + calibration or evaluation took over {TIME_LIMIT_SECONDS} s: this is no "

@@ -407,11 +407,81 @@ def test_a_pergroup_artifact_loads_as_a_model_and_the_ledger_lists_its_groups(ti
                for line in out.splitlines())
 
 
+@pytest.fixture(scope="module")
+def frontier_quantized():
+    """A frontier-tiny-shaped model (4 blocks of width 64, 4 heads so the gates are R1's gate_int8 rows, vocabulary
+    512) through R1's quantizer (H = I): int7 embedding, int6 matrices, gate rows, LQER on three, fp16 passthrough;
+    one attn.proj relabelled int8 (its codes fit) so that every code kind is there."""
+    import kernels
+    from quant.frontier import frontier_quantize
+
+    cfg = from_env(environ={}, preset="frontier-tiny", num_layers=4, loop_start=1, loop_end=2, parallel_start_layer=3,
+                   model_dim=64, num_heads=4, num_kv_heads=2, quant_small_numel=256, vocab_size=512)
+    torch.manual_seed(0)
+    net = model.build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    kernels.set_backend("torch")
+    try:
+        q = frontier_quantize(net.state_dict(), {}, cfg)
+    finally:
+        kernels.set_backend(None)
+    x = q["blocks.2.attn.proj.weight"]
+    q["blocks.2.attn.proj.weight"] = QuantizedTensor(KIND_INT8, x.shape, codes=x.codes, scale=x.scale)
+    return cfg, q
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_the_ledger_accounts_for_a_frontier_artifact_by_kind(frontier_quantized, tmp_path, capsys, coder):
+    cfg, q = frontier_quantized
+    assert {v.kind for v in q.values()} == {KIND_INT6, KIND_INT7, KIND_INT8, KIND_GATE, KIND_FP16}
+    assert sum(v.lqer is not None for v in q.values()) == 3
+    path = tmp_path / art.ARTIFACT_NAME
+    art.write_artifact(path, q, cfg.to_dict(), container="pergroup", coder=coder)
+    led = quant_ledger.build_ledger(path)
+    kinds = {key: (label, n, size) for key, label, n, size in led.kinds}
+    assert list(kinds) == [key for key, _ in quant_ledger.KINDS]
+    coded = [v for v in q.values() if v.kind != KIND_FP16]
+    for kind in (KIND_INT6, KIND_INT7, KIND_INT8, KIND_GATE):
+        assert kinds[kind][1] == sum(v.numel for v in q.values() if v.kind == kind) > 0, kind
+    assert kinds["steps"][1] == sum(v.scale.numel() for v in coded)
+    assert kinds["lqer"][1] == sum(t.numel() for v in coded for t in v.lqer or ())
+    sorted_rows = sum(v.codes.shape[0] for name, v in q.items() if v.kind != KIND_FP16
+                      and art.group_of(name) in art.SORTED_GROUPS)
+    assert kinds["orders"][1] == (0 if coder == "ans" else sorted_rows)
+    assert kinds[KIND_FP16][1] == sum(v.numel for v in q.values() if v.kind == KIND_FP16)
+    assert kinds["header"][1] == 0
+    assert all((size > 0) == (n > 0) for key, (_, n, size) in kinds.items() if key != "header")
+    fp16 = b"".join(v.values.numpy().tobytes() for v in q.values() if v.kind == KIND_FP16)
+    assert kinds[KIND_FP16][2] == len(art.compress(art._shuffle(fp16, 2)))  # alone, byte planes, brotli-11
+    alone = sum(size for _, _, size in kinds.values())
+    assert 0.9 < alone / led.file_bytes < 1.1  # each alone vs one file: close, not equal
+
+    assert quant_inspect.main([str(path), "--no-projection"]) == 0
+    out = capsys.readouterr().out
+    shares = 0.0
+    for key, (label, n, size) in kinds.items():
+        (line,) = [line for line in out.splitlines() if line.startswith(label)]
+        assert f"{n:,}" in line and f"{size:,}" in line, line
+        if n:
+            assert f"{8 * size / n:.3f}" in line, line
+        shares += float(line.split()[-1].rstrip("%"))
+    assert shares == pytest.approx(100, abs=0.01 * len(kinds))
+    assert f"{alone:,}" in out and f"{led.file_bytes:,}" in out and "order-0 B" in out
+
+
 def test_bench_smoke(tmp_path, capsys):
-    synth = bench_artifact.r1_synthetic(scale=1 / 32, layers=2)
+    rtn = {}
+    synth = bench_artifact.r1_synthetic(scale=1 / 32, layers=2, rtn=rtn)
     kinds = {q.kind for q in synth.values()}
     assert kinds == {KIND_INT6, KIND_INT7, KIND_GATE, KIND_FP16}
     assert sum(q.lqer is not None for q in synth.values()) == 3
+    for h in (bench_artifact.random_hessian(np.random.default_rng(0), 64, activation) for activation in (False, True)):
+        assert torch.equal(h, h.T) and torch.linalg.eigvalsh(h.double()).min() > 0  # positive definite
+    fc = synth["blocks.0.mlp.fc.weight"]  # GPTQ at SDClip's steps: the codes in range, not round-to-nearest's
+    assert fc.codes.abs().max() <= 31 and not torch.equal(fc.codes, rtn["blocks.0.mlp.fc.weight"])
+    assert synth["tok_emb.weight"].codes.abs().max() <= 63
     rows = bench_artifact.measure(synth, {}, ["ouroptz", *CODERS])
     assert [r["coder"] for r in rows] == ["ouroptz", *CODERS] and all(r["exact"] for r in rows)
     text = bench_artifact.format_rows("smoke", synth, rows)
@@ -420,5 +490,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert bench_artifact.main(["--scale", "0.03125", "--trained", str(PIN), "--out", str(out)]) == 0
     report = out.read_text()
     assert "(a) R1-shaped synthetic model" in report and f"(b) trained: {PIN}" in report
+    assert f"the file + {art.code_bytes():,} B" in report and "| with code |" in report
+    assert "by GPTQ; the same weights rounded to nearest at the same SDClip steps" in report
     assert "| NO |" not in report
     assert bench_artifact.main(["--coders", "ouroptz,nope", "--skip-synthetic"]) == 2

@@ -21,6 +21,8 @@ import kernels
 from conftest import SMALL
 from model import from_env
 from quant import records
+from quant import ledger as quant_ledger
+from quant.artifact import ARTIFACT_NAME, read_artifact, write_artifact
 from quant.export import export_run
 
 SEEDS = (7, 8)
@@ -92,7 +94,7 @@ def test_summary_val_bpb_is_the_artifacts(seed_runs):
 
 SUBMISSION_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_loss_std",
                    "val_bpb_std", "seeds", "seed_results", "bytes_total", "bytes_code", "hardware", "pytorch_version",
-                   "triton_version", "cuda_version", "compliance"}
+                   "triton_version", "cuda_version", "compliance", "bytes_by_kind"}
 
 
 def test_export_writes_the_records_folder(seed_runs, tmp_path):
@@ -146,6 +148,18 @@ def test_export_writes_the_records_folder(seed_runs, tmp_path):
         assert f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['artifact_bytes']:,} | 3 |" in readme
     assert f"`train_gpt.py` is {len(BUNDLE):,} B" in readme
     assert "## Against the baseline" in readme and "rule: improvement >= 0.005 nats at p < 0.01" in readme
+    # each artifact by kind, as quant.inspect accounts for it (these runs' OUROPTZ: its categories and header)
+    assert set(sub["bytes_by_kind"]) == {str(seed) for seed in SEEDS}
+    for seed, run in zip(SEEDS, seed_runs):
+        kinds = sub["bytes_by_kind"][str(seed)]
+        led = quant_ledger.build_ledger(run / ARTIFACT_NAME, project=False, code=len(BUNDLE))
+        assert [k["kind"] for k in kinds] == [label for _, label, _ in quant_ledger.CATEGORIES] + ["header"]
+        assert [(k["values"], k["bytes"]) for k in kinds] == \
+            [(led.values[key], led.bytes[key]) for key, _, _ in quant_ledger.CATEGORIES] + [(0, led.bytes["header"])]
+        assert sum(k["share"] for k in kinds) == pytest.approx(1, abs=1e-3)
+        for k in kinds:
+            bits = "" if k["bits_per_value"] is None else f"{k['bits_per_value']:.3f}"
+            assert f"| {seed} | {k['kind']} | {k['values']:,} | {k['bytes']:,} | {bits} | {k['share']:.2%} |" in readme
 
     with pytest.raises(records.RecordsError, match="already exists"):  # never over an earlier export
         records.export_records(seed_runs, "Tiny_2seeds", "10min", tmp_path / "out", BUNDLE, date=DATE, warn=print)
@@ -176,6 +190,34 @@ def test_export_cli_one_seed_without_author_warns(seed_runs, tmp_path, monkeypat
     assert "warning" not in capsys.readouterr().err
     sub = json.loads(next((tmp_path / "track_10min_16mb").iterdir()).joinpath("submission.json").read_text())
     assert (sub["author"], sub["github_id"]) == ("From Env", "fromenv")
+
+
+def test_export_accounts_for_a_pergroup_artifact_by_kind(seed_runs, tmp_path):
+    """A run whose artifact is in the per-group container (here seed 8's tensors written again that way): the
+    record lists the ledger's kinds with bits per value and share; a run without its artifact is warned about."""
+    run = tmp_path / "seed8"
+    shutil.copytree(seed_runs[1], run)
+    stored = read_artifact(run / ARTIFACT_NAME)
+    write_artifact(run / ARTIFACT_NAME, stored.tensors, stored.config, container="pergroup", coder="brotli")
+    folder = records.export_records([run], "pergroup", "10min", tmp_path / "out", BUNDLE, author="a", github_id="b",
+                                    date=DATE, warn=pytest.fail)
+    kinds = json.loads((folder / "submission.json").read_text())["bytes_by_kind"]["8"]
+    led = quant_ledger.build_ledger(run / ARTIFACT_NAME, project=False, code=len(BUNDLE))
+    assert [(k["kind"], k["values"], k["bytes"]) for k in kinds] == [(label, n, size) for _, label, n, size in led.kinds]
+    assert [k["kind"] for k in kinds] == [label for _, label in quant_ledger.KINDS]
+    assert sum(k["share"] for k in kinds) == pytest.approx(1, abs=1e-3)
+    readme = (folder / "README.md").read_text()
+    for k in kinds:
+        assert (k["bits_per_value"] is None) == (k["values"] == 0)
+        bits = "" if k["bits_per_value"] is None else f"{k['bits_per_value']:.3f}"
+        assert f"| 8 | {k['kind']} | {k['values']:,} | {k['bytes']:,} | {bits} | {k['share']:.2%} |" in readme
+    (run / ARTIFACT_NAME).unlink()
+    warned = []
+    folder = records.export_records([run], "none", "10min", tmp_path / "out", BUNDLE, author="a", github_id="b",
+                                    date=DATE, warn=warned.append)
+    assert warned == [f"warning: run {run} has no {ARTIFACT_NAME}: no bytes by kind for seed 8"]
+    assert "bytes_by_kind" not in json.loads((folder / "submission.json").read_text())
+    assert "by kind of stored value" not in (folder / "README.md").read_text()
 
 
 def _edit_json(path, **changes):
