@@ -139,13 +139,17 @@ class Attention(nn.Module):
         if gate_window:
             self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, gate_window))
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
         """q [B, T, Hq, D], k, v [B, T, Hkv, D]: projected, q and k RMS-normed and rotated, all in v's dtype
-        (under CUDA autocast F.rms_norm returns fp32 while v is bf16). model/decode.py shares it."""
+        (under CUDA autocast F.rms_norm returns fp32 while v is bf16). model/decode.py shares it.
+        lora: a slot's test-time adapters (model/lora.py SlotLoRA), added to the raw projections."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_rope(rms_norm_reference(q), cos, sin)
         k = apply_rope(rms_norm_reference(k), cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v
@@ -158,10 +162,11 @@ class Attention(nn.Module):
         return torch.sigmoid(self.gate_scale * F.linear(x[..., :w.size(1)], w)).to(dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.qkv(x, cos, sin)
+                cu_seqlens: torch.Tensor | None = None, lora=None) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin, lora)
         y = kernels.attention(q, k, v, self.q_gain, self.xsa, gate=self.gate(x, v.dtype), cu_seqlens=cu_seqlens)
-        return self.proj(y.flatten(2))
+        out = self.proj(y.flatten(2))
+        return out if lora is None else lora.add("o", x, out)  # R1's O adapter reads the block input, not y
 
 
 class MLP(nn.Module):
@@ -200,20 +205,25 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if config.ln_scale else 1.0
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None, skip: tuple | None = None) -> torch.Tensor:
-        """skip: (kept, weight, gate or None), a U-Net skip merged into x before the block (GPT.skip_for)."""
+                cu_seqlens: torch.Tensor | None = None, skip: tuple | None = None, lora=None) -> torch.Tensor:
+        """skip: (kept, weight, gate or None), a U-Net skip merged into x before the block (GPT.skip_for).
+        lora: the slot's test-time adapters (model/lora.py), or None."""
         # Each residual update and the RMSNorm after it run as one fused pass (kernels/norm.py), the skip
         # merge included.
         if skip is None:
             x, h = kernels.mix_norm(x, x0, self.resid_mix, self.norm_scale)
         else:
             _, x, h = kernels.skip_mix_norm(x, *skip, x0, self.resid_mix, self.norm_scale, keep_merged=False)
-        x, h = kernels.add_norm(x, self.attn(h, cos, sin, cu_seqlens), self.attn_scale, self.norm_scale)
-        return x + self.mlp_scale * self.mlp(h)
+        x, h = kernels.add_norm(x, self.attn(h, cos, sin, cu_seqlens, lora), self.attn_scale, self.norm_scale)
+        return x + self.mlp_scale * self.mlp_out(h, lora)
+
+    def mlp_out(self, h: torch.Tensor, lora) -> torch.Tensor:
+        """The MLP on its normed input h, plus the slot's MLP adapter (a parallel path across the whole MLP)."""
+        return self.mlp(h) if lora is None else lora.add("mlp", h, self.mlp(h))
 
     def forward_parallel(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, cu_seqlens: torch.Tensor | None, resid: torch.Tensor,
-                         post: torch.Tensor, skip: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         post: torch.Tensor, skip: tuple | None = None, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
         """R1's two-lane block (MODEL.md §2.8): the skip merges into lane0; attention reads lane0 (mixed with
         x0), the MLP reads lane1, and each lane takes both: lane_k <- resid[k]·lane_k + post[0,k]·A + post[1,k]·M,
         A and M scaled by attn_scale and mlp_scale (one fused pass, kernels.lane_update)."""
@@ -221,6 +231,6 @@ class Block(nn.Module):
             _, h = kernels.mix_norm(lane0, x0, self.resid_mix, self.norm_scale)
         else:
             lane0, _, h = kernels.skip_mix_norm(lane0, *skip, x0, self.resid_mix, self.norm_scale, keep_x_in=False)
-        attn = self.attn(h, cos, sin, cu_seqlens)
-        mlp = self.mlp(kernels.rms_norm(lane1, self.norm_scale))
+        attn = self.attn(h, cos, sin, cu_seqlens, lora)
+        mlp = self.mlp_out(kernels.rms_norm(lane1, self.norm_scale), lora)
         return kernels.lane_update(lane0, lane1, attn, mlp, self.attn_scale, self.mlp_scale, resid, post)

@@ -115,6 +115,42 @@ class Config:
     # sliding: windows of EVAL_SEQ_LEN every EVAL_STRIDE (the Ouroboros entry's score); doc: attention cut at each
     # BOS and every EVAL_SEQ_LEN tokens of a document, spans of EVAL_BATCH_SEQS windows (R1's score)
     eval_mode: str = setting("sliding", choices=("sliding", "doc"))
+    # --- phased LoRA test-time training at evaluation (R1's, DATA_EVAL.md 4; train/ttt.py): per-document adapters
+    # trained chunk by chunk on what was already scored, and global SGD phases on the scored documents. On, its
+    # score is the run's. Defaults are R1's run values; the names are R1's variables ---
+    ttt_enabled: bool = setting(False)
+    ttt_lora_rank: int = setting(80, bound=">0")
+    ttt_lora_alpha: float = setting(144.0, bound=">0")   # adapter scale alpha / rank
+    ttt_warm_start_a: bool = setting(True)                # A carried from batch to batch (B reset), else fresh
+    ttt_lora_lr: float = setting(1e-4, bound=">=0")
+    ttt_chunk_size: int = setting(48, bound=">0")
+    ttt_eval_seq_len: int = setting(2048, bound=">0")     # the window cap, and the global SGD's sequence length
+    ttt_batch_size: int = setting(64, bound=">0")
+    ttt_grad_steps: int = setting(1, bound=">=0")
+    ttt_weight_decay: float = setting(0.5, bound=">=0")
+    ttt_beta1: float = setting(0.0, bound=">=0")
+    ttt_beta2: float = setting(0.99, bound=">=0")
+    ttt_k_lora: bool = setting(True)
+    ttt_o_lora: bool = setting(True)
+    ttt_mlp_lora: bool = setting(True)
+    ttt_optimizer: str = setting("adam", fixed=True)
+    # dynamic: batches go to whichever rank asks first (an atomic counter in torch.distributed's store: fastest);
+    # static: batch i of the queue on rank i mod world and warm A carried along TTT_STATIC_LANES fixed lanes, so
+    # the score does not depend on timing or on the number of ranks (any that divides the lanes)
+    ttt_schedule: str = setting("dynamic", choices=("dynamic", "static"))
+    ttt_static_lanes: int = setting(8, bound=">0")
+    ttt_compile: bool = setting(True)                     # torch.compile the TTT forward on CUDA (warmed on random ids)
+    phased_ttt_prefix_docs: int = setting(2500, bound=">=0")
+    phased_ttt_num_phases: int = setting(3, bound=">=0")
+    global_ttt_lr: float = setting(1e-3, bound=">=0")
+    global_ttt_momentum: float = setting(0.9, bound=">=0")
+    global_ttt_epochs: int = setting(1, fixed=True)
+    global_ttt_chunk_tokens: int = setting(32768, bound=">0")
+    global_ttt_batch_seqs: int = setting(32, bound=">0")
+    global_ttt_grad_clip: float = setting(1.0, bound=">0")
+    global_ttt_warmup_chunks: int = setting(0, fixed=True)
+    global_ttt_respect_doc_boundaries: bool = setting(True)
+    val_doc_fraction: float = setting(1.0, bound=">0")
     # --- quantization (SPEC 5) ---
     quant_method: str = setting("loop_aware", choices=QUANT_METHODS)  # the seed's SKIP_GPTQ=0 LOOP_AWARE_GPTQ=1
     gptq_cal_samples: int = setting(128, bound=">0")
@@ -273,7 +309,9 @@ PRESETS: dict[str, dict] = {
                      val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled", gptq_cal_samples=768,
                      # R1's quantizer and container (QUANT.md): SDClip GPTQ, int7 embedding, int8 gate rows, LQER
                      quant_method="frontier", embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, gated_attn_quant_gate=True,
-                     compressor="pergroup"),
+                     compressor="pergroup",
+                     # its reported score: phased LoRA TTT (DATA_EVAL.md 4; R1's run values are the TTT defaults)
+                     ttt_enabled=True),
     # Every frontier switch (model, data, training) at CPU size on the embedded corpus as CaseOps text (`python -m train.prepare --variant
     # sp8192_caseops`): 6 blocks, 2..3 looped, two-lane from block 4; head dim 64 and GQA 2:1 as R1 (the
     # Triton attention kernel takes head dims 64 and 128); scored document-isolated from the byte sidecars. R1's
@@ -294,6 +332,13 @@ PRESETS: dict[str, dict] = {
                           min_lr=0.1, enable_looping_at=0.35, ema_decay=0.99, grad_clip_mode="local",
                           gptq_cal_loader="shuffled", embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5,
                           gated_attn_quant_gate=True, compressor="pergroup",
+                          # TTT at CPU size: chunks of 128 in windows of 256 (R1's 48 take 2x the time), rank 8 at
+                          # R1's alpha/rank, a larger lr for a model this short-trained. Measured on a 100-step
+                          # artifact, 2 idle cores: 34 s for the 113 val documents, val_bpb 1.983 vs 2.077 scored
+                          # document-isolated (chunks of 48: 71 s, 1.966)
+                          ttt_enabled=True, ttt_lora_rank=8, ttt_lora_alpha=14.4, ttt_lora_lr=1e-3, ttt_chunk_size=128,
+                          ttt_eval_seq_len=256, ttt_batch_size=16, phased_ttt_prefix_docs=60,
+                          global_ttt_chunk_tokens=2048,
                           data_path="data/datasets/embedded_sp8192_caseops",
                           tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
     "tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16, train_seq_len=256,
@@ -405,6 +450,14 @@ def _validated(cfg: Config) -> Config:
     if cfg.quant_method == "frontier" and cfg.compressor != "pergroup":
         bad("compressor", "QUANT_METHOD=frontier stores int7, int8 gate rows and LQER factors, which only "
                           "COMPRESSOR=pergroup holds")
+    if cfg.val_doc_fraction > 1:
+        bad("val_doc_fraction", "is a fraction: must lie in (0, 1]")
+    if not (cfg.ttt_beta1 < 1 and cfg.ttt_beta2 < 1 and cfg.global_ttt_momentum < 1):
+        bad("ttt_beta1", "TTT_BETA1, TTT_BETA2 and GLOBAL_TTT_MOMENTUM must lie in [0, 1)")
+    if cfg.ttt_eval_seq_len < cfg.ttt_chunk_size:
+        bad("ttt_eval_seq_len", f"the window must hold a chunk: at least TTT_CHUNK_SIZE={cfg.ttt_chunk_size}")
+    if cfg.global_ttt_chunk_tokens < cfg.ttt_eval_seq_len:
+        bad("global_ttt_chunk_tokens", f"must hold at least one sequence of TTT_EVAL_SEQ_LEN={cfg.ttt_eval_seq_len}")
     if cfg.gptq_block_size > GPTQ_MAX_BLOCK:  # checked at start-up, not after training, in calibration
         bad("gptq_block_size", f"must be at most {GPTQ_MAX_BLOCK} (the Triton GPTQ kernel keeps a block's columns "
                                "in registers)")

@@ -113,7 +113,9 @@ class _CachedAttention:
     def __init__(self, attn: Attention, cache: KVCache, slot: int, context: torch.Tensor | None):
         self.attn, self.cache, self.slot, self.context = attn, cache, slot, context
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None, lora=None) -> torch.Tensor:
+        if lora is not None:
+            raise ValueError("decode_step runs without test-time adapters")
         a, cache = self.attn, self.cache
         q, k, v = a.qkv(x, cos, sin)
         start, end = cache.length, cache.length + x.shape[1]

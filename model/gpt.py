@@ -210,16 +210,21 @@ class GPT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, x0: torch.Tensor, ropes: Mapping,
                    block_for: Callable[[Slot], nn.Module] | None = None,
-                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | None = None, lora=None) -> torch.Tensor:
         """x after every slot of the schedule, in order. block_for(slot): what runs the slot's block (its
-        module in forward, the block with cached attention in decode_step); ropes: {slot.rope: (cos, sin)}.
+        module in forward, the block with cached attention in decode_step); ropes: {slot.rope: (cos, sin)};
+        lora: test-time adapters (model/lora.py TTTLoRA), lora.slots[i] for the i-th slot.
 
         Two-lane slots start both lanes from x (before their skip merge, which goes into lane0); after the
         last slot x is their mean (PARALLEL_FINAL_LANE: or lane0, or lane1)."""
         block_for = block_for or self.block
         skips, lanes = [], None
-        for slot in self.schedule:
+        if lora is not None and lora.num_slots != len(self.schedule):
+            raise ValueError(f"the adapters were made for {lora.num_slots} slots, the schedule has "
+                             f"{len(self.schedule)}: test-time training runs with recurrence on")
+        for i, slot in enumerate(self.schedule):
             block = block_for(slot)
+            adapter = None if lora is None else lora.slots[i]
             if slot.inst is not None:  # x_loop = x + up_k(proj(x))
                 x = x + self.loop_inst_up[slot.inst](self.loop_inst_proj(x))
             if slot.parallel and lanes is None:
@@ -228,11 +233,11 @@ class GPT(nn.Module):
             skip = self.skip_for(slot.skip, skips.pop()) if slot.skip is not None else None
             cos, sin = ropes[slot.rope]
             if lanes is None:
-                x = block(x, x0, cos, sin, cu_seqlens, skip)
+                x = block(x, x0, cos, sin, cu_seqlens, skip, adapter)
             else:
                 lanes = block.forward_parallel(*lanes, x0, cos, sin, cu_seqlens,
                                                self.parallel_resid_lambdas[slot.index],
-                                               self.parallel_post_lambdas[slot.index], skip)
+                                               self.parallel_post_lambdas[slot.index], skip, adapter)
             if slot.push_skip:
                 skips.append(x)
         if lanes is not None:
@@ -241,11 +246,14 @@ class GPT(nn.Module):
         return x
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, lora=None, tail: int | None = None) -> torch.Tensor:
         """ids [B, T] -> softcapped fp32 logits [B, T, vocab], or the fp32 mean cross-entropy given targets [B, T].
 
         cu_seqlens: int32 segment offsets into one packed row (B = 1): attention stays within each segment
-        (R1's document isolation); RoPE positions stay row positions."""
+        (R1's document isolation); RoPE positions stay row positions. lora: per-row test-time adapters
+        (model/lora.py TTTLoRA) on every slot's projections and MLP and on the head. tail: logits of the last
+        `tail` positions only (test-time training scores a chunk at the end of a longer window; at a large vocab
+        the head is the costliest op)."""
         if ids.dim() != 2:
             raise ValueError(f"GPT: ids must be [batch, seq], got shape {tuple(ids.shape)}")
         if targets is not None and targets.shape != ids.shape:
@@ -253,12 +261,20 @@ class GPT(nn.Module):
         cfg = self.config
         T, device = ids.size(1), ids.device
         x0 = self.embed(ids)[0]
-        x = self.run_blocks(x0, x0, self.rope_tables(T, device), cu_seqlens=cu_seqlens)
+        x = self.run_blocks(x0, x0, self.rope_tables(T, device), cu_seqlens=cu_seqlens, lora=lora)
         h = self.head_input(kernels.rms_norm(x))
-        if targets is not None:  # fused on the Triton path: no [B·T, vocab] fp32 logits are materialized
+        if tail is not None:
+            h = h[:, -tail:]
+            targets = None if targets is None else targets[:, -tail:]
+        if targets is not None and lora is None:  # fused on the Triton path: no [B·T, vocab] fp32 logits
             return kernels.softcap_cross_entropy(h, self.tok_emb.weight, targets, cfg.logit_softcap)
         logits = F.linear(h, self.tok_emb.weight).float()
-        return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if lora is not None:
+            logits = logits + lora.head(h).float()
+        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if targets is not None:
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits
 
 
 # ---------------------------------------------------------------- helpers for the trainer, quant/ and the CLIs

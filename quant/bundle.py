@@ -75,6 +75,8 @@ LEFT_OUT = {
     "kernels._interpreter": "the CPU interpreter's patches, imported only under TRITON_INTERPRET=1",
     "quant.bundle": "this builder: a run from the bundle counts its own file",
     "model.record": "R1's checkpoint format: read by load_checkpoint and the CLIs on an R1 file, never by a run",
+    "quant.ledger": "the size ledger, a report: `python -m quant.inspect` prints it (a run from the repo logs it too)",
+    "quant.compare": "the method comparison of CPU-sized runs, a report for experiments, never on a record's val set",
 }
 # The blob: brotli at its best quality (the window holds all of it; every window from 2^18 up gives the same
 # bytes), measured 1.5-2% smaller than lzma (FORMAT_ALONE, preset 9e, pb=0; lc/pb/nice_len tuning gains

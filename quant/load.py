@@ -26,18 +26,24 @@ def load_model(path: str | Path, device="cpu", quant_linear: bool | None = None)
     dequant-matmul kernel on the triton backend), and MLPs whose fc/proj were replaced run unfused,
     through those modules. Off: the weights dequantized to fp32 in plain nn.Linear (the reference path).
     """
+    artifact, config = read_model_artifact(path)
+    return model_from_artifact(artifact, config, device, quant_linear), config
+
+
+def model_from_artifact(artifact: Artifact, config: Config, device="cpu", quant_linear: bool | None = None):
+    """load_model's second half, for an artifact already read (the eval clock times the two apart)."""
     device = torch.device(device)
     if quant_linear is None:
         quant_linear = device.type == "cuda"
-    artifact, config = read_model_artifact(path)
-    net = model_lib.build_model(config)
-    state = dequantize_state_dict(artifact.tensors)
+    with torch.device("meta"):  # no random init to overwrite (seconds for the full models, inside the eval clock)
+        net = model_lib.build_model(config)
+    state = {name: t.float().contiguous() for name, t in dequantize_state_dict(artifact.tensors).items()}
     if config.quant_method == "frontier" and TIED_EMBEDDING_WEIGHT in state:  # R1 keeps the corrected embedding bf16
         state[TIED_EMBEDDING_WEIGHT] = state[TIED_EMBEDDING_WEIGHT].bfloat16().float()
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(state, strict=True, assign=True)
     if quant_linear:
         use_quant_linear(net, artifact.tensors)
-    return net.to(device), config
+    return net.to(device)
 
 
 def read_model_artifact(path: str | Path) -> tuple[Artifact, Config]:

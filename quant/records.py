@@ -16,7 +16,9 @@ accounted for by quant.ledger: its bytes by kind of stored value (bits per value
 kind compressed alone) go into README.md and submission.json's bytes_by_kind. author and github_id come from
 the flags or the AUTHOR / GITHUB_ID environment variables; a missing one stays "" with a warning (never guessed).
 
-stats reads each log's `final_int6_sliding_window_exact` line (the artifact's score): mean and sample
+stats reads each log's last `final_int6_<mode>_exact` line (the artifact's score: sliding_window, doc_isolated,
+or with TTT_ENABLED=1 ttt_phased, whose eval time is the whole eval clock (decompression, dequantization, compile
+warmup and the TTT loop) and goes into eval_time_s): mean and sample
 std of val_loss and val_bpb and, against baseline logs, one-sided Welch t-tests of the improvement, for
 the challenge's ">= 0.005 nats at p < 0.01" rule (in bpb too, at the candidate runs' own tokens per
 byte) and as a plain difference. scipy is imported for this alone; no run imports this module.
@@ -60,7 +62,9 @@ FOLDER_FILES = ("train_gpt.py", "requirements.txt", "README.md", "submission.jso
 PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)")
 
 # the artifact's score line, in either evaluation mode (train.evaluate.SCORE_NAMES)
-EXACT_LINE = re.compile(r"^final_int6_(?:sliding_window|doc_isolated)_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.M)
+# (with TTT_ENABLED=1 the test-time-trained score's line comes last: it is the run's score)
+EXACT_LINE = re.compile(r"^final_int6_(?:sliding_window|doc_isolated|ttt_phased)_exact val_loss:(\S+) val_bpb:(\S+)\s*$",
+                        re.M)
 VERSIONS_LINE = re.compile(r"^versions: torch:(\S+) triton:(\S+) cuda:(\S+) gpu:(.+?)\s*$", re.M)
 
 
@@ -73,7 +77,7 @@ class RecordsError(ValueError):
 
 
 def exact_score(log_text: str, where: str) -> tuple[float, float]:
-    """(val_loss, val_bpb) of the log's last final_int6_sliding_window_exact line."""
+    """(val_loss, val_bpb) of the log's last final_int6_<mode>_exact line: the run's score (TTT's when on)."""
     found = EXACT_LINE.findall(log_text)
     if not found:
         raise RecordsError(f"{where}: no `final_int6_sliding_window_exact val_loss:... val_bpb:...` line "
@@ -298,6 +302,12 @@ def bytes_by_kind(run: Run, code: int) -> list[dict] | None:
                  share=round(size / alone, 4)) for label, n, size in rows]
 
 
+def eval_seconds(export: dict) -> float:
+    """The evaluation time a record reports: with TTT the eval clock's total (everything the score needs after
+    training), else reading the artifact back and scoring it."""
+    return export["eval_clock"]["total_s"] if "eval_clock" in export else export["roundtrip_eval_seconds"]
+
+
 def submission(runs: list[Run], bundle: bytes, *, name: str, track: str, author: str, github_id: str,
                blurb: str, date: str, kinds: dict | None = None) -> dict:
     """submission.json: the keys recent accepted records use; each seed's total counts this bundle. kinds:
@@ -307,7 +317,7 @@ def submission(runs: list[Run], bundle: bytes, *, name: str, track: str, author:
         val_loss=run.val_loss, val_bpb=run.val_bpb, artifact_bytes=run.export["model_bytes"] + len(bundle),
         steps=run.summary["steps"], step_avg_ms=run.summary["step_avg_ms"],
         train_time_s=round(run.train_plus_calibration_s, 3),
-        eval_time_s=round(run.export["roundtrip_eval_seconds"], 3)) for run in runs}
+        eval_time_s=round(eval_seconds(run.export), 3)) for run in runs}
     loss, loss_std = mean_std(run.val_loss for run in runs)
     bpb, bpb_std = mean_std(run.val_bpb for run in runs)
     train_max = max(r["train_time_s"] for r in seed_results.values())
@@ -374,13 +384,19 @@ def readme_text(sub: dict, runs: list[Run], stats: list[str] | None) -> str:
         *([sub["blurb"], ""] if sub["blurb"] else []),
         f"The Ouroboros stack (Triton kernels, model, training loop and int6 quantizer) as one file, "
         f"`train_gpt.py`, trained with the `{cfg['preset']}` preset: {first.summary['params']:,} parameters, "
-        f"{cfg['num_flat_layers']} flat transformer blocks around one shared block looped "
-        f"{cfg['crawler_loops']} times, model dim {cfg['model_dim']}, vocabulary {cfg['vocab_size']}; the "
-        f"artifact is `{cfg['quant_method']}` int6 + brotli. {_count(len(runs), 'seed')} on {sub['hardware']} "
+        + (f"{cfg['num_flat_layers']} flat transformer blocks around one shared block looped "
+           f"{cfg['crawler_loops']} times" if cfg.get("use_crawler", 1) else
+           f"{cfg['num_layers']} blocks with {cfg['loop_start']}..{cfg['loop_end']} looped {cfg['num_loops']} more "
+           f"times") + f", model dim {cfg['model_dim']}, vocabulary {cfg['vocab_size']}; the "
+        f"artifact is `{cfg['quant_method']}`-quantized in the `{cfg.get('compressor', 'ouroptz')}` container. "
+        f"{_count(len(runs), 'seed')} on {sub['hardware']} "
         f"(torch {sub['pytorch_version']}, triton {sub['triton_version']}, CUDA {sub['cuda_version'] or 'none'}).",
         "",
         f"**val_bpb {sub['val_bpb']:.8f}{std}** (val_loss {sub['val_loss']:.8f}): the artifact read back and "
-        + (f"scored with attention cut at every document start and every {cfg['eval_seq_len']} tokens "
+        + ("scored with phased LoRA test-time training, every chunk scored before the adapters learn from it "
+           "(`final_int6_ttt_phased_exact` in each log; its eval time is the whole eval clock: decompression, "
+           "dequantization, compile warmup and the TTT loop)." if cfg.get("ttt_enabled") else
+           f"scored with attention cut at every document start and every {cfg['eval_seq_len']} tokens "
            f"(`final_int6_doc_isolated_exact` in each log)." if cfg.get("eval_mode") == "doc" else
            f"scored with sliding windows of {cfg['eval_seq_len']} tokens, stride {cfg['eval_stride']} "
            f"(`final_int6_sliding_window_exact` in each log)."), "",

@@ -63,7 +63,9 @@ _LOG_LINES = {  # what each seed's log must say, in the formats the trainer and 
     "total_bytes": r"^Total submission size int6\+brotli: (\d+) bytes$",
     "train_stop": r"^train_stop: train_time_s:([\d.]+) steps:(\d+)$",
     "train_plus_calibration_s": r"^calibration_s:[\d.]+ train_plus_calibration_s:([\d.]+) limit_s:\d+$",
-    "eval_time_ms": r"^final_int6_(?:sliding_window|doc_isolated) val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:(\d+)ms$",
+    # the last score line's time (with TTT: the eval clock's total)
+    "eval_time_ms": r"^final_int6_(?:sliding_window|doc_isolated|ttt_phased) val_loss:[\d.]+ val_bpb:[\d.]+ "
+                    r"eval_time:(\d+)ms$",
     "exact": EXACT_LINE.pattern,
 }
 _STEP_AVG = r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:\d+ms step_avg:([\d.]+)ms"

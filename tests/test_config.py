@@ -98,7 +98,16 @@ ADDED_QUANT = {"matrix_bits": 6, "embed_bits": 7, "matrix_clip_sigmas": 12.85, "
                "lqer_enabled": True, "lqer_rank": 4, "lqer_top_k": 3, "lqer_factor_bits": 4,
                "lqer_asym_enabled": True, "lqer_asym_group": 64, "compressor": "ouroptz",
                "pergroup_coder": "auto"}
-ADDED_LAYOUT.update(ADDED_TRAINING, **ADDED_QUANT)
+# Test-time training at evaluation (issue 24), off; its settings at R1's run values.
+ADDED_TTT = {"ttt_enabled": False, "ttt_lora_rank": 80, "ttt_lora_alpha": 144.0, "ttt_warm_start_a": True,
+             "ttt_lora_lr": 1e-4, "ttt_chunk_size": 48, "ttt_eval_seq_len": 2048, "ttt_batch_size": 64,
+             "ttt_grad_steps": 1, "ttt_weight_decay": 0.5, "ttt_beta1": 0.0, "ttt_beta2": 0.99, "ttt_k_lora": True,
+             "ttt_o_lora": True, "ttt_mlp_lora": True, "ttt_optimizer": "adam", "ttt_schedule": "dynamic",
+             "ttt_static_lanes": 8, "ttt_compile": True, "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3,
+             "global_ttt_lr": 1e-3, "global_ttt_momentum": 0.9, "global_ttt_epochs": 1,
+             "global_ttt_chunk_tokens": 32768, "global_ttt_batch_seqs": 32, "global_ttt_grad_clip": 1.0,
+             "global_ttt_warmup_chunks": 0, "global_ttt_respect_doc_boundaries": True, "val_doc_fraction": 1.0}
+ADDED_LAYOUT.update(ADDED_TRAINING, **ADDED_QUANT, **ADDED_TTT)
 ADDED = {"rope_inv_freq_bf16": False, "micro_batch_grads": "mean", **ADDED_LAYOUT}
 ADDED_AS_RUN = {"rope_inv_freq_bf16": True, "micro_batch_grads": "sum", **ADDED_LAYOUT}
 

@@ -221,7 +221,11 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_caseops_data, tmp_pat
     assert (cfg.train_loader, cfg.muon_ns, cfg.muon_row_normalize, cfg.grad_clip_mode) == ("packed", "polar", True,
                                                                                         "local")
     assert summary["recurrence_from_step"] == 9 and summary["ema_decay"] == 0.99
-    assert math.isfinite(summary["float_val_bpb"]) and summary["val_bpb"] == summary["export"]["roundtrip_val_bpb"]
+    # its score is phased LoRA TTT's on the artifact, timed by the eval clock (train/ttt.py)
+    assert math.isfinite(summary["float_val_bpb"]) and summary["val_bpb"] == summary["export"]["ttt_val_bpb"]
+    clock = summary["eval_clock"]
+    assert set(clock) == {"decompress_s", "dequantize_s", "warmup_s", "ttt_s", "total_s"}
+    assert clock["total_s"] == pytest.approx(sum(v for k, v in clock.items() if k != "total_s"), abs=2e-3)
     assert summary["params"] == count_parameters(build_model(cfg))
     export = summary["export"]
     assert export["method"] == "frontier" and abs(export["roundtrip_val_bpb"] - export["float_val_bpb"]) < 0.05
@@ -236,6 +240,8 @@ def test_frontier_tiny_trains_end_to_end_and_exports(small_caseops_data, tmp_pat
     log = (tmp_path / "frontier" / "train.log").read_text()  # scored document-isolated, as R1 scores
     assert "val bytes: the byte sidecars; eval mode: doc" in log and "final_doc_isolated val_loss:" in log
     assert "final_int6_doc_isolated_exact val_loss:" in log and "sliding_window" not in log
+    assert "eval_clock: decompress:" in log and "limit_s:600" in log and "eval_clock_ttt: score_forward:" in log
+    assert log.index("final_int6_doc_isolated_exact") < log.index("final_int6_ttt_phased_exact val_loss:")
     assert "recurrence: on from step 9 (fraction 0.375 of training" in log and "loader:packed" in log
     assert "ema: loaded the exponential moving average of the weights (decay 0.99, 24 updates)" in log
 

@@ -24,7 +24,8 @@ from quant.load import load_model
 from quant.__main__ import main as quant_main
 from quant import methods
 from quant.calibrate import Calibrator, collect_hessians
-from quant.export import calibration_tokens, export_run, gap_ratios
+from quant.compare import gap_ratios
+from quant.export import calibration_tokens, export_run
 from quant.methods import METHODS, QuantMethod, method_named, register
 from quant.scheme import quantize_state_dict
 from train.data import load_val_tokens, shard_paths

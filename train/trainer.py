@@ -443,10 +443,14 @@ def resolve_run_dir(cfg: Config, env: DistEnv, echo: bool = True) -> tuple[Path,
 
 def record_export(summary: dict, result: dict) -> dict:
     """The export step's result in a run's summary, as the trainer and `python -m quant --checkpoint` record it:
-    the artifact's round-trip score becomes the summary's val_loss/val_bpb (float_val_loss/bpb keep the float's)."""
+    the artifact's round-trip score (with TTT_ENABLED its TTT score, and the eval clock) becomes the summary's
+    val_loss/val_bpb (float_val_loss/bpb keep the float's)."""
     summary["export"] = result
     if "roundtrip_val_bpb" in result:
         summary.update(val_loss=result["roundtrip_val_loss"], val_bpb=result["roundtrip_val_bpb"])
+        if "ttt_val_bpb" in result:  # TTT_ENABLED: the test-time-trained score is the run's, as R1 reports it
+            summary.update(val_loss=result["ttt_val_loss"], val_bpb=result["ttt_val_bpb"],
+                           eval_clock=result["eval_clock"])
         if summary.get("status") == "trained":  # its artifact is written and scored: nothing is left to do
             summary["status"] = "finished"
             summary.pop("finish_command", None)
