@@ -299,3 +299,11 @@ def test_the_example_files_plan_with_their_estimate(name, runs, tmp_path):
     stated = path.read_text().split("estimated time: ", 1)[1].split()[0]  # the file says what --dry-run prints
     assert f"estimated time: {stated} for the {runs} runs left" in out
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_greedy_example_plans_its_first_round(tmp_path):
+    code, out, err = run_tool([REPO / "experiments" / "frontier-cpu.toml", "--greedy",
+                               REPO / "experiments" / "frontier-candidates-cpu.toml", "--out", tmp_path / "exp",
+                               "--dry-run"])
+    assert code in (0, 2), err
+    assert "greedy round 1" in out and "6 arms x 2 seeds = 12 runs" in out and "at most 32 runs in all" in out

@@ -828,11 +828,12 @@ def print_plan(exp: Experiment, arms, plans: list[RunPlan], folder: ExperimentFo
     left = [p for p in plans if folder.row(p, finished).status != "finished"]
     say(f"plan: {exp.path} -> {folder.root}: {len(arms)} arms x {len(exp.seeds)} seeds = {len(plans)} runs, "
         f"{exp.nproc} process{'es' if exp.nproc > 1 else ''} each")
-    say(f"  {'arm':<28}{'preset':<26}{'params':>12}  {'budget':<22}{'est/run':>9}  overrides")
+    width = max(len(a.name) for a in arms) + 2
+    say(f"  {'arm':<{width}}{'preset':<26}{'params':>12}  {'budget':<18}{'est/run':>9}  overrides")
     for arm in arms:
         p = next(q for q in plans if q.arm == arm.name)
         mark = "*" if arm.control else " "
-        say(f"{mark} {arm.name:<28}{p.config.preset:<26}{parameter_count(p.config):>12,}  {budget(p.config):<22}"
+        say(f"{mark} {arm.name:<{width}}{p.config.preset:<26}{parameter_count(p.config):>12,}  {budget(p.config):<18}"
             f"{_clock(guesses[p.run_id][0]):>9}  {arm.overrides() or '-'}"
             + (f"  expect {arm.expect.text()}" if arm.expect else ""))
     say("  (* the control)")
@@ -977,10 +978,10 @@ def run_greedy(exp: Experiment, cands: Candidates, folder: ExperimentFolder, lau
     while True:
         k = len(rounds) + 1
         label = "+".join([base.name] + [c.name for c in accepted])
-        best = Arm(label, _merged(base.env, *(c.env for c in accepted)), control=True)
+        best = Arm(label, _merged(base.env, *(c.env for c in accepted)), True, None, base.seconds_per_run)
         arms, plans, skipped = [best], plan(exp, [best], folder.runs), []
         for c in remaining:
-            arm = Arm(f"{label}+{c.name}", _merged(best.env, c.env))
+            arm = Arm(f"{label}+{c.name}", _merged(best.env, c.env), seconds_per_run=base.seconds_per_run)
             try:
                 plans += plan(exp, [arm], folder.runs)
                 arms.append(arm)
@@ -1018,7 +1019,7 @@ def run_greedy(exp: Experiment, cands: Candidates, folder: ExperimentFolder, lau
 
 
 def main(argv=None, launcher=None, out=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.arms", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m train.arms", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", metavar="FILE.toml", help="the experiment: base preset, shared variables, arms, seeds")
     parser.add_argument("--out", metavar="DIR", help="the experiment folder (default: runs/arms/<file name>)")
@@ -1059,14 +1060,15 @@ def main(argv=None, launcher=None, out=None) -> int:
     if args.dry_run:
         if cands:
             base = exp.arm(cands.base)
-            first = [Arm(base.name, base.env, True)] + [Arm(f"{base.name}+{c.name}", _merged(base.env, c.env))
-                                                         for c in cands.candidates]
+            first = [Arm(base.name, base.env, True, None, base.seconds_per_run)] + [
+                Arm(f"{base.name}+{c.name}", _merged(base.env, c.env), seconds_per_run=base.seconds_per_run)
+                for c in cands.candidates]
             print("greedy round 1 (the later rounds depend on its scores):", file=out)
             first_plans = plan(exp, first, folder.runs)
             print_plan(exp, first, first_plans, folder, out)
             n = len(cands.candidates)
             most = len(exp.seeds) * (1 + n * (n + 1) // 2)
-            guesses = [g for g, _ in estimates(first_plans, exp, {}, folder).values()]
+            guesses = [g for g, _ in estimates(first_plans, exp, {a.name: a for a in first}, folder).values()]
             each = None if None in guesses else sum(guesses) / len(guesses)
             print(f"at most {most} runs in all ({n} rounds, if every round keeps one)"
                   + (f": about {_clock(most * each)}" if each else ""), file=out)
