@@ -747,7 +747,6 @@ class Runner:
     def execute(self, plans: list[RunPlan], arms: dict[str, Arm], report: Callable[[], None]) -> dict[str, str]:
         """Run every plan not yet finished; returns {run id: status}."""
         todo = [p for p in plans if self.folder.row(p).status != "finished"]
-        guesses = estimates(plans, self.exp, arms, self.folder)
         progress = Progress(len(plans))
         progress.done = len(plans) - len(todo)
         if len(todo) < len(plans):
