@@ -6,6 +6,7 @@ this process (`in_process`: what `python -m train` does, without an interpreter 
 runs the tool and its runs as the real commands.
 """
 import contextlib
+import csv
 import io
 import json
 import os
@@ -168,6 +169,11 @@ def test_the_statistics_are_quant_records_on_the_same_logs(experiment):
         assert arm["quant_gap"] == list(mean_std(s["export"]["quant_gap_bpb"] for s in summaries))
         if name != "base":
             assert arm["vs_control"] == compare_scores(scores, control)
+    # the bar is the rule in bpb (at the arm's tokens per byte), fair across tokenizers too
+    rows = {r["arm"]: r for r in csv.DictReader((experiment["dir"] / "report.csv").open())}
+    for name in ("lr", "wd"):
+        rule = compare_scores(Scores.from_logs(arms_by_name[name]["logs"]), control)["rule_bpb"]
+        assert float(rows[name]["p_rule"]) == rule["p"] and rows[name]["clears_bar"] == str(int(rule["p"] < 0.01))
     assert arms_by_name["lr"]["vs_control"]["improvement_bpb"] > 0.05  # the control learns nothing
 
 
