@@ -348,6 +348,40 @@ PRESETS: dict[str, dict] = {
                  eval_seq_len=256, eval_batch_seqs=64,
                  gptq_cal_samples=32, gptq_cal_seq_len=256, quant_small_numel=4096,
                  data_path="data/datasets/embedded_sp1024", tokenizer_path="data/tokenizers/embedded_1024_bpe.model"),
+    # The crawler schedule of `ouroboros` (9 flat blocks in a U-Net around one shared block looped twice from
+    # the first step, BigramHash, its SmearGate, XSA, the per-loop instruction) on the frontier's stack, each
+    # value as `frontier` has it: R1's data (sp8192 CaseOps, scored document-isolated from the byte sidecars),
+    # R1's training (packed rows, Polar-Express MuonEq-R, its LRs, decays and LR floor, EMA instead of SWA,
+    # the clip per rank, shuffled calibration rows), R1's quantizer and container (SDClip GPTQ, int7
+    # embedding, int8 gate rows, LQER, per-group coding) and the sparse attention-output gate. R1's other model
+    # switches (gated skips, its SmearGate, two-lane blocks, the late recurrence) stay off: arms to try.
+    "ouroboros-frontier": dict(vocab_size=8192, caseops_enabled=True, eval_mode="doc",
+                               sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                               train_loader="packed", muon_row_normalize=True, muon_ns="polar", matrix_lr=0.026,
+                               tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97, muon_weight_decay=0.095,
+                               embed_weight_decay=0.085, adam_weight_decay=0.02, beta2=0.99, warmdown_frac=0.85,
+                               min_lr=0.1, ema_decay=0.9965, swa_every=0, grad_clip_mode="local",
+                               val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled",
+                               gptq_cal_samples=768, quant_method="frontier", embed_clip_sigmas=14.0,
+                               mlp_clip_sigmas=11.5, gated_attn_quant_gate=True, compressor="pergroup"),
+    # `tiny`'s crawler model at CPU size with `frontier-tiny`'s stack (its EMA horizon, its data: `python -m
+    # train.prepare --variant sp8192_caseops`).
+    "ouroboros-frontier-tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16,
+                                    train_seq_len=256, train_batch_tokens=8 * 256, grad_accum_steps=1,
+                                    iterations=400, max_wallclock_seconds=0.0, warmdown_iters=130, warmup_steps=0,
+                                    val_loss_every=100, train_log_every=25, muon_momentum_warmup_steps=100,
+                                    compile_fullgraph=False, eval_seq_len=256, eval_batch_seqs=64,
+                                    gptq_cal_samples=32, gptq_cal_seq_len=256, quant_small_numel=4096,
+                                    vocab_size=8192, caseops_enabled=True, eval_mode="doc",
+                                    sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                                    train_loader="packed", muon_row_normalize=True, muon_ns="polar",
+                                    matrix_lr=0.026, tied_embed_lr=0.03, scalar_lr=0.02, muon_momentum=0.97,
+                                    muon_weight_decay=0.095, embed_weight_decay=0.085, adam_weight_decay=0.02,
+                                    beta2=0.99, warmdown_frac=0.85, min_lr=0.1, ema_decay=0.99, swa_every=0,
+                                    grad_clip_mode="local", gptq_cal_loader="shuffled", quant_method="frontier",
+                                    embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, gated_attn_quant_gate=True,
+                                    compressor="pergroup", data_path="data/datasets/embedded_sp8192_caseops",
+                                    tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
 }
 
 # Accepted only at these values (the original's switches for features this project does not have).
