@@ -354,7 +354,8 @@ PRESETS: dict[str, dict] = {
     # R1's training (packed rows, Polar-Express MuonEq-R, its LRs, decays and LR floor, EMA instead of SWA,
     # the clip per rank, shuffled calibration rows), R1's quantizer and container (SDClip GPTQ, int7
     # embedding, int8 gate rows, LQER, per-group coding) and the sparse attention-output gate. R1's other model
-    # switches (gated skips, its SmearGate, two-lane blocks, the late recurrence) stay off: arms to try.
+    # switches (gated skips, its SmearGate, two-lane blocks, the late recurrence) stay off: arms to try. Scored,
+    # as frontier is, by phased LoRA TTT.
     "ouroboros-frontier": dict(vocab_size=8192, caseops_enabled=True, eval_mode="doc",
                                sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
                                train_loader="packed", muon_row_normalize=True, muon_ns="polar", matrix_lr=0.026,
@@ -363,7 +364,8 @@ PRESETS: dict[str, dict] = {
                                min_lr=0.1, ema_decay=0.9965, swa_every=0, grad_clip_mode="local",
                                val_loss_every=0, train_log_every=500, gptq_cal_loader="shuffled",
                                gptq_cal_samples=768, quant_method="frontier", embed_clip_sigmas=14.0,
-                               mlp_clip_sigmas=11.5, gated_attn_quant_gate=True, compressor="pergroup"),
+                               mlp_clip_sigmas=11.5, gated_attn_quant_gate=True, compressor="pergroup",
+                               ttt_enabled=True),
     # `tiny`'s crawler model at CPU size with `frontier-tiny`'s stack (its EMA horizon, its data: `python -m
     # train.prepare --variant sp8192_caseops`).
     "ouroboros-frontier-tiny": dict(seed=1337, model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, inst_dim=16,
@@ -380,7 +382,10 @@ PRESETS: dict[str, dict] = {
                                     beta2=0.99, warmdown_frac=0.85, min_lr=0.1, ema_decay=0.99, swa_every=0,
                                     grad_clip_mode="local", gptq_cal_loader="shuffled", quant_method="frontier",
                                     embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, gated_attn_quant_gate=True,
-                                    compressor="pergroup", data_path="data/datasets/embedded_sp8192_caseops",
+                                    compressor="pergroup", ttt_enabled=True, ttt_lora_rank=8, ttt_lora_alpha=14.4,
+                                    ttt_lora_lr=1e-3, ttt_chunk_size=128, ttt_eval_seq_len=256, ttt_batch_size=16,
+                                    phased_ttt_prefix_docs=60, global_ttt_chunk_tokens=2048,
+                                    data_path="data/datasets/embedded_sp8192_caseops",
                                     tokenizer_path="data/tokenizers/embedded_8192_bpe_caseops.model"),
 }
 

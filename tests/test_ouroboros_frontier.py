@@ -24,7 +24,9 @@ def test_the_crawler_schedule_on_the_frontier_stack(name, model, stack):
     """The frontier stack's settings (those `ouroboros-frontier` lists, and the data paths they imply) are the
     frontier preset's; every other setting is the crawler preset's; so the block schedule is the crawler's."""
     cfg, crawler, frontier = (from_env(environ={}, preset=p).to_dict() for p in (name, model, stack))
-    stack_keys = set(PRESETS["ouroboros-frontier"]) | {"data_path", "tokenizer_path"}
+    # test-time training is the stack's too, at the stack preset's size
+    ttt_keys = {k for k in PRESETS[stack] if k.startswith(("ttt_", "phased_ttt_", "global_ttt_"))}
+    stack_keys = set(PRESETS["ouroboros-frontier"]) | {"data_path", "tokenizer_path"} | ttt_keys
     assert {k for k in stack_keys if cfg[k] != frontier[k]} == set()
     assert {k for k in cfg if k not in stack_keys | {"preset"} and cfg[k] != crawler[k]} == set()
     assert cfg["swa_every"] == 0 and cfg["ema_decay"] == frontier["ema_decay"] > 0
@@ -46,7 +48,7 @@ def test_ouroboros_frontier_parameters():
 
 def test_ouroboros_frontier_tiny_trains_exports_and_evaluates_on_cpu(small_caseops_data, tmp_path):
     """Cut to a 2-block crawler model at sequence length 64 for seconds; every stack switch stays on: packed rows,
-    Polar-Express MuonEq-R, EMA, the sparse gate, R1's quantizer and container, document-isolated scoring."""
+    Polar-Express MuonEq-R, EMA, the sparse gate, R1's quantizer and container, document-isolated scoring, TTT."""
     from quant.export import calibration_probe, export_run
     from train.trainer import train
 
@@ -62,5 +64,6 @@ def test_ouroboros_frontier_tiny_trains_exports_and_evaluates_on_cpu(small_caseo
     assert summary["train_losses"][-1] < summary["train_losses"][0]
     log = (tmp_path / "oft" / "train.log").read_text()
     assert "muon:polar row-normalized  loader:packed" in log and "ema:0.99" in log
-    assert "final_int6_doc_isolated_exact val_loss:" in log
+    assert "final_int6_doc_isolated_exact val_loss:" in log and "final_int6_ttt_phased_exact val_loss:" in log
+    assert summary["val_bpb"] == summary["export"]["ttt_val_bpb"]  # TTT's score is the run's
     assert json.loads((tmp_path / "oft" / "config.json").read_text())["preset"] == "ouroboros-frontier-tiny"
