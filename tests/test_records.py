@@ -334,3 +334,21 @@ def test_stats_one_seed_and_bad_logs(tmp_path, capsys):
     assert "float_only.log: no `final_int6_sliding_window_exact" in capsys.readouterr().err
     assert records.main(["stats", str(tmp_path / "absent.log")]) == 2
     assert "absent.log" in capsys.readouterr().err
+
+
+def test_a_ttt_score_is_the_last_exact_line_and_its_eval_time_the_clock(seed_runs):
+    """With TTT_ENABLED=1 the export step writes the diagnostic score, then TTT's: the records read TTT's line as
+    the score and, for the eval time, the eval clock's total (decompression, dequantization, warmup, the loop)."""
+    from quant import records_check
+
+    log = (seed_runs[0] / "train.log").read_text()
+    ttt = ("eval_clock: decompress:1.2s dequantize:0.3s warmup:40.0s ttt:300.5s total:342.0s limit_s:600\n"
+           "final_int6_ttt_phased val_loss:2.1000 val_bpb:1.0500 eval_time:342000ms\n"
+           "final_int6_ttt_phased_exact val_loss:2.10000000 val_bpb:1.05000000\n")
+    assert records.exact_score(log + ttt, "log") == (2.1, 1.05)
+    assert records.exact_score(log, "log") != (2.1, 1.05)  # without TTT: the artifact's own score line
+    parsed = records_check.parse_log(log + ttt, "log")
+    assert (parsed["val_bpb"], parsed["eval_time_s"]) == (1.05, 342.0)
+    export = dict(roundtrip_eval_seconds=12.5)
+    assert records.eval_seconds(export) == 12.5
+    assert records.eval_seconds(dict(export, eval_clock=dict(total_s=342.0))) == 342.0
