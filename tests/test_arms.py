@@ -41,15 +41,7 @@ env = { MUON_WEIGHT_DECAY = 0.0 }
 """
 # The control learns nothing (every LR 0, set for all arms), so that `lr` beats it by far more than the seeds'
 # noise and a greedy round keeps it; `wd` changes nothing at LR 0.
-CANDIDATES_TOML = """
-[[candidate]]
-name = "lr"
-env = { MATRIX_LR = 0.03, TIED_EMBED_LR = 0.035, SCALAR_LR = 0.025 }
-
-[[candidate]]
-name = "wd"
-env = { MUON_WEIGHT_DECAY = 0.0 }
-"""
+CANDIDATES_TOML = ARM_TOML.split("\n\n", 1)[1].replace("[[arm]]", "[[candidate]]")  # the two arms as candidates
 
 
 def small_env(data: dict) -> str:
