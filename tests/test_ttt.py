@@ -314,6 +314,10 @@ def test_ttt_equals_the_reference_through_a_warm_start_and_a_global_phase():
                               cfg.replace(ttt_lora_lr=0.0, phased_ttt_num_phases=0), device="cpu")
     assert abs(no_ttt.val_loss - result.val_loss) > 1e-4
     assert set(result.seconds) >= {"score_forward", "adapter_backward", "optimizer", "global_sgd", "total"}
+    copied = copy.deepcopy(net)  # a forward that is not the model itself (a compiled one) keeps finished rows
+    untrimmed = ttt.evaluate_ttt(copied, tokens, _unit_luts(cfg.vocab_size), cfg, device="cpu",
+                                 forward=lambda ids, **kw: copied(ids, **kw))
+    assert untrimmed.val_loss == pytest.approx(want_loss, rel=2e-6) and untrimmed.targets == want_count
 
 
 def test_the_static_schedule_is_reproducible_and_dynamic_scores_every_target_once():

@@ -194,21 +194,22 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
 
 
 def score_batch(forward, lora: TTTLoRA, cfg, docs: list[Doc], tokens: torch.Tensor, luts, val_bytes, sums,
-                device: torch.device, clock: _Clock, observe=None) -> None:
+                device: torch.device, clock: _Clock, observe=None, trim_rows: bool = True) -> None:
     """One batch (documents shortest first), chunk by chunk: score chunk k of every document with the current
     adapters, add it to sums (fp64 [nll, bytes, targets]), then TTT_GRAD_STEPS AdamW steps on the chunk losses
     of the documents that have a later chunk. B starts at 0 and the optimizer fresh; A is as the caller left it.
 
     Row b holds its window left-aligned, right-padded with id 0, all rows as wide as the longest window of
     chunk k. A chunk's scored targets always lie in the last TTT_CHUNK_SIZE positions of that width, so only
-    those positions go through the head, and rows whose document has ended (a prefix: the shortest) are left
-    out of the forward; both change no number."""
+    those positions go through the head, and (trim_rows) rows whose document has ended (a prefix: the
+    shortest) are left out of the forward; both change no number. A compiled forward keeps every row, as R1
+    does: a row count it has not seen would be a recompilation."""
     chunk, window = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
     optimizer = _adamw(lora, cfg, device)
     lora.reset_B()
     chunks = [-(-d.targets // chunk) for d in docs]
     for k in range(max(chunks)):
-        first = sum(c <= k for c in chunks)   # documents finished before chunk k
+        first = sum(c <= k for c in chunks) if trim_rows else 0   # documents finished before chunk k
         active = docs[first:]
         rows, width = len(active), min(chunk * (k + 1), window)
         x = torch.zeros(rows, width, dtype=torch.long)
@@ -216,7 +217,9 @@ def score_batch(forward, lora: TTTLoRA, cfg, docs: list[Doc], tokens: torch.Tens
         at = torch.zeros(rows, width, dtype=torch.long)      # each position's target index in the val stream
         scored = torch.zeros(rows, width, dtype=torch.bool)
         for b, doc in enumerate(active):
-            lo, e, start = chunk_windows(doc, k, chunk, window)
+            if (w := chunk_windows(doc, k, chunk, window)) is None:
+                continue  # a finished document (rows kept): padding, nothing scored
+            lo, e, start = w
             n = e - lo
             x[b, :n] = tokens[doc.start + lo:doc.start + e]
             y[b, :n] = tokens[doc.start + lo + 1:doc.start + e + 1]
@@ -363,7 +366,7 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, luts, cfg, *,
         else:  # a batch of another size: a fresh set of its own
             lora = adapters(len(batch), phase, -2, position)
         score_batch(forward, lora, cfg, [docs[i] for i in batch], val_tokens, luts, val_bytes, sums, device, clock,
-                    observe)
+                    observe, trim_rows=forward is model)
         if lora is reusable:
             lanes[lane] = lora.a_state()
         if phase < len(boundaries):
