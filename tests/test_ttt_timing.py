@@ -1,13 +1,13 @@
 """The TTT eval timing entry (bench/ttt_timing.py) on the CPU: the synthetic stream against R1's figures, the
 counts it projects with against what train.ttt.score_batch runs, the replayed queue against R1's pauses,
-the fit, and the smoke of the CLI (CPU times, never GPU numbers)."""
+the fit, and the smoke of the CLI through make gpu-check's ttt part (CPU times, never GPU numbers)."""
 import json
 import math
 
 import pytest
 import torch
 
-from bench import ttt_timing as tt
+from bench import gpu_check, report as bench_report, ttt_timing as tt
 from conftest import DEVICE
 from train import ttt
 
@@ -97,7 +97,7 @@ def test_batch_work_counts_what_score_batch_runs(torch_kernels_one_thread):
     assert cut[2][1] is False  # the cut batch's last step scores without training
 
 
-def test_cli_smoke(tmp_path, torch_kernels_one_thread, capsys):
+def test_cli_smoke_and_its_gpu_check_part(tmp_path, monkeypatch, torch_kernels_one_thread, capsys):
     out = tmp_path / "work" / "ttt.json"
     out.parent.mkdir()
     assert tt.main(["--kernels", "torch", "--json", str(out)]) == 0
@@ -113,5 +113,12 @@ def test_cli_smoke(tmp_path, torch_kernels_one_thread, capsys):
     for part in ("| score forward |", "| adapter backward |", "| optimizer |", "| global SGD (2 steps",
                  "| compile warmup |", "| **eval clock, even split** |", "424.4", "84.4 (130+218+288 steps)"):
         assert part in run["table"], part
+    monkeypatch.setattr(bench_report, "RESULTS_DIR", tmp_path)
+    status, line, details = gpu_check.summarize("ttt", 0, "", tmp_path / "work", 60)
+    (table,) = tmp_path.glob("ttt_*.md")  # bench/results/ttt_<gpu>.md, beside the ledger's
+    assert status == "passed" and line.startswith("torch: eval clock") and line.endswith(f"table {table}")
+    assert details == data["table"] and table.read_text() == data["table"]
+    cmd = gpu_check.stage_command("ttt", gpu_check.parse_args([]), tmp_path)
+    assert cmd[1:5] == ["-m", "bench.ttt_timing", "--preset", "frontier"] and "--max-steps" in cmd
     with pytest.raises(SystemExit):
         tt.main(["--fraction", "1.5"])
