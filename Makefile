@@ -55,7 +55,7 @@ BENCH ?=
 bench: venv
 	$(PY) -m bench $(BENCH)
 
-# `make gpu-check [COPY_TO=dir]` on a CUDA machine: every part (tests, bench, step, frontier, ledger) in one call that
+# `make gpu-check [COPY_TO=dir]` on a CUDA machine: every part (tests, bench, step, frontier, ttt, ledger) in one call that
 # ends inside 8 minutes (`python -m bench.gpu_check --plan` lists the budgets); STAGE=<part> [TESTS=...]
 # [BENCH=...] reruns one part. It uses that machine's own python3, torch and triton, not .venv.
 GPU_PYTHON ?= python3

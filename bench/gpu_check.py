@@ -12,6 +12,9 @@ The parts (PARTS), most valuable first, each one subprocess killed at its own bu
   step    bench.step: one GPU's training step, both KERNELS backends, torch.compile;
   frontier bench.step --preset frontier: R1's model on one rank's packed 98,304-token row, the loop off
           and on, KERNELS=triton, torch.compile, the run's mean against R1's 121.7 ms and the 100 ms goal;
+  ttt     bench.ttt_timing: rank 0's share of R1's phased LoRA TTT at evaluation, KERNELS=triton, compiled
+          and warmed, a few batches (the longest cut to its first steps) and global SGD steps, projected to
+          the 8-GPU eval clock against R1's 424 s + 84 s and the 400 s goal;
   ledger  bench.ledger: the measured step ledger on CUDA (eager, profiled).
 Their budgets plus INSTALL_ALLOWANCE_S (carried wheels, the --no-deps install, the tables) add up to at
 most LIMIT_S = 480 s, so one call fits the lent machine's 10 minutes per command with room to spare; a
@@ -49,12 +52,15 @@ from model.io import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT_S = 480                     # one call ends inside 8 minutes (10 per command on the lent machine)
-INSTALL_ALLOWANCE_S = 50          # carried wheels + pip install --no-deps + writing the tables
+INSTALL_ALLOWANCE_S = 40          # carried wheels + pip install --no-deps + writing the tables
 # The correctness part's default selection: every op at the real run's shapes first, then every kernel
 # family's own test file (small odd shapes, the custom ops under compile, the wiring tests).
 KERNEL_TESTS = ("tests/test_real_shapes.py", "tests/test_mlp.py", "tests/test_attention.py", "tests/test_norm.py", "tests/test_head.py",
                 "tests/test_int6.py", "tests/test_gptq.py")
 KERNEL_BENCH = ("mlp", "attention", "norm", "head", "int6", "gptq", "attention_varlen")  # R1's varlen last: flex compiles
+# The ttt part's timing: the minimum sample (3 batches: the longest, cut to its first 48 chunk steps, then
+# two from the rest of the queue) and 2 global SGD steps; the compile warmup is fixed and comes first.
+TTT_ARGS = ("--fraction", "0.004", "--max-steps", "48", "--sgd-steps", "2")
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,20 @@ class Part:
 
 # The frontier part took its budget from the others (none has been timed on the lent machine yet): it
 # compiles two graphs (the loop off and on) for one backend, as the step part compiles one per backend.
-PARTS = (Part("tests", 100, "correctness on CUDA: every Triton op vs its reference, fwd + every grad, bf16 + fp32, "
-                            "small odd and real shapes"),
-         Part("bench", 130, "kernel benchmark entries at the real shapes vs eager, torch.compile, SDPA/FA3, cuBLAS"),
-         Part("step", 90, "bench.step: one GPU's training step at 48x2048, KERNELS=triton and torch, torch.compile"),
+# The ttt part's 60 s came from them too (the plan had no slack; still none timed there): bench 20 s;
+# tests, step and ledger 10 s each; the install allowance 10 s (three small wheels and a --no-deps
+# editable install). What the TTT timing does within its budget is set by TTT_ARGS (the fewest batches,
+# the longest cut short), not by more budget.
+PARTS = (Part("tests", 90, "correctness on CUDA: every Triton op vs its reference, fwd + every grad, bf16 + fp32, "
+                           "small odd and real shapes"),
+         Part("bench", 110, "kernel benchmark entries at the real shapes vs eager, torch.compile, SDPA/FA3, cuBLAS"),
+         Part("step", 80, "bench.step: one GPU's training step at 48x2048, KERNELS=triton and torch, torch.compile"),
          Part("frontier", 80, "bench.step --preset frontier: R1's model on one packed 98,304-token row, the loop off "
                               "and on, KERNELS=triton, torch.compile; the run's mean vs R1 and the goal"),
-         Part("ledger", 30, "bench.ledger: the measured step ledger on CUDA (profiled eager step)"))
+         Part("ttt", 60, "bench.ttt_timing --preset frontier: rank 0's share of R1's phased LoRA TTT eval, "
+                         "KERNELS=triton, compiled; 3 batches (the longest cut to 48 chunk steps) and 2 global SGD "
+                         "steps, projected to the 8-GPU eval clock vs R1 and the 400 s goal"),
+         Part("ledger", 20, "bench.ledger: the measured step ledger on CUDA (profiled eager step)"))
 STAGES = tuple(p.name for p in PARTS)
 BUDGETS = {p.name: p.budget_s for p in PARTS}
 SITE = Path("/tmp/ouroboros-site")  # the carried wheels go here, beside (not over) the image's packages
@@ -116,6 +129,9 @@ def stage_command(stage: str, args: argparse.Namespace, work: Path) -> list[str]
     if stage == "frontier":  # the torch path cannot hold a dense T x T mask at 98,304 tokens: triton only
         return [py, "-m", "bench.step", "--preset", "frontier", "--json", str(work / "step.json"), "--steps",
                 str(args.steps), "--warmup-steps", str(args.warmup_steps), "--kernels", "triton"]
+    if stage == "ttt":  # the real evaluation runs KERNELS=triton on CUDA
+        return [py, "-m", "bench.ttt_timing", "--preset", "frontier", "--kernels", "triton", *TTT_ARGS,
+                "--json", str(work / "ttt.json")]
     if stage == "ledger":  # the compiled step is timed by the step part already
         return [py, "-m", "bench.ledger", "--no-compiled", "--out", str(work / "ledger.md")]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -259,6 +275,14 @@ def summarize(stage: str, rc: int | None, output: str, work: Path, budget_s: flo
             return "error", f"the step worker wrote no result (exit {rc})", _tail(output)
         data = json.loads(path.read_text())
         return ("passed" if rc == 0 else "failed"), step_summary(data), step_table(data)
+    if stage == "ttt":
+        path = work / "ttt.json"
+        if not path.exists():
+            return "error", f"the TTT timing wrote no result (exit {rc})", _tail(output)
+        data = json.loads(path.read_text())
+        target = bench_report.RESULTS_DIR / f"ttt_{bench_report.gpu_slug(bench_report.environment()['gpu'])}.md"
+        write_atomic(target, data["table"])
+        return ("passed" if rc == 0 else "failed"), f"{data['summary']}; table {_shown(target)}", data["table"]
     if stage == "ledger":
         path = work / "ledger.md"
         if not path.exists():

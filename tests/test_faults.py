@@ -1149,7 +1149,7 @@ def test_a_bad_count_exits_2_naming_the_flag(module, args, message):
 def test_every_count_flag_is_refused_in_process(capsys):
     """Each count and amount flag of every command line, through its own parser."""
     import bench.__main__
-    from bench import eval_timing, gpu_check, ledger, sm90, step
+    from bench import eval_timing, gpu_check, ledger, sm90, step, ttt_timing
     from quant import __main__ as quant_main, generate
     from train import download, prepare, unigram
 
@@ -1179,6 +1179,10 @@ def test_every_count_flag_is_refused_in_process(capsys):
         (eval_timing.main, [], "--fraction", "0", "a finite number > 0"),
         (eval_timing.main, [], "--batch-seqs", "0", "an integer > 0"),
         (eval_timing.main, [], "--windows", "-1", "an integer > 0"),
+        (ttt_timing.main, [], "--fraction", "0", "a finite number > 0"),
+        (ttt_timing.main, [], "--max-steps", "0", "an integer > 0"),
+        (ttt_timing.main, [], "--sgd-steps", "-1", "an integer > 0"),
+        (ttt_timing.main, [], "--seed", "-1", "an integer >= 0"),
         (gpu_check.main, [], "--workers", "-1", "an integer >= 0"),
         (gpu_check.main, [], "--budget", "nan", "a finite number > 0"),
         (gpu_check.main, [], "--warmup-steps", "-1", "an integer >= 0"),
