@@ -184,12 +184,13 @@ class BatchWork:
                 "optimizer": (self.train_steps, self.train_steps * self.adapter_rows)}[part]
 
 
-def batch_work(docs: list[ttt.Doc], cfg) -> BatchWork:
-    """What score_batch runs on `docs` (a batch, shortest first), step by step as it walks the chunks."""
+def batch_work(docs: list[ttt.Doc], cfg, trim_rows: bool = True) -> BatchWork:
+    """What score_batch runs on `docs` (a batch, shortest first), step by step as it walks the chunks; trim_rows
+    as score_batch's (False: a compiled forward, every row every step)."""
     chunks = sorted(-(-d.targets // cfg.ttt_chunk_size) for d in docs)
     forwards = forward_tokens = train_steps = train_tokens = 0
     for k in range(chunks[-1]):
-        rows = len(chunks) - bisect.bisect_right(chunks, k)  # documents with a chunk k
+        rows = len(chunks) - bisect.bisect_right(chunks, k) if trim_rows else len(chunks)  # who reads chunk k
         width = min(cfg.ttt_chunk_size * (k + 1), cfg.ttt_eval_seq_len)
         steps = cfg.ttt_grad_steps if chunks[-1] > k + 1 else 0  # a document with a later chunk trains
         forwards += max(1, steps)
@@ -238,6 +239,11 @@ class TTTBench:
         self.reusable: TTTLoRA | None = None   # the batch-size adapter set, reused as evaluate_ttt reuses it
         self.warm_a = None
 
+    @property
+    def trim_rows(self) -> bool:
+        """As evaluate_ttt: finished rows leave the forward unless it is compiled (a new row count recompiles)."""
+        return self.forward is self.net
+
     def _adapters(self, rows: int, seed: int) -> TTTLoRA:
         cfg = self.cfg
         return TTTLoRA(self.net, rows, cfg.ttt_lora_rank, cfg.ttt_lora_alpha, cfg.ttt_k_lora, cfg.ttt_o_lora,
@@ -281,14 +287,15 @@ class TTTBench:
             else:
                 lora = self._adapters(len(batch), self.cfg.seed + position)
             ttt.score_batch(self.forward, lora, self.cfg, docs, self.stream.tokens, self.luts, self.val_bytes,
-                            self.sums, self.device, clock)
+                            self.sums, self.device, clock, trim_rows=self.trim_rows)
             if lora is self.reusable:
                 self.warm_a = lora.a_state()
             clock.lap("score_forward")
         finally:
             kernels.set_backend(None)
         return dict(position=position, batch=self.queue[position], docs=len(batch), cut=cut,
-                    work=asdict(batch_work(docs, self.cfg)), seconds={p: clock.seconds.get(p, 0.0) for p in PARTS})
+                    work=asdict(batch_work(docs, self.cfg, self.trim_rows)),
+                    seconds={p: clock.seconds.get(p, 0.0) for p in PARTS})
 
     def sgd_stream(self, length: int) -> torch.Tensor:
         """`length` tokens of what the first global phase trains on when it pauses as soon as the queue's first
@@ -389,7 +396,7 @@ def project(bench: TTTBench, timed: list[dict], sgd_step_s: float, warmup_s: flo
     cfg = bench.cfg
     fits = {part: fit_part([tuple(BatchWork(**t["work"]).features(part)) for t in timed],
                            [t["seconds"][part] for t in timed]) for part in PARTS}
-    entry_work = [batch_work([bench.docs[i] for i in bench.batches[j]], cfg) for j in bench.queue]
+    entry_work = [batch_work([bench.docs[i] for i in bench.batches[j]], cfg, bench.trim_rows) for j in bench.queue]
     entry_parts = [{part: sum(c * f for c, f in zip(fits[part], work.features(part))) for part in PARTS}
                    for work in entry_work]
     entry_seconds = [sum(parts.values()) for parts in entry_parts]
