@@ -14,7 +14,7 @@ few train.ttt.global_sgd steps of rank 0's share, timed per step after one untim
 GLOBAL_TTT_CHUNK_TOKENS / 8 tokens per step, the same 2 sequences of 2048 that rank 0 of 8 takes from
 each 32,768-token chunk (the gradient all-reduce over 8 GPUs is not in it). Then a sample of the
 batches of train.ttt.find_docs and batch_queue over a synthetic val stream, each through
-train.ttt.score_batch with its _Clock (score forward, adapter backward, optimizer), the adapters
+train.ttt.score_batch with its Clock (score forward, adapter backward, optimizer), the adapters
 prepared as evaluate_ttt prepares them (a warm A, a fresh set for the batch of 16): the longest batch
 first, then one from the middle of each of equal strides through the rest of the queue (--fraction of
 its batches, at least MIN_SAMPLE). --max-steps cuts a sampled batch to its documents' first chunks (it
@@ -83,7 +83,7 @@ from train import ttt  # noqa: E402
 
 WORLD_SIZE = 8
 PRESETS = ("frontier",)
-PARTS = ("score_forward", "adapter_backward", "optimizer")  # score_batch's _Clock parts
+PARTS = ("score_forward", "adapter_backward", "optimizer")  # score_batch's Clock parts
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class TTTBench:
             kernels.set_backend(None)
 
     def time_batch(self, position: int, max_steps: int | None = None) -> dict:
-        """Queue entry `position` through score_batch, timed by its _Clock. As in evaluate_ttt, preparing the
+        """Queue entry `position` through score_batch, timed by its Clock. As in evaluate_ttt, preparing the
         adapters (a warm A, or a fresh set for a batch of another size) and keeping the warm A after are
         charged to score_forward."""
         batch = self.batches[self.queue[position]]
@@ -275,7 +275,7 @@ class TTTBench:
             docs = cut_docs(docs, max_steps, self.cfg.ttt_chunk_size)
         kernels.set_backend(self.backend)
         try:
-            clock = ttt._Clock(self.device)
+            clock = ttt.Clock(self.device)
             if len(batch) == self.cfg.ttt_batch_size:
                 if self.reusable is None:
                     self.reusable = self._adapters(len(batch), self.cfg.seed)

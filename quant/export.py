@@ -34,7 +34,7 @@ import kernels
 from model.io import DiskFullError, from_rank0, synchronize
 from train.data import ShuffledSequenceLoader, TokenStream
 from train.evaluate import SCORE_NAMES, autocast_for, validate
-from train.ttt import compile_warmup, evaluate_ttt
+from train.ttt import Clock, compile_warmup, evaluate_ttt
 
 from . import gptq
 from .artifact import ARTIFACT_NAME, SIZE_LIMIT, OverBudgetError, write_artifact
@@ -232,22 +232,12 @@ def evaluate_ttt_artifact(path: Path, cfg, val_tokens, luts, val_bytes, device, 
     """The reported score with TTT_ENABLED=1: the artifact read again, dequantized into a fresh dense model,
     (on CUDA) the TTT forward compiled and warmed on random ids, then phased LoRA TTT (train/ttt.py). The eval
     clock counts all of it, each part logged and the total against the 600 s evaluation limit."""
-    clock = {}
-    synchronize(device)
-    t = time.perf_counter()
-
-    def lap(part):
-        nonlocal t
-        synchronize(device)
-        now = time.perf_counter()
-        clock[part] = round(now - t, 3)
-        t = now
-
+    timer = Clock(device)
     artifact, config = read_model_artifact(path)
-    lap("decompress_s")
+    timer.lap("decompress_s")
     net = model_from_artifact(artifact, config, device, quant_linear=False)  # dense: the global phases train it
     del artifact
-    lap("dequantize_s")
+    timer.lap("dequantize_s")
     forward = net
     if device.type == "cuda" and cfg.ttt_compile:
         forward = torch.compile(net, dynamic=True)
@@ -256,10 +246,11 @@ def evaluate_ttt_artifact(path: Path, cfg, val_tokens, luts, val_bytes, device, 
         except Exception as err:  # a compile failure costs the speed, not the score
             log(f"ttt: torch.compile failed ({type(err).__name__}: {err}); TTT runs eagerly")
             forward = net
-    lap("warmup_s")
+    timer.lap("warmup_s")
     ttt = evaluate_ttt(net, val_tokens, luts, cfg, device=device, val_bytes=val_bytes, forward=forward, log=log)
-    lap("ttt_s")
-    clock["total_s"] = round(sum(clock.values()), 3)
+    timer.lap("ttt_s")
+    clock = {part: round(s, 3) for part, s in timer.seconds.items()}
+    clock["total_s"] = round(sum(timer.seconds.values()), 3)
     parts = " ".join(f"{k}:{v:.1f}s" for k, v in ttt.seconds.items() if k != "total")
     log(f"eval_clock: decompress:{clock['decompress_s']:.1f}s dequantize:{clock['dequantize_s']:.1f}s "
         f"warmup:{clock['warmup_s']:.1f}s ttt:{clock['ttt_s']:.1f}s total:{clock['total_s']:.1f}s "

@@ -191,10 +191,7 @@ def format_ledger(ledger: Ledger) -> str:
               f"{'sum of parts, each alone':<40}{alone:>14,}",
               f"{'model file (one stream)':<40}{ledger.file_bytes:>14,}   "
               f"{8 * ledger.file_bytes / n_params:.3f} bits per parameter over {n_params:,}",
-              f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",
-              f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
-              + (f"{ledger.limit - ledger.total_bytes:,} under" if ledger.total_bytes <= ledger.limit
-                 else f"OVER by {ledger.total_bytes - ledger.limit:,}")]
+              *_code_and_total(ledger)]
     for kind in (KIND_INT6, KIND_INT8, KIND_FP16):
         if ledger.params[kind]:
             kind_bytes = sum(ledger.bytes[k] for k, _, c in CATEGORIES if c == kind)
@@ -216,6 +213,14 @@ def format_ledger(ledger: Ledger) -> str:
     return "\n".join(lines)
 
 
+def _code_and_total(ledger: Ledger) -> list[str]:
+    """The last two lines of either ledger: the code's bytes, and the total against the limit."""
+    over = ledger.total_bytes - ledger.limit
+    return [f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",
+            f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
+            + (f"{-over:,} under" if over <= 0 else f"OVER by {over:,}")]
+
+
 def _format_groups(ledger: Ledger) -> str:
     lines = [f"artifact {ledger.path}", f"per-group container, coder {ledger.encoding['coder']}", "",
              f"{'group':<12}{'codes':>12}{'order-0 B':>12}{'bits/code':>11}{'bytes':>12}{'bits/code':>11}"]
@@ -230,8 +235,5 @@ def _format_groups(ledger: Ledger) -> str:
     lines += ["", f"{'sum of parts, each alone':<40}{alone:>14,}",
               f"{'model file':<40}{ledger.file_bytes:>14,}   {8 * ledger.file_bytes / n_params:.3f} bits per parameter "
               f"over {n_params:,} ({', '.join(f'{k} {v:,}' for k, v in ledger.params.items())})",
-              f"{'code (train_gpt.py)':<40}{ledger.code_bytes:>14,}",
-              f"{'total':<40}{ledger.total_bytes:>14,}   of {ledger.limit:,}: "
-              + (f"{ledger.limit - ledger.total_bytes:,} under" if ledger.total_bytes <= ledger.limit
-                 else f"OVER by {ledger.total_bytes - ledger.limit:,}")]
+              *_code_and_total(ledger)]
     return "\n".join(lines)

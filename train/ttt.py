@@ -100,12 +100,14 @@ class TTTResult:
     phases: list = field(default_factory=list)    # per phase: docs scored at the pause, docs trained on, steps, s
 
 
-class _Clock:
-    """Seconds per part of the loop (synchronizing CUDA so work is charged where it ran)."""
+class Clock:
+    """Seconds per part (the TTT loop's, the eval clock's), synchronizing CUDA so work is charged where it ran."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.synchronize()
         self.t = time.perf_counter()
 
     def lap(self, part: str) -> None:
@@ -194,7 +196,7 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
 
 
 def score_batch(forward, lora: TTTLoRA, cfg, docs: list[Doc], tokens: torch.Tensor, luts, val_bytes, sums,
-                device: torch.device, clock: _Clock, observe=None, trim_rows: bool = True) -> None:
+                device: torch.device, clock: Clock, observe=None, trim_rows: bool = True) -> None:
     """One batch (documents shortest first), chunk by chunk: score chunk k of every document with the current
     adapters, add it to sums (fp64 [nll, bytes, targets]), then TTT_GRAD_STEPS AdamW steps on the chunk losses
     of the documents that have a later chunk. B starts at 0 and the optimizer fresh; A is as the caller left it.
@@ -325,7 +327,7 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, luts, cfg, *,
     if static and cfg.ttt_static_lanes % world:
         raise ValueError(f"TTT_STATIC_LANES={cfg.ttt_static_lanes} must be a multiple of the {world} ranks with "
                          f"TTT_SCHEDULE=static")
-    clock = _Clock(device)
+    clock = Clock(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -356,13 +358,13 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, luts, cfg, *,
         lane = position % cfg.ttt_static_lanes if static else 0
         who = -1 if static else rank  # static: nothing may depend on the rank
         if len(batch) == cfg.ttt_batch_size:
-            if reusable is None:
-                reusable = adapters(len(batch), phase, lane, who)
-            lora = reusable
-            if lane in lanes and cfg.ttt_warm_start_a:
-                lora.load_a_state(lanes[lane])
+            if reusable is None:  # made once, its A drawn as a fresh lane's would be
+                reusable = adapters(len(batch), phase, lane, who, position)
+            elif lane in lanes and cfg.ttt_warm_start_a:
+                reusable.load_a_state(lanes[lane])
             else:
-                lora.reset_A(_generator(device, cfg.seed, phase, lane, who, position))
+                reusable.reset_A(_generator(device, cfg.seed, phase, lane, who, position))
+            lora = reusable
         else:  # a batch of another size: a fresh set of its own
             lora = adapters(len(batch), phase, -2, position)
         score_batch(forward, lora, cfg, [docs[i] for i in batch], val_tokens, luts, val_bytes, sums, device, clock,
@@ -384,11 +386,11 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, luts, cfg, *,
 
 
 def _pause(model, cfg, device, phase: int, boundaries: list[int], scored_docs: list, tokens: torch.Tensor,
-           phases: list, clock: _Clock, log) -> int:
+           phases: list, clock: Clock, log) -> int:
     """A global phase: gather every rank's scored documents, keep the first boundaries[phase] by (batch, row),
     i.e. the shortest, and train every weight on them. Returns the next phase's index."""
     clock.lap("score_forward")
-    rank, world = _rank_world()
+    world = _rank_world()[1]
     everyone = [scored_docs]
     if world > 1:
         everyone = [None] * world
