@@ -290,6 +290,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     from train.evaluate import evaluate_bpb
 
     def run(rank, folder):
+        from torch import _dynamo  # noqa: F401  before the group, as train.trainer.setup_distributed does (see there)
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
         seen = set()  # distinct windows: a topped-up last batch repeats one
 

@@ -226,6 +226,7 @@ def _two_rank_worker(rank: int, init_file: str, out: str):
     from train.step import TrainStep
     from train.trainer import DistEnv, shared_clock
 
+    from torch import _dynamo  # noqa: F401  before the group, as train.trainer.setup_distributed does (see there)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         net = _Regression()

@@ -337,15 +337,22 @@ import copy, json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 import test_ttt as t
 from train import ttt
-dist.init_process_group("gloo")
+from train.trainer import setup_distributed
+setup_distributed(120)
 net = t._model("frontier-tiny")
 schedule = sys.argv[1]
 cfg = net.config.replace(**t._ttt_config(phased_ttt_num_phases=2, phased_ttt_prefix_docs=4, ttt_schedule=schedule))
 tokens = t._stream([30, 9, 14, 41, 20, 6, 12, 25], net.config.vocab_size, seed=3)
 r = ttt.evaluate_ttt(net, tokens, t._unit_luts(cfg.vocab_size), cfg, device="cpu")
 if dist.get_rank() == 0:
-    json.dump(dict(loss=r.val_loss, targets=r.targets, phases=r.phases), open(sys.argv[2], "w"))
+    with open(sys.argv[2], "w") as f:
+        json.dump(dict(loss=r.val_loss, targets=r.targets, phases=r.phases), f)
 dist.destroy_process_group()
+# the groups went with their gloo threads: one still running at interpreter exit can abort the process (it did,
+# 1 run in ~90, while torch._dynamo was first imported after the group existed and kept references to it)
+threads = len(os.listdir("/proc/self/task"))
+if threads != 1:
+    sys.exit(f"rank {{os.environ['RANK']}}: {{threads}} threads after destroy_process_group")
 """
 
 

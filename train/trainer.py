@@ -143,6 +143,9 @@ def setup_distributed(timeout_seconds: float = 120.0) -> DistEnv:
     if world_size > 1:
         timeout = datetime.timedelta(seconds=timeout_seconds)
         if not dist.is_initialized():
+            # torch._dynamo imported after the group exists keeps references to it: destroy_process_group
+            # would then leave gloo's worker threads running into interpreter exit, where one can abort
+            from torch import _dynamo  # noqa: F401
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None, timeout=timeout)
         # gloo's monitored_barrier names the ranks that did not arrive; NCCL has none, and a group of its own
